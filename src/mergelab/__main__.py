@@ -1,0 +1,5 @@
+import sys
+
+from mergelab.cli import main
+
+sys.exit(main())

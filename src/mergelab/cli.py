@@ -1,0 +1,92 @@
+"""The ``mergelab`` command line.
+
+Each subcommand is a thin function in :mod:`mergelab.commands` that calls the library. User errors
+(:class:`~mergelab.errors.MergelabError`) are printed as one readable message with exit status 2;
+``--debug`` shows the traceback as well.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mergelab import __version__
+from mergelab.errors import MergelabError
+
+app = typer.Typer(
+    name="mergelab",
+    help="Merge language models and LoRA adapters; check competition rules; evaluate; reproduce.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_state = {"debug": False}
+err_console = Console(stderr=True)
+
+# Subcommand modules; each defines ``register(app)``. A module that is not there yet is skipped.
+COMMAND_MODULES = ("merge", "evaluate", "run", "check", "zoo", "tune", "plan", "info")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mergelab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    """mergelab: merging for the LLM Merging Competition and beyond."""
+    _state["debug"] = debug
+
+
+def _register_commands() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"mergelab.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"mergelab.commands.{name}":
+                continue
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _state["debug"] = "--debug" in argv
+    try:
+        app(args=argv, prog_name="mergelab", standalone_mode=False)
+    except MergelabError as exc:
+        if _state["debug"]:
+            err_console.print_exception()
+        err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the CLI; each module defines ``register(app)`` and imports heavy libraries lazily."""

@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny models of every family, built once per test session in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """``{family: FamilyZoo}`` with a base, three full experts and three LoRA adapters each."""
+    from mergelab.testing import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))
