@@ -224,7 +224,8 @@ class HubSim:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self._stop.clear()
-        self._thread = threading.Thread(target=self._server.serve_forever, name="hubsim", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="hubsim", daemon=True)
         self._thread.start()
         return self
 
