@@ -62,6 +62,10 @@ class HubNotFoundError(SourceError):
     """The repository (or the requested revision of it) does not exist for us on the Hub."""
 
 
+class NoCommitBeforeCutoffError(HubNotFoundError):
+    """The repository has no commit on or before the cut-off (it was uploaded later)."""
+
+
 class HubAccessError(SourceError):
     """The Hub refuses access: gated repo without accepted licence, or a rejected token."""
 
@@ -168,7 +172,8 @@ def _iso(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _ref_fields(ref) -> tuple[str | None, str | None, str | None]:
+def ref_fields(ref) -> tuple[str | None, str | None, str | None]:
+    """``(path, model, revision)`` of a model reference (an object with those attributes, or a dict)."""
     if isinstance(ref, dict):
         return ref.get("path"), ref.get("model"), ref.get("revision")
     return getattr(ref, "path", None), getattr(ref, "model", None), getattr(ref, "revision", None)
@@ -176,7 +181,7 @@ def _ref_fields(ref) -> tuple[str | None, str | None, str | None]:
 
 def describe_ref(ref) -> str:
     """``org/name@rev`` or the local path, for messages and tables."""
-    path, model, revision = _ref_fields(ref)
+    path, model, revision = ref_fields(ref)
     if path is not None:
         return str(path)
     return f"{model}@{revision or 'main'}"
@@ -262,6 +267,9 @@ class HubClient:
                                           "permission") from None
             raise HubResponseError(f"the Hub at {self.endpoint} answered HTTP {status} for {what}",
                                    hint="the Hub may be down: retry later, or check HF_ENDPOINT") from None
+        except (hf.SafetensorsParsingError, hf.NotASafetensorsRepoError) as exc:
+            raise SourceError(f"cannot read the safetensors headers of {what}: {exc}",
+                              hint="the weights may be corrupt or not safetensors; pin another revision") from None
         except hf.HFValidationError as exc:
             raise SourceError(f"'{repo}' is not a valid Hub repository id: {exc}",
                               hint="write it as namespace/name, e.g. mistralai/Mistral-7B-v0.1") from None
@@ -313,7 +321,7 @@ class HubClient:
                 return commit
             oldest = commit
         first = f" (its first commit is dated {_iso(oldest.date)})" if oldest else ""
-        raise HubNotFoundError(
+        raise NoCommitBeforeCutoffError(
             f"'{repo}' has no commit on or before the cut-off {_iso(cutoff)}{first}",
             hint="the model was uploaded after the cut-off: pick another model, or a later --cutoff if your "
                  "rules allow it")
@@ -437,7 +445,7 @@ def resolve_ref(ref, *, cache_dir: str | Path | None = None, cutoff: str | datet
     When the Hub cannot be reached, a reference pinned to a full commit sha is served from a
     complete cached snapshot if there is one (``from_cache_only=True``).
     """
-    path, model, revision = _ref_fields(ref)
+    path, model, revision = ref_fields(ref)
     if (path is None) == (model is None):
         raise SourceError(f"a model reference needs exactly one of `path` or `model` (got path={path!r}, "
                           f"model={model!r})")

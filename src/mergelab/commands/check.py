@@ -1,0 +1,82 @@
+"""``mergelab check RECIPE``: are the recipe's models allowed in the competition?
+
+Exit status: 0 when every rule passes (warnings allowed), 1 when any rule fails (a violation or a
+model that cannot be verified), 2 when the check itself could not run (e.g. the Hub is
+unreachable) or the recipe cannot be read. The failing case is raised as
+:class:`~mergelab.rules.RulesNotMetError` (exit code 1), which the CLI shows as one line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _recipe_refs(path: Path) -> list:
+    """``[(role, ref), ...]`` of the recipe's base and experts, read with the recipe loader."""
+    from mergelab.rules import recipe_refs
+
+    try:
+        from mergelab.recipe import load_recipe
+    except ImportError:  # the recipe schema is not there (yet): read the two keys we need ourselves
+        load_recipe = None
+    if load_recipe is not None:
+        return recipe_refs(load_recipe(path))
+    return recipe_refs(_read_recipe_keys(path))
+
+
+def _read_recipe_keys(path: Path) -> dict:
+    import yaml
+
+    from mergelab.errors import RecipeError
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "base" not in data:
+        raise RecipeError(f"recipe {path} has no `base` key", hint="a recipe names `base` and `experts`")
+    return data
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("check")
+    def check(
+        recipe: Path = typer.Argument(..., help="Recipe file (YAML) whose models are checked."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+        cutoff: str = typer.Option("2024-05-31", "--cutoff", metavar="DATE",
+                                   help="Upload cut-off: a date (inclusive, UTC) or an ISO time."),
+        max_params: float = typer.Option(8e9, "--max-params", help="Most parameters a model may have."),
+        params_tolerance: float = typer.Option(
+            0.10, "--params-tolerance", min=0.0,
+            help="Fraction above --max-params reported as a warning instead of a violation "
+                 "(nominal-8B models such as Llama-3-8B have 8.03B)."),
+    ) -> None:
+        """Check every model of a recipe against the competition rules (public, date, size, licence).
+
+        Asks the Hugging Face Hub (HF_ENDPOINT) without downloading weights. Exit status 0: all
+        rules pass; 1: a rule fails; 2: the check could not run.
+        """
+        from rich.console import Console
+
+        from mergelab.rules import RulesNotMetError, check_models, report_table
+
+        report = check_models(_recipe_refs(recipe), cutoff=cutoff, max_params=max_params,
+                              params_tolerance=params_tolerance)
+        counts = {s: sum(f.status == s for f in report.findings) for s in ("ok", "warn", "violation", "unverifiable")}
+        summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            Console().print(report_table(report))
+        if not report.ok:  # exit status 1: a MergelabError with its own exit code, shown as one message
+            raise RulesNotMetError(
+                f"{recipe} does not pass the competition rules ({summary})"
+                + ("" if as_json else "; see the table above"),
+                hint="pin revisions on or before the cut-off (`revision: cutoff`) and use public Hub models of at "
+                     "most the allowed size; docs/rules.md explains each rule")
+        if not as_json:
+            Console().print(f"{recipe} [bold green]passes[/] the competition rules ({summary}).", highlight=False)

@@ -1,0 +1,434 @@
+"""The competition's model rules as checks that return findings.
+
+An entry may use only model weights that are (1) public on the Hugging Face Hub, (2) uploaded on
+or before the cut-off (2024-05-31 23:59:59 UTC by default), (3) at most 8 billion parameters, and
+(4) open. For every model of a recipe — the base, each expert, and the base that each LoRA adapter
+names in its ``adapter_config.json`` — :func:`check_models` asks the Hub (through
+``huggingface_hub``, never downloading weights) and returns a :class:`Report` with one
+:class:`Finding` per model and rule:
+
+==============  ================================================================================
+rule            what is checked
+==============  ================================================================================
+``available``   the repo exists and is public (private → violation; gated → ok, with a note
+                that its licence must be accepted)
+``date``        the repo's creation date *and* the pinned revision's commit date are on or
+                before the cut-off
+``params``      parameters counted from the safetensors headers (HTTP range requests) are at
+                most ``max_params``; up to ``params_tolerance`` above it is a warning (the
+                competition names Llama-3-8B, 8.03B, and Gemma-7B, 8.54B, as allowed families)
+``licence``     the model card's licence is on the open allow-list (ok), a custom open-weight
+                licence such as llama3 or gemma (ok, with a note), or missing/unknown (warn)
+==============  ================================================================================
+
+Statuses: ``ok``, ``warn`` (allowed, but look), ``violation`` and ``unverifiable`` (a local folder,
+or headers that cannot be read). A report passes when it has neither violations nor unverifiable
+findings. When the check itself cannot run (Hub unreachable, timeout, answers that are not the
+Hub's, a rejected token) :class:`~mergelab.errors.RuleCheckError` is raised instead.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable
+
+from mergelab.errors import RuleCheckError, SourceError
+from mergelab.sources import (
+    CUTOFF_REVISION, HubAccessError, HubClient, HubModel, HubNotFoundError, HubResponseError,
+    HubUnreachableError, NoCommitBeforeCutoffError, PickleOnlyError, ref_fields, describe_ref,
+    parse_cutoff,
+)
+
+OK, WARN, VIOLATION, UNVERIFIABLE = "ok", "warn", "violation", "unverifiable"
+FAILING = (VIOLATION, UNVERIFIABLE)
+RULES = ("available", "date", "params", "licence")
+DEFAULT_MAX_PARAMS = 8_000_000_000
+DEFAULT_PARAMS_TOLERANCE = 0.10
+
+#: Licence ids (as the Hub spells them in model card metadata) that are open.
+OPEN_LICENCES = frozenset({
+    "apache-2.0", "mit", "bsd", "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "isc", "zlib",
+    "unlicense", "cc0-1.0", "cc-by-2.0", "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0",
+    "cc-by-sa-4.0", "odc-by", "odbl", "pddl", "mpl-2.0", "epl-2.0", "ecl-2.0", "afl-3.0", "artistic-2.0",
+    "bsl-1.0", "gpl-2.0", "gpl-3.0", "lgpl-2.1", "lgpl-3.0", "agpl-3.0", "openrail", "openrail++",
+    "bigscience-openrail-m", "creativeml-openrail-m", "bigcode-openrail-m", "bigscience-bloom-rail-1.0",
+    "llama2-openrail", "postgresql", "wtfpl", "ms-pl", "osl-3.0",
+})
+#: Custom licences of open-weight model families: allowed, with their own terms to accept.
+OPEN_WEIGHT_LICENCES = frozenset({"llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "gemma"})
+
+#: Hub repos known to be newer than the default cut-off (for notes on local folders that name them).
+KNOWN_TOO_NEW = {"HuggingFaceTB/SmolLM2": "SmolLM2 was published in October/November 2024, after the cut-off"}
+
+
+class RulesNotMetError(RuleCheckError):
+    """The check ran and some model breaks a rule (exit status 1, unlike a check that cannot run)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One rule applied to one model."""
+
+    model: str  # "org/name@revision" or a local path
+    role: str  # "base", "expert 2", "base named by expert 2"
+    rule: str  # one of RULES
+    status: str  # ok | warn | violation | unverifiable
+    reason: str
+
+
+@dataclass
+class Report:
+    """The findings of a rule check, plus what was learnt about each model (for --json)."""
+
+    cutoff: datetime
+    max_params: int
+    findings: list[Finding] = field(default_factory=list)
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.status in FAILING]
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.ok else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "cutoff": _iso(self.cutoff), "max_params": self.max_params,
+                "findings": [asdict(f) for f in self.findings], "models": self.models}
+
+    def require_pass(self) -> None:
+        """Raise :class:`RulesNotMetError` naming every failing finding (for ``mergelab run``)."""
+        if self.ok:
+            return
+        lines = "\n".join(f"  - {f.model} ({f.role}) {f.rule}: {f.reason}" for f in self.failures)
+        raise RulesNotMetError(f"the recipe does not pass the competition rules ({len(self.failures)} "
+                             f"failing check{'s' if len(self.failures) > 1 else ''}):\n{lines}",
+                             hint="fix the recipe (`mergelab check RECIPE` shows every rule), or pass --no-rules "
+                                  "for a run that is not a competition entry")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def _when(value: datetime, cutoff: datetime) -> str:
+    """The date, with the time of day when it falls on the cut-off's day (where it decides)."""
+    same_day = value.date() == cutoff.date()
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC" if same_day else "%Y-%m-%d")
+
+
+def format_limit(n: int) -> str:
+    """``8B``, ``7.5B``, ``500M``: a parameter limit, short."""
+    return f"{n / 1e9:g}B" if n >= 1e9 else f"{n / 1e6:g}M"
+
+
+def format_params(n: int) -> str:
+    """``8.03B (8,030,261,248)``, ``135M (134,515,008)``."""
+    short = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n:,}"
+    return f"{short} ({n:,})"
+
+
+def classify_licence(card: dict) -> tuple[str, str]:
+    """(status, reason) for the licence in a model card's metadata."""
+    licence = card.get("license")
+    if isinstance(licence, list):
+        licence = licence[0] if len(licence) == 1 else ", ".join(map(str, licence))
+    name = card.get("license_name")
+    if not licence:
+        return WARN, "no licence in the model card metadata: check the repository's terms"
+    key = str(licence).lower()
+    if key == "other" and name:
+        key = str(name).lower()
+    if key in OPEN_LICENCES:
+        return OK, f"{key} (open licence)"
+    if key in OPEN_WEIGHT_LICENCES:
+        return OK, f"{key} (custom open-weight licence: allowed; accept its terms)"
+    shown = f"other ({name})" if str(licence).lower() == "other" and name else str(licence)
+    return WARN, (f"licence '{shown}' is not on mergelab's open list: check that the competition accepts it "
+                  "(see docs/rules.md)")
+
+
+class _Checker:
+    def __init__(self, client: HubClient, cutoff: datetime, max_params: int, tolerance: float):
+        self.client, self.cutoff, self.max_params, self.tolerance = client, cutoff, max_params, tolerance
+        self.report = Report(cutoff, max_params)
+        self.seen: set[tuple[str, str]] = set()  # (repo or path, requested revision)
+        self.recipe_repos: set[str] = set()
+        self.pending: list[tuple[str, str]] = []  # (role, repo) of adapter bases still to check
+
+    def add(self, model: str, role: str, rule: str, status: str, reason: str) -> None:
+        self.report.findings.append(Finding(model, role, rule, status, reason))
+
+    # -- parameters --------------------------------------------------------------------------------
+    def judge_params(self, n: int, how: str) -> tuple[str, str]:
+        limit = format_limit(self.max_params)
+        if n <= self.max_params:
+            return OK, f"{format_params(n)} parameters {how}, at most {limit}"
+        over = n / self.max_params - 1
+        if over <= self.tolerance:
+            return WARN, (f"{format_params(n)} parameters {how}: {over:.1%} above {limit}; allowed as a "
+                          f"nominal-{limit} model (within {self.tolerance:.0%}, like Llama-3-8B's 8.03B), confirm "
+                          "with the organisers if unsure")
+        return VIOLATION, f"{format_params(n)} parameters {how}: more than {limit}"
+
+    # -- Hub models --------------------------------------------------------------------------------
+    def hub(self, role: str, repo: str, revision: str | None) -> None:
+        key = (repo, revision or "main")
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        label = f"{repo}@{revision or 'main'}"
+        try:
+            model = self.client.model(repo, revision, cutoff=self.cutoff)
+        except NoCommitBeforeCutoffError as exc:
+            self.add(label, role, "date", VIOLATION, exc.message)
+            return
+        except HubNotFoundError as exc:
+            self.add(label, role, "available", VIOLATION, exc.message)
+            return
+        except (HubUnreachableError, HubResponseError, HubAccessError) as exc:
+            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
+        if model.requested_revision != model.sha:
+            label = f"{repo}@{model.requested_revision} ({model.sha[:12]})"
+        facts: dict[str, Any] = {
+            "model": label, "role": role, "source": "hub", "repo": repo,
+            "requested_revision": model.requested_revision, "commit_sha": model.sha,
+            "commit_date": _iso(model.commit_date), "created_at": _iso(model.created_at),
+            "private": model.private, "gated": model.gated, "licence": model.card.get("license"),
+            "parameters": None,
+        }
+        self.report.models.append(facts)
+        self.available(label, role, model)
+        self.date(label, role, model)
+        facts["parameters"] = self.params(label, role, model)
+        self.add(label, role, "licence", *classify_licence(model.card))
+
+    def available(self, label: str, role: str, model: HubModel) -> None:
+        if model.private:
+            self.add(label, role, "available", VIOLATION,
+                     "private repository: the competition allows public Hub models only")
+        elif model.gated:
+            self.add(label, role, "available", OK,
+                     f"public, gated: accept its licence at {self.client.endpoint}/{model.repo} and use a token "
+                     "(HF_TOKEN) to download it")
+        else:
+            self.add(label, role, "available", OK, "public")
+
+    def date(self, label: str, role: str, model: HubModel) -> None:
+        cutoff, when = _iso(self.cutoff), (lambda d: _when(d, self.cutoff))
+        if model.created_at is not None and model.created_at > self.cutoff:
+            self.add(label, role, "date", VIOLATION, f"repository created {when(model.created_at)}, after the cut-off "
+                                                     f"{cutoff}")
+            return
+        commit = f"commit {model.sha[:12]} of {when(model.commit_date)}"
+        if model.commit_date > self.cutoff:
+            try:
+                older = self.client.commit_on_or_before(model.repo, self.cutoff)
+                fix = f"pin `revision: cutoff` (commit {older.sha[:12]} of {when(older.date)}) or an older commit"
+            except NoCommitBeforeCutoffError:
+                fix = "its default branch has no commit on or before the cut-off"
+            self.add(label, role, "date", VIOLATION,
+                     f"revision '{model.requested_revision}' is {commit}, after the cut-off {cutoff}: {fix}")
+            return
+        created = f"created {when(model.created_at)}" if model.created_at else "creation date not reported"
+        self.add(label, role, "date", OK, f"{created}; {commit}")
+
+    def params(self, label: str, role: str, model: HubModel) -> int | None:
+        try:
+            n = self.client.parameter_count(model)
+            how = "(safetensors headers)"
+        except PickleOnlyError:
+            self.add(label, role, "params", UNVERIFIABLE,
+                     "no safetensors weights (pickle only): cannot be counted from headers, nor merged by mergelab")
+            return None
+        except HubAccessError:
+            if model.hub_parameters is None:
+                self.add(label, role, "params", UNVERIFIABLE,
+                         f"gated: its headers need an accepted licence and a token ({self.client.endpoint}/"
+                         f"{model.repo}), and the Hub reports no parameter count")
+                return None
+            n, how = model.hub_parameters, "(the Hub's count: the headers are gated)"
+        except (HubUnreachableError, HubResponseError) as exc:
+            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
+        except SourceError as exc:
+            self.add(label, role, "params", UNVERIFIABLE, exc.message)
+            return None
+        if "adapter_config.json" in model.files:
+            self.adapter(label, role, n, self._adapter_config(model))
+            return n
+        self.add(label, role, "params", *self.judge_params(n, how))
+        return n
+
+    def _adapter_config(self, model: HubModel) -> dict:
+        try:
+            return self.client.read_json(model, "adapter_config.json")
+        except (HubUnreachableError, HubResponseError) as exc:
+            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
+        except SourceError:
+            return {}
+
+    def adapter(self, label: str, role: str, n: int, config: dict) -> None:
+        """An adapter's size is its base's: report the adapter and check the base it names."""
+        base = config.get("base_model_name_or_path")
+        if not base:
+            self.add(label, role, "params", UNVERIFIABLE,
+                     f"adapter, {format_params(n)} parameters; its adapter_config.json names no base model")
+            return
+        base = str(base)
+        if base.startswith(("/", ".", "~")) or Path(base).expanduser().exists():
+            self.add(label, role, "params", UNVERIFIABLE,
+                     f"adapter, {format_params(n)} parameters; its base is a local folder ({base}) that cannot be "
+                     "verified on the Hub")
+            return
+        if base in self.recipe_repos:
+            self.add(label, role, "params", OK,
+                     f"adapter, {format_params(n)} parameters; its base {base} is in the recipe, checked there")
+            return
+        self.add(label, role, "params", OK,
+                 f"adapter, {format_params(n)} parameters; its base {base} is checked below, at its last commit on "
+                 "or before the cut-off (an adapter does not pin its base's revision)")
+        self.pending.append((f"base named by {role}", base))
+
+    # -- local folders -----------------------------------------------------------------------------
+    def local(self, role: str, path: str) -> None:
+        folder = Path(path).expanduser().resolve()
+        label = str(folder)
+        if (label, "") in self.seen:
+            return
+        self.seen.add((label, ""))
+        if not folder.is_dir():
+            self.add(label, role, "available", VIOLATION, "local folder not found")
+            return
+        named = _named_repo(folder)
+        known = next((why for prefix, why in KNOWN_TOO_NEW.items() if named and named.startswith(prefix)), None)
+        note = f"; its files name {named}" + (f" ({known}: not competition-legal)" if known else "") if named else ""
+        self.add(label, role, "available", UNVERIFIABLE,
+                 f"local folder: cannot be verified; a competition entry uses Hub models (`model:` + `revision:`){note}")
+        self.add(label, role, "date", UNVERIFIABLE, "a local folder has no upload date")
+        config = _read_json(folder / "adapter_config.json")
+        n = _local_parameters(folder)
+        if n is None:
+            self.add(label, role, "params", UNVERIFIABLE, "no safetensors weights to count")
+        elif config is not None:
+            self.adapter(label, role, n, config)
+        else:
+            self.add(label, role, "params", *self.judge_params(n, "(local safetensors headers)"))
+        self.report.models.append({"model": label, "role": role, "source": "local", "named_repo": named,
+                                   "parameters": n})
+        card = _front_matter(folder / "README.md")
+        self.add(label, role, "licence", *classify_licence(card or {}))
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _front_matter(readme: Path) -> dict | None:
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    parts = text.split("---", 2)
+    if not text.startswith("---") or len(parts) < 3:
+        return None
+    try:
+        data = yaml.safe_load(parts[1])
+    except yaml.YAMLError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _named_repo(folder: Path) -> str | None:
+    """A Hub repo id that a local folder's files name (config ``_name_or_path``, card ``base_model``)."""
+    candidates = [(_read_json(folder / "config.json") or {}).get("_name_or_path"),
+                  (_read_json(folder / "adapter_config.json") or {}).get("base_model_name_or_path")]
+    base_model = (_front_matter(folder / "README.md") or {}).get("base_model")
+    candidates += base_model if isinstance(base_model, list) else [base_model]
+    return next((c for c in candidates if isinstance(c, str) and _HUB_ID.fullmatch(c)), None)
+
+
+def _local_parameters(folder: Path) -> int | None:
+    """Parameters declared by the safetensors headers of a local folder (None without any)."""
+    from huggingface_hub import parse_local_safetensors_file_metadata
+
+    files = sorted(folder.glob("*.safetensors"))
+    if any(not f.name.startswith("consolidated") for f in files):
+        files = [f for f in files if not f.name.startswith("consolidated")]
+    if not files:
+        return None
+    return sum(sum(parse_local_safetensors_file_metadata(f).parameter_count.values()) for f in files)
+
+
+def check_models(refs: Iterable, *, cutoff: str | datetime | None = None, max_params: float = DEFAULT_MAX_PARAMS,
+                 params_tolerance: float = DEFAULT_PARAMS_TOLERANCE, client: HubClient | None = None) -> Report:
+    """Check model references against the competition rules.
+
+    ``refs`` holds model references (objects or dicts with ``path`` / ``model`` / ``revision``) or
+    ``(role, ref)`` pairs; roles name the rows of the report ("base", "expert 1"...). Raises
+    :class:`RuleCheckError` when the check cannot run.
+    """
+    pairs = [r if isinstance(r, tuple) else (f"model {i}", r) for i, r in enumerate(refs, 1)]
+    checker = _Checker(client or HubClient(), parse_cutoff(cutoff), int(max_params), params_tolerance)
+    checker.recipe_repos = {m for _, r in pairs if (m := ref_fields(r)[1])}
+    for role, ref in pairs:
+        path, model, revision = ref_fields(ref)
+        if (path is None) == (model is None):
+            raise RuleCheckError(f"{role}: {describe_ref(ref)} needs exactly one of `path` or `model`")
+        if path is not None:
+            checker.local(role, str(path))
+        else:
+            checker.hub(role, model, revision)
+        while checker.pending:  # the bases that adapters name, right after their adapter
+            base_role, base = checker.pending.pop(0)
+            checker.hub(base_role, base, CUTOFF_REVISION)
+    return checker.report
+
+
+def recipe_refs(recipe) -> list[tuple[str, Any]]:
+    """``[("base", ref), ("expert 1", ref), ...]`` of a recipe object (or a dict read from YAML)."""
+    get = (lambda k: recipe.get(k)) if isinstance(recipe, dict) else (lambda k: getattr(recipe, k, None))
+    pairs = [("base", get("base"))] if get("base") is not None else []
+    pairs += [(f"expert {i}", e) for i, e in enumerate(get("experts") or [], 1)]
+    return pairs
+
+
+def report_table(report: Report):
+    """The report as a rich table: one row per model and rule."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    colours = {OK: "green", WARN: "yellow", VIOLATION: "bold red", UNVERIFIABLE: "magenta"}
+    table = Table(title=f"Competition rules: cut-off {_iso(report.cutoff)}, at most "
+                        f"{format_limit(report.max_params)} parameters", title_justify="left")
+    table.add_column("model", overflow="fold", max_width=36)
+    table.add_column("rule", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("reason", overflow="fold", ratio=1)
+    previous = None
+    for f in report.findings:
+        first = (f.model, f.role) != previous
+        if first and previous is not None:
+            table.add_section()
+        model = f"{escape(f.model)}\n[dim]{escape(f.role)}[/]" if first else ""
+        table.add_row(model, f.rule, f"[{colours[f.status]}]{f.status}[/]", escape(f.reason))
+        previous = (f.model, f.role)
+    return table
