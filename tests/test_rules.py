@@ -148,6 +148,11 @@ def test_gated_model_passes_with_a_note(hub):
     assert "(safetensors headers)" in with_token["params"][1]
 
 
+def test_params_tolerance_is_configurable(hub):
+    strict = check_models([{"model": "meta-llama/Meta-Llama-3-8B"}], params_tolerance=0)
+    assert rows(strict, "meta-llama/Meta-Llama-3-8B")["params"][0] == VIOLATION
+
+
 def test_adapter_base_is_checked_too(hub):
     report = check_models([("expert 1", {"model": "lora/of-huge"})])
     adapter_rows = rows(report, "lora/of-huge")

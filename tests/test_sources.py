@@ -219,6 +219,20 @@ def test_pinned_sha_is_served_from_cache_when_the_hub_is_down(hub, repo):
         resolve_ref({"model": "org/model", "revision": "main"})
 
 
+def test_offline_mode_uses_the_cache_for_pinned_shas_only(hub, repo, monkeypatch):
+    from huggingface_hub import constants
+
+    sha = repo.commits[0].sha
+    first = resolve_ref({"model": "org/model", "revision": sha})
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    n_requests = len(hub.requests)
+    again = resolve_ref({"model": "org/model", "revision": sha})
+    assert again.from_cache_only and again.local_path == first.local_path
+    with pytest.raises(HubUnreachableError, match="offline mode is on"):
+        resolve_ref({"model": "org/model", "revision": "v1.0"})
+    assert len(hub.requests) == n_requests  # nothing went out
+
+
 def test_local_path(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
