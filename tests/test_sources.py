@@ -140,6 +140,13 @@ def test_repo_not_found_is_a_clear_error(hub):
     assert "path:" in message  # tells how to use a local folder instead
 
 
+@pytest.mark.parametrize("revision", ["main", "cutoff"])
+def test_invalid_repo_id_never_reaches_the_server(hub, revision):
+    with pytest.raises(SourceError, match="'../etc' is not a valid Hub repository id"):
+        resolve_ref({"model": "../etc", "revision": revision})
+    assert hub.requests == []
+
+
 def test_private_repo_without_token_looks_like_not_found(hub):
     hub.add(Repo("org/secret", [Commit(model_files(4), date="2024-01-01")], private=True))
     with pytest.raises(HubNotFoundError, match="private"):

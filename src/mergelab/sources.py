@@ -300,8 +300,10 @@ class HubClient:
         hang it forever) and reads every page even when only the first commit is wanted.
         """
         from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-        from huggingface_hub.utils import parse_datetime
+        from huggingface_hub.utils import parse_datetime, validate_repo_id
 
+        with self.errors(repo, revision):
+            validate_repo_id(repo)  # the id goes into a URL path
         url: str | None = f"{self.endpoint}/api/models/{repo}/commits/{quote(revision, safe='')}"
         headers = build_hf_headers(token=self.token)
         while url:
