@@ -57,8 +57,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check every model of a recipe against the competition rules (public, date, size, licence).
 
-        Asks the Hugging Face Hub (HF_ENDPOINT) without downloading weights. Exit status 0: all
-        rules pass; 1: a rule fails; 2: the check could not run.
+        Asks the Hugging Face Hub (HF_ENDPOINT); no weights are downloaded.
+
+        Exit status 0: all rules pass; 1: a rule fails; 2: the check could not run.
         """
         from rich.console import Console
 
