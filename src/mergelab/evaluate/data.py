@@ -52,7 +52,7 @@ def parse_choices(text: str) -> list[str]:
     """
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         try:
             value = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
@@ -189,9 +189,14 @@ def _read_rows(path: Path, fh) -> list[Row]:
 
 
 def write_submission(path: str | Path, ids: Iterable[str], predictions: Iterable[int | str]) -> None:
-    """Write a submission file: ``id,prediction,dummy_field`` (``dummy_field`` = 0), rows in order."""
+    """Write a submission file: ``id,prediction,dummy_field`` (``dummy_field`` = 0), rows in order.
+
+    Standard CSV (RFC 4180: CRLF row ends, fields with commas, quotes or line breaks quoted). The
+    CRLF terminator matters: with a bare ``\n`` terminator Python's writer leaves a ``\r`` inside
+    a generated text unquoted, and readers then split the row in two.
+    """
     with Path(path).open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
+        writer = csv.writer(fh, lineterminator="\r\n")
         writer.writerow(SUBMISSION_COLUMNS)
         for rid, pred in zip(ids, predictions, strict=True):
             writer.writerow([rid, pred, 0])

@@ -164,10 +164,16 @@ def extract_choice(text: str, choices: Sequence[str]) -> tuple[int | None, str]:
     return None, "none"
 
 
+def _find_all(needle: str, hay: str) -> list[int]:
+    """End positions of ``needle`` in ``hay`` as whole words (not inside a longer word)."""
+    pattern = r"(?<!\w)" + re.escape(needle) + r"(?!\w)"
+    return [m.end() for m in re.finditer(pattern, hay)]
+
+
 def _longest_choice_in(segment: str, choices: Sequence[str]) -> int | None:
     seg = _norm(segment)
-    hits = [(len(_norm(c)), -i) for i, c in enumerate(choices) if _norm(c) and len(_norm(c)) > 1
-            and _norm(c) in seg]
+    hits = [(len(_norm(c)), -i) for i, c in enumerate(choices)
+            if len(_norm(c)) > 1 and _find_all(_norm(c), seg)]
     return -max(hits)[1] if hits else None
 
 
@@ -178,9 +184,9 @@ def _last_choice_in(text: str, choices: Sequence[str]) -> int | None:
         c = _norm(c)
         if len(c) <= 1:  # single letters/digits occur everywhere; the letter rules handle them
             continue
-        pos = low.rfind(c)
-        if pos >= 0:
-            key = (pos + len(c), len(c))
+        ends = _find_all(c, low)
+        if ends:
+            key = (ends[-1], len(c))   # the latest mention wins; on a tie the longer choice
             if best is None or key > best[0]:
                 best = (key, i)
     return best[1] if best else None
