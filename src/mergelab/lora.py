@@ -1,0 +1,737 @@
+"""PEFT LoRA adapters as low-rank factors: reading, ΔW, the LoRA expert source, writing, re-factoring.
+
+A LoRA adapter changes a weight matrix ``W`` (as stored in the base checkpoint) by
+
+    ΔW = scale · B @ A,    scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+with ``A`` of shape (r, in) and ``B`` of shape (out, r) — transposed for GPT-2-style ``Conv1D``
+layers (``fan_in_fan_out``) and for embeddings, whose weights are stored (in, out). Per-module
+``r`` and ``alpha`` come from ``rank_pattern`` / ``alpha_pattern`` when the module matches one, as
+PEFT does it.
+
+This module turns an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) into
+:class:`LowRank` factors named by the *base checkpoint's* tensor names
+(``model.layers.3.self_attn.q_proj.weight``, ``encoder.block.0.layer.0.SelfAttention.q.weight``),
+with the scale folded in, so that ``ΔW = factors.B @ factors.A`` is exactly what PEFT's
+``merge_and_unload`` adds to that tensor. On top of that:
+
+* :func:`open_lora_expert` — a :class:`~mergelab.checkpoint.TensorSource` over the base's tensor
+  names that yields ``base + ΔW``; this is how every engine method works on LoRA experts.
+* :class:`LowRank` — exact SVD of ``B @ A`` from QR factorisations of ``B`` and ``Aᵀ`` and one
+  small SVD, never forming the (out × in) matrix; truncation to a rank or an energy threshold with
+  its exact relative error; :func:`lowrank_approx` does the same for a dense matrix (randomised
+  SVD for large ones, the error measured directly).
+* :func:`write_adapter` — one PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
+
+Variants whose effect is not ``base + ΔW`` with ``ΔW = scale · B @ A`` (DoRA, trained biases,
+``modules_to_save``, PiSSA-style initialisations that change the base, convolutional LoRA, ...)
+raise :class:`~mergelab.errors.AdapterError` saying what and what to do, never a wrong merge.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from mergelab.errors import AdapterError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+#: module kinds: how PEFT's A/B relate to the checkpoint tensor
+LINEAR = "linear"          # W (out, in):  ΔW = s · B @ A
+LINEAR_T = "linear_t"      # W (in, out), GPT-2 Conv1D with fan_in_fan_out: ΔW = (s · B @ A)ᵀ
+EMBEDDING = "embedding"    # W (vocab, dim): ΔW = (s · B_e @ A_e)ᵀ, keys lora_embedding_A/B
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+_FOLD_HINT = ("fold it into a full model with PEFT (PeftModel.from_pretrained(base, adapter)"
+              ".merge_and_unload().save_pretrained(dir)) and use that folder as a full expert "
+              "(output format full)")
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a PEFT adapter (``adapter_config.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+# ------------------------------------------------------------------------------------ low rank
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A matrix kept as ``B @ A`` (``B``: out × k, ``A``: k × in); float32 on any device."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.B.dim() != 2 or self.A.dim() != 2 or self.B.shape[1] != self.A.shape[0]:
+            raise ValueError(f"LowRank needs B (out×k) and A (k×in); got {tuple(self.B.shape)} "
+                             f"and {tuple(self.A.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def rank(self) -> int:
+        """The inner dimension k (an upper bound of the true rank)."""
+        return self.B.shape[1]
+
+    @staticmethod
+    def zeros(shape: Sequence[int], device: torch.device | str | None = None) -> "LowRank":
+        return LowRank(torch.zeros(shape[0], 0, device=device), torch.zeros(0, shape[1], device=device))
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def to(self, device: torch.device | str) -> "LowRank":
+        return LowRank(self.B.to(device), self.A.to(device))
+
+    def scaled(self, c: float) -> "LowRank":
+        return LowRank(self.B * c, self.A)
+
+    def norm(self) -> float:
+        """Frobenius norm of ``B @ A`` from the k × k Gram matrices: ‖BA‖² = Σ (BᵀB) ∘ (AAᵀ)."""
+        if self.rank == 0:
+            return 0.0
+        g = (self.B.double().T @ self.B.double()) * (self.A.double() @ self.A.double().T)
+        return float(g.sum().clamp_min(0).sqrt())
+
+    def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Exact thin SVD ``U, S, Vh`` of ``B @ A`` without forming it.
+
+        ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A`` (reduced QR), so ``B A = Q_B (R_B R_Aᵀ) Q_Aᵀ``; the SVD
+        ``R_B R_Aᵀ = U' S V'ᵀ`` of the small core gives ``U = Q_B U'`` and ``Vh = V'ᵀ Q_Aᵀ``.
+        Cost O((out + in) k²) instead of O(out · in · min(out, in)). Singular values that are
+        zero to working precision (≤ max(out, in) · ε · σ₁) are dropped with their vectors, so
+        ``len(S)`` is the numerical rank.
+        """
+        if self.rank == 0:
+            return (self.B.new_zeros(self.shape[0], 0), self.B.new_zeros(0),
+                    self.A.new_zeros(0, self.shape[1]))
+        qb, rb = torch.linalg.qr(self.B)
+        qa, ra = torch.linalg.qr(self.A.T)
+        core = (rb.double() @ ra.double().T)
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
+        keep = int((s > _rank_tol(s, self.shape)).sum())
+        u, s, vh = u[:, :keep].to(self.B.dtype), s[:keep].to(self.B.dtype), vh[:keep].to(self.A.dtype)
+        return qb @ u, s, vh @ qa.T
+
+    def balanced(self) -> "LowRank":
+        """The same product with every column of B and row of A of equal norm (safer in fp16)."""
+        if self.rank == 0:
+            return self
+        nb, na = self.B.norm(dim=0), self.A.norm(dim=1)
+        ok = (nb > 0) & (na > 0)
+        f = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.ones_like(nb))
+        return LowRank(self.B * f, self.A / f[:, None])
+
+
+def _rank_tol(s: torch.Tensor, shape: Sequence[int]) -> float:
+    if s.numel() == 0:
+        return 0.0
+    return float(s.max()) * max(shape) * torch.finfo(torch.float32).eps
+
+
+def concat(parts: Sequence[LowRank | None], coeffs: Sequence[float] | None = None,
+           shape: Sequence[int] | None = None) -> LowRank:
+    """``Σ cᵢ Bᵢ Aᵢ`` as one factorisation ``[c₁B₁ … c_TB_T] @ [A₁; …; A_T]`` (exact; rank Σ kᵢ).
+
+    ``None`` parts (an adapter without this module) and zero coefficients contribute nothing.
+    """
+    coeffs = [1.0] * len(parts) if coeffs is None else list(coeffs)
+    if len(coeffs) != len(parts):
+        raise ValueError(f"{len(parts)} parts but {len(coeffs)} coefficients")
+    bs, as_ = [], []
+    for part, c in zip(parts, coeffs):
+        if part is None or c == 0 or part.rank == 0:
+            continue
+        bs.append(part.B * c)
+        as_.append(part.A)
+    if not bs:
+        if shape is None:
+            shape = next(p.shape for p in parts if p is not None)
+        ref = next((p for p in parts if p is not None), None)
+        return LowRank.zeros(shape, device=ref.B.device if ref is not None else None)
+    return LowRank(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+
+
+def _pick_rank(s: torch.Tensor, total_sq: float, rank: int | None, energy: float | None) -> int:
+    """How many leading singular values to keep for a rank cap and/or an energy threshold."""
+    n = s.numel()
+    k = n if rank is None else min(rank, n)
+    if energy is not None and total_sq > 0:
+        captured = torch.cumsum(s.double() ** 2, 0) / total_sq
+        need = int((captured < energy - 1e-12).sum()) + 1  # first index reaching the threshold
+        k = min(k, need, n)
+    return max(k, 0)
+
+
+def _split_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> LowRank:
+    root = s.clamp_min(0).sqrt()
+    return LowRank(u * root, root[:, None] * vh)
+
+
+def truncate(lr: LowRank, rank: int | None = None, energy: float | None = None) -> tuple[LowRank, float]:
+    """Best approximation of ``B @ A`` of rank ≤ ``rank`` (and/or keeping ``energy`` of ‖·‖²_F).
+
+    Returns the factors (``U√S``, ``√S Vh``) and the relative Frobenius error
+    ``‖BA − B'A'‖_F / ‖BA‖_F = sqrt(Σ_{i>k} σᵢ² / Σ σᵢ²)``, exact since every σ is known. With
+    neither limit the result is the exact, minimal-rank re-factoring (error 0 up to rounding).
+    """
+    u, s, vh = lr.svd()
+    total = float((s.double() ** 2).sum())
+    k = _pick_rank(s, total, rank, energy)
+    tail = float((s[k:].double() ** 2).sum())
+    err = math.sqrt(tail / total) if total > 0 else 0.0
+    return _split_factors(u[:, :k], s[:k], vh[:k]), err
+
+
+def lowrank_approx(m: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
+                   generator: torch.Generator | None = None, oversample: int = 10,
+                   power_iters: int = 3, exact_below: int = 512) -> tuple[LowRank, float]:
+    """Rank-``rank`` (and/or ``energy``) approximation of a dense matrix and its relative error.
+
+    Small matrices (min side ≤ ``exact_below``), and requests without a rank or near full rank,
+    use the exact ``torch.linalg.svd``. Otherwise a randomised range finder (Halko, Martinsson &
+    Tropp 2011, Alg. 4.4: Gaussian sketch of ``rank + oversample`` columns drawn from
+    ``generator``, ``power_iters`` QR-stabilised power iterations) gives an orthonormal basis Q,
+    and the SVD of the small ``Qᵀ M`` gives the factors; ``A = Uₖᵀ M`` is the exact projection.
+    The error returned is always measured directly, ``‖M − BA‖_F / ‖M‖_F``, for the factors
+    returned (so it is honest even where the randomised basis is not optimal).
+    """
+    m = m.float()
+    rows, cols = m.shape
+    full = min(rows, cols)
+    total = float(m.double().square().sum())
+    if total == 0:
+        return LowRank.zeros(m.shape, device=m.device), 0.0
+    want = full if rank is None else min(rank, full)
+    if full <= exact_below or rank is None or want + oversample >= full // 2:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        k = _pick_rank(s, total, want, energy)
+        lr = _split_factors(u[:, :k], s[:k], vh[:k])
+    else:
+        q = want + oversample
+        omega = torch.randn(cols, q, generator=generator, dtype=torch.float32).to(m.device)
+        basis, _ = torch.linalg.qr(m @ omega)
+        for _ in range(power_iters):
+            z, _ = torch.linalg.qr(m.T @ basis)
+            basis, _ = torch.linalg.qr(m @ z)
+        small = basis.T @ m                                   # q × cols
+        u_s, s, vh = torch.linalg.svd(small, full_matrices=False)
+        k = _pick_rank(s, total, want, energy)
+        lr = _split_factors(basis @ u_s[:, :k], s[:k], vh[:k])
+    return lr, relative_error(m, lr, total)
+
+
+def relative_error(m: torch.Tensor, lr: LowRank, total_sq: float | None = None,
+                   block_rows: int = 1024) -> float:
+    """``‖M − B A‖_F / ‖M‖_F``, computed in row blocks (no second full-size temporary)."""
+    if total_sq is None:
+        total_sq = float(m.double().square().sum())
+    if total_sq == 0:
+        return 0.0 if lr.rank == 0 or lr.norm() == 0 else math.inf
+    acc = 0.0
+    for i in range(0, m.shape[0], block_rows):
+        blk = m[i:i + block_rows].float()
+        if lr.rank:
+            blk = blk - lr.B[i:i + block_rows] @ lr.A
+        acc += float(blk.double().square().sum())
+    return math.sqrt(acc / total_sq)
+
+
+# ------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class AdapterModule:
+    """One adapted module of an adapter, as stored."""
+
+    path: str            # PEFT module path, e.g. "model.layers.0.self_attn.q_proj"
+    kind: str            # LINEAR, LINEAR_T or EMBEDDING
+    key_a: str           # safetensors key of A (lora_A / lora_embedding_A)
+    key_b: str
+    rank: int
+    alpha: float
+    scale: float
+    shape: tuple[int, int]   # ΔW shape in the checkpoint's orientation
+
+
+_KEY = re.compile(
+    r"^(?P<path>.+?)\.(?:"
+    r"lora_(?P<ab>[AB])(?:\.(?P<name1>[^.]+))?\.weight"
+    r"|lora_embedding_(?P<eab>[AB])(?:\.(?P<name2>[^.]+))?"
+    r")$")
+
+#: config fields of LoRA variants whose effect is not base + scale · B @ A
+_VARIANTS = {
+    "use_dora": ("DoRA (use_dora: true)", "its magnitude vector rescales every column of the "
+                 "adapted weight, so the change is not a low-rank ΔW"),
+    "lora_bias": ("a trained LoRA bias (lora_bias: true)", "the bias change is not part of ΔW"),
+    "modules_to_save": ("modules_to_save", "those modules are stored as whole trained copies, "
+                        "not as LoRA factors"),
+    "trainable_token_indices": ("trainable tokens (trainable_token_indices)",
+                                "those embedding rows are stored as trained copies"),
+    "layer_replication": ("layer_replication", "it changes the model's layer structure"),
+    "alora_invocation_tokens": ("activated LoRA (alora_invocation_tokens)",
+                                "it applies only after its invocation tokens, so it cannot be "
+                                "folded into the weights"),
+    "use_qalora": ("QA-LoRA (use_qalora: true)", "its A acts on pooled input groups"),
+    "target_parameters": ("LoRA on parameters (target_parameters)",
+                          "mergelab merges LoRA on Linear and Embedding layers"),
+    "megatron_config": ("Megatron-parallel LoRA (megatron_config)", "its layers are sharded"),
+    "velora_config": ("VeLoRA (velora_config)", "it is not plain LoRA"),
+    "kasa_config": ("KaSA (kasa_config)", "it is not plain LoRA"),
+    "monteclora_config": ("MonteCLoRA (monteclora_config)", "it is not plain LoRA"),
+    "use_bdlora": ("BD-LoRA (use_bdlora)", "it is not plain LoRA"),
+    "arrow_config": ("Arrow routing (arrow_config)", "it routes between adapters at run time"),
+}
+#: init_lora_weights values that change the base weights while training (the adapter is relative
+#: to a modified base unless converted with path_initial_model_for_weight_conversion)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+
+
+def _pattern_value(patterns: Mapping[str, object], module_path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the path."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return patterns[key]
+    return default
+
+
+class LoraAdapter:
+    """A PEFT LoRA adapter folder, validated; tensors are read lazily per module.
+
+    ``modules`` maps each PEFT module path (``model.layers.0.self_attn.q_proj``) to its
+    :class:`AdapterModule`. :meth:`factors` / :meth:`delta` read one module's A and B.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self._read_config()
+        self.base_model_name_or_path: str | None = self.config.get("base_model_name_or_path")
+        self.task_type: str | None = self.config.get("task_type")
+        self._check_variants()
+        self.weights_file = self._weights_file()
+        from mergelab.checkpoint import CheckpointReader
+        from mergelab.errors import CheckpointError
+
+        try:
+            self._reader = CheckpointReader(self.weights_file)
+        except CheckpointError as exc:  # re-labelled as an adapter problem
+            raise AdapterError(exc.message, hint="re-download or re-save the adapter") from None
+        self.modules: dict[str, AdapterModule] = self._parse_modules(self._reader)
+
+    # --- config
+    def _read_config(self) -> dict:
+        f = self.path / ADAPTER_CONFIG
+        if not f.is_file():
+            raise AdapterError(f"{self.path}: no {ADAPTER_CONFIG}; not a PEFT adapter folder",
+                               hint="point the expert at a folder saved by PeftModel.save_pretrained")
+        try:
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise AdapterError(f"{f}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise AdapterError(f"{f}: expected a JSON object")
+        return cfg
+
+    def _fail(self, what: str, why: str, hint: str | None = None) -> AdapterError:
+        return AdapterError(f"{self.path}: {what} is not supported: {why}", hint=hint or _FOLD_HINT)
+
+    def _check_variants(self) -> None:
+        cfg = self.config
+        peft_type = str(cfg.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise AdapterError(
+                f"{self.path}: is a {peft_type} adapter; mergelab merges LoRA adapters only",
+                hint=_FOLD_HINT)
+        for key, (what, why) in _VARIANTS.items():
+            value = cfg.get(key)
+            if value not in (None, False, [], {}, ""):
+                raise self._fail(what, why)
+        bias = cfg.get("bias", "none")
+        if bias not in (None, "none"):
+            raise self._fail(f"bias training (bias: {bias!r})",
+                             "the trained biases are stored beside the LoRA factors and are not part of ΔW")
+        init = str(cfg.get("init_lora_weights", True)).lower()
+        if init.startswith(_BASE_CHANGING_INITS):
+            raise self._fail(
+                f"init_lora_weights: {cfg.get('init_lora_weights')!r}",
+                "this initialisation changes the base weights during training, so the adapter is "
+                "relative to a modified base",
+                hint="re-save it with PEFT's save_pretrained(..., "
+                     "path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter")
+        for key in ("r", "lora_alpha"):
+            if key in cfg and not isinstance(cfg[key], (int, float)):
+                raise AdapterError(f"{self.path / ADAPTER_CONFIG}: {key} must be a number, got {cfg[key]!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(cfg.get(key) or {}, dict):
+                raise AdapterError(f"{self.path / ADAPTER_CONFIG}: {key} must be an object")
+
+    def _weights_file(self) -> Path:
+        f = self.path / ADAPTER_WEIGHTS
+        if f.is_file():
+            return f
+        pickles = sorted(p.name for p in self.path.glob("adapter_model.*") if p.suffix in (".bin", ".pt", ".pth"))
+        if pickles:
+            raise AdapterError(
+                f"{self.path}: has only pickle weights ({', '.join(pickles)}); mergelab never "
+                "unpickles a file (a pickle can run arbitrary code)",
+                hint="convert it once, in an environment you trust: load it with "
+                     "PeftModel.from_pretrained and save_pretrained(dir, safe_serialization=True)")
+        raise AdapterError(f"{self.path}: no {ADAPTER_WEIGHTS}",
+                           hint="the download is incomplete; fetch the adapter weights")
+
+    # --- tensors
+    def _parse_modules(self, reader) -> dict[str, AdapterModule]:
+        cfg = self.config
+        r_default = cfg.get("r", 8)
+        alpha_default = cfg.get("lora_alpha", r_default)
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        rslora = bool(cfg.get("use_rslora", False))
+        fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
+        found: dict[str, dict[str, str]] = {}
+        kinds: dict[str, str] = {}
+        for key in sorted(reader.keys()):
+            m = _KEY.match(key)
+            if m is None:
+                raise self._unexpected_key(key)
+            path = m.group("path")
+            if path.startswith(PEFT_PREFIX):
+                path = path[len(PEFT_PREFIX):]
+            kind = EMBEDDING if m.group("eab") else (LINEAR_T if fan_in_fan_out else LINEAR)
+            ab = m.group("ab") or m.group("eab")
+            if kinds.setdefault(path, kind) != kind or ab in found.setdefault(path, {}):
+                raise AdapterError(f"{self.weights_file}: module {path!r} has conflicting LoRA tensors",
+                                   hint="re-save the adapter with PEFT")
+            found[path][ab] = key
+        modules = {}
+        for path, keys in sorted(found.items()):
+            if set(keys) != {"A", "B"}:
+                missing = "B" if "A" in keys else "A"
+                raise AdapterError(f"{self.weights_file}: module {path!r} has no lora_{missing} tensor",
+                                   hint="the adapter file is incomplete; re-save it with PEFT")
+            sa, sb = reader.shape(keys["A"]), reader.shape(keys["B"])
+            for key in keys.values():
+                if reader.dtype(key) not in _FLOAT_DTYPES:
+                    raise AdapterError(f"{self.weights_file}: tensor {key!r} has dtype {reader.dtype(key)}; "
+                                       "LoRA factors must be floating point",
+                                       hint="quantised adapters are not supported; use a float16/bfloat16/float32 adapter")
+            if len(sa) != 2 or len(sb) != 2:
+                raise self._fail(f"a LoRA on a convolution ({path}: lora_A has shape {list(sa)})",
+                                 "mergelab merges LoRA on Linear and Embedding layers")
+            kind = kinds[path]
+            if kind == EMBEDDING:   # lora_embedding_A (r, vocab), lora_embedding_B (dim, r)
+                shape = (sa[1], sb[0])
+            else:                   # lora_A (r, in), lora_B (out, r)
+                shape = (sb[0], sa[1]) if kind == LINEAR else (sa[1], sb[0])
+            r = sa[0]
+            if sb[1] != r:
+                raise AdapterError(f"{self.weights_file}: module {path!r}: lora_A {list(sa)} and "
+                                   f"lora_B {list(sb)} do not share a rank",
+                                   hint="the adapter file is corrupt; re-save it with PEFT")
+            r_cfg = _pattern_value(rank_pattern, path, r_default)
+            alpha = _pattern_value(alpha_pattern, path, alpha_default)
+            if int(r_cfg) != r:
+                raise AdapterError(
+                    f"{self.path}: module {path!r} has rank {r} in {ADAPTER_WEIGHTS} but "
+                    f"{ADAPTER_CONFIG} gives r = {r_cfg} for it (r / rank_pattern)",
+                    hint="the config does not belong to these weights; PEFT could not load it either")
+            if r == 0:
+                continue
+            scale = float(alpha) / (math.sqrt(r) if rslora else r)
+            modules[path] = AdapterModule(path, kind, keys["A"], keys["B"], r, float(alpha), scale, shape)
+        if not modules:
+            raise AdapterError(f"{self.weights_file}: holds no LoRA factors",
+                               hint="check that this is the adapter you meant")
+        return modules
+
+    def _unexpected_key(self, key: str) -> AdapterError:
+        if "lora_magnitude_vector" in key:
+            return self._fail("DoRA (lora_magnitude_vector tensors)",
+                              "its magnitude vector rescales every column of the adapted weight")
+        if re.search(r"lora_[AB](\.[^.]+)?\.bias$", key):
+            return self._fail("a trained LoRA bias", "the bias change is not part of ΔW")
+        if "modules_to_save" in key or key.endswith(".bias") or ".lora_" not in key:
+            return self._fail(f"a full trained tensor in the adapter ({key})",
+                              "only LoRA factors can be merged in ΔW space")
+        return self._fail(f"the tensor {key!r}", "it is not a LoRA factor mergelab knows")
+
+    def raw(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored ``(A, B)`` of one module, float32 on CPU."""
+        mod = self.modules[path]
+        return self._reader.get(mod.key_a).float(), self._reader.get(mod.key_b).float()
+
+    def factors(self, path: str) -> LowRank:
+        """ΔW of one module as :class:`LowRank` in the checkpoint's orientation, scale folded in."""
+        mod = self.modules[path]
+        a, b = self.raw(path)
+        if mod.kind == LINEAR:              # ΔW = s·B @ A
+            return LowRank(b * mod.scale, a)
+        return LowRank(a.T * mod.scale, b.T)  # ΔW = (s·B @ A)ᵀ = (s·Aᵀ) @ Bᵀ
+
+    def delta(self, path: str) -> torch.Tensor:
+        """ΔW of one module, float32, computed as PEFT's get_delta_weight does: (B @ A) · s."""
+        mod = self.modules[path]
+        a, b = self.raw(path)
+        d = (b @ a) * mod.scale
+        return d if mod.kind == LINEAR else d.T
+
+    def close(self) -> None:
+        self._reader.close()
+
+    # --- binding to a base checkpoint
+    def bind(self, base) -> dict[str, AdapterModule]:
+        """Map every module to the base tensor it changes: ``{tensor_name: AdapterModule}``.
+
+        ``base`` is a :class:`~mergelab.checkpoint.TensorSource`. The name is the module path +
+        ``.weight``; when the base stores names with a different prefix (an adapter trained on
+        ``MistralModel`` rather than ``MistralForCausalLM``, or the reverse) the unique base name
+        that ends the same way is used. The shape must match exactly.
+        """
+        base_keys = list(base.keys())
+        key_set = set(base_keys)
+        by_suffix: dict[str, list[str]] = {}
+        bound: dict[str, AdapterModule] = {}
+        for path, mod in self.modules.items():
+            name = _match_name(path + ".weight", key_set, base_keys, by_suffix)
+            if name is None:
+                if path.rsplit(".", 1)[-1] == "lm_head" and any(k.endswith("embed_tokens.weight") for k in base_keys):
+                    raise AdapterError(
+                        f"{self.path}: adapts {path!r}, but the base has no lm_head.weight: its output "
+                        "layer is tied to the input embeddings",
+                        hint="a LoRA on a tied lm_head cannot be merged into separate weights; "
+                             + _FOLD_HINT)
+                near = _nearby(path, base_keys)
+                raise AdapterError(
+                    f"{self.path}: module {path!r} has no weight in the base model "
+                    f"(looked for {path + '.weight'!r}{'; similar: ' + ', '.join(near) if near else ''})",
+                    hint="this adapter was trained on another base model "
+                         f"(its base_model_name_or_path is {self.base_model_name_or_path!r}); "
+                         "use the base it was trained on")
+            if name in bound:
+                raise AdapterError(f"{self.path}: modules {bound[name].path!r} and {path!r} both map to "
+                                   f"base tensor {name!r}")
+            bshape = tuple(base.shape(name))
+            if bshape != mod.shape:
+                hint = "use the base model this adapter was trained on"
+                if mod.kind == LINEAR and bshape == mod.shape[::-1]:
+                    hint = ("the base stores this weight transposed (in × out, a GPT-2 style Conv1D): "
+                            "set \"fan_in_fan_out\": true in adapter_config.json")
+                elif mod.kind == LINEAR_T and bshape == mod.shape[::-1]:
+                    hint = ("adapter_config.json says fan_in_fan_out: true but the base stores this "
+                            "weight as out × in (nn.Linear): set \"fan_in_fan_out\": false")
+                raise AdapterError(
+                    f"{self.path}: module {path!r} changes a {list(mod.shape)} matrix but the base "
+                    f"tensor {name!r} is {list(bshape)}", hint=hint)
+            bound[name] = mod
+        return bound
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({str(self.path)!r}, {len(self.modules)} modules)"
+
+
+def _match_name(want: str, key_set: set[str], keys: list[str], cache: dict[str, list[str]]) -> str | None:
+    if want in key_set:
+        return want
+    parts = want.split(".")
+    # the adapter path has an extra leading prefix (e.g. "model." of a *ForCausalLM)
+    for i in range(1, len(parts) - 1):
+        cand = ".".join(parts[i:])
+        if cand in key_set:
+            return cand
+    # the base has an extra leading prefix (e.g. "transformer.")
+    hits = [k for k in keys if k.endswith("." + want)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _nearby(path: str, keys: Iterable[str], n: int = 3) -> list[str]:
+    leaf = path.rsplit(".", 1)[-1]
+    return [k for k in keys if f".{leaf}." in f".{k}"][:n]
+
+
+def load_adapter(path: str | Path) -> LoraAdapter:
+    """Open and validate a PEFT LoRA adapter folder (raises :class:`AdapterError`)."""
+    return LoraAdapter(path)
+
+
+# ------------------------------------------------------------------------- the LoRA expert source
+
+
+class LoraExpertSource:
+    """``base + ΔW`` of one LoRA adapter, tensor by tensor (a :class:`TensorSource`).
+
+    ``keys``, ``shape`` and ``dtype`` are the base's. ``get(name)`` reads the base tensor and, for
+    an adapted module, adds ``ΔW = (B @ A) · scale`` in float32 and casts back to the base dtype
+    (the same arithmetic as PEFT's ``merge_and_unload``, with one rounding instead of two for
+    half-precision bases). :meth:`factors` gives the module's :class:`LowRank` for code that
+    merges in ΔW space; ``modules`` maps tensor names to :class:`AdapterModule`.
+    """
+
+    is_lora = True
+
+    def __init__(self, adapter: LoraAdapter, base):
+        self.adapter = adapter
+        self.base = base
+        self.path = adapter.path
+        self.modules: dict[str, AdapterModule] = adapter.bind(base)
+
+    def keys(self) -> list[str]:
+        return list(self.base.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.base.shape(name))
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self.base.get(name)
+        mod = self.modules.get(name)
+        if mod is None:
+            return w
+        delta = self.adapter.delta(mod.path)
+        return (w.float() + delta).to(w.dtype)
+
+    def delta(self, name: str) -> torch.Tensor | None:
+        """ΔW (float32) of tensor ``name``, or None when the adapter leaves it unchanged."""
+        mod = self.modules.get(name)
+        return None if mod is None else self.adapter.delta(mod.path)
+
+    def factors(self, name: str) -> LowRank | None:
+        """ΔW of tensor ``name`` as :class:`LowRank`, or None when the adapter leaves it unchanged."""
+        mod = self.modules.get(name)
+        return None if mod is None else self.adapter.factors(mod.path)
+
+    def close(self) -> None:
+        self.adapter.close()
+
+    def __repr__(self) -> str:
+        return f"LoraExpertSource({str(self.path)!r}, {len(self.modules)} adapted tensors)"
+
+
+def open_lora_expert(path: str | Path, base_reader) -> LoraExpertSource:
+    """The LoRA adapter at ``path`` applied to ``base_reader``: a TensorSource of base + ΔW."""
+    return LoraExpertSource(load_adapter(path), base_reader)
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class OutputModule:
+    """One module of an adapter to write: its ΔW factors (checkpoint orientation) and kind."""
+
+    factors: LowRank
+    kind: str = LINEAR
+
+
+def _module_path(tensor_name: str) -> str:
+    if not tensor_name.endswith(".weight"):
+        raise ValueError(f"LoRA modules change '.weight' tensors, not {tensor_name!r}")
+    return tensor_name[: -len(".weight")]
+
+
+def _target_modules(paths: list[str], base_keys: Iterable[str] | None) -> list[str]:
+    """Short names (``q_proj``) where every such module of the base is written, else full paths."""
+    if base_keys is None:
+        return sorted(paths)
+    by_leaf: dict[str, set[str]] = {}
+    for k in base_keys:
+        if k.endswith(".weight"):
+            p = k[: -len(".weight")]
+            by_leaf.setdefault(p.rsplit(".", 1)[-1], set()).add(p)
+    written: dict[str, set[str]] = {}
+    for p in paths:
+        written.setdefault(p.rsplit(".", 1)[-1], set()).add(p)
+    out = []
+    for leaf, ps in sorted(written.items()):
+        out.extend([leaf] if by_leaf.get(leaf) == ps else sorted(ps))
+    return out
+
+
+def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
+                  base_model_name_or_path: str | None = None, task_type: str | None = None,
+                  dtype: torch.dtype = torch.float32, base_keys: Iterable[str] | None = None) -> dict:
+    """Write ``modules`` (``{base tensor name: OutputModule}``) as one PEFT LoRA adapter.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (which
+    must exist) and returns the config. Every module gets scale 1 (``lora_alpha = r`` per module,
+    through ``rank_pattern``/``alpha_pattern`` where its rank differs from the most common one);
+    factors are balanced (equal column/row norms) before casting to ``dtype``. Modules of rank 0
+    are left out. ``base_keys`` (the base checkpoint's tensor names) lets ``target_modules`` use
+    short names such as ``q_proj`` where that is exact; otherwise full module paths are listed.
+    The bytes depend only on the inputs.
+    """
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    kinds = set()
+    for name in sorted(modules):
+        om = modules[name]
+        lr = om.factors
+        if lr.rank == 0:
+            continue
+        path = _module_path(name)
+        lr = lr.to("cpu").balanced()
+        b, a = lr.B.float(), lr.A.float()
+        prefix = PEFT_PREFIX + path
+        if om.kind == LINEAR:
+            tensors[prefix + ".lora_A.weight"] = a
+            tensors[prefix + ".lora_B.weight"] = b
+        elif om.kind == LINEAR_T:   # PEFT: ΔW = (B_p A_p)ᵀ  ⇒  B_p = Aᵀ, A_p = Bᵀ
+            tensors[prefix + ".lora_A.weight"] = b.T
+            tensors[prefix + ".lora_B.weight"] = a.T
+        elif om.kind == EMBEDDING:  # ΔW = (B_e A_e)ᵀ  ⇒  A_e = Bᵀ (r × vocab), B_e = Aᵀ (dim × r)
+            tensors[prefix + ".lora_embedding_A"] = b.T
+            tensors[prefix + ".lora_embedding_B"] = a.T
+        else:
+            raise ValueError(f"unknown module kind {om.kind!r}")
+        ranks[path] = lr.rank
+        kinds.add(om.kind)
+    if not ranks:
+        raise AdapterError("the merged adapter would be empty: every merged ΔW is zero",
+                           hint="check the expert weights (all zero?) and the method's parameters")
+    if LINEAR in kinds and LINEAR_T in kinds:
+        raise AdapterError("cannot write one adapter with both Linear and Conv1D (fan_in_fan_out) modules")
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r_main = max(sorted(counts), key=lambda r: counts[r])
+    pattern = {p: r for p, r in sorted(ranks.items()) if r != r_main}
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r_main,
+        "lora_alpha": r_main,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "target_modules": _target_modules(list(ranks), base_keys),
+        "fan_in_fan_out": LINEAR_T in kinds,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out_dir = Path(out_dir)
+    save_file({k: v.to(dtype).contiguous() for k, v in sorted(tensors.items())},
+              str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return config
