@@ -1,0 +1,288 @@
+"""Subspace merges made for low-rank experts: ``cat``, ``tsv``, ``iso_c``, ``knots``.
+
+Each method exists twice, with the same mathematics:
+
+* a registry function ``fn(base, experts, p)`` on dense tensors (task vectors ``τᵢ = eᵢ − base``),
+  so the methods also work on full fine-tunes and in the full-model engine;
+* a factor function in :data:`FACTOR_METHODS`, ``fn(parts, p, shape) -> LowRank``, used by the
+  LoRA pipeline: ``parts[i]`` is expert i's ``ΔWᵢ = Bᵢ Aᵢ`` as :class:`~mergelab.lora.LowRank`
+  (``None`` when the adapter lacks the module: it contributes zero) and the result is the merged
+  ΔW, again as factors. These never form an (out × in) matrix per expert: SVDs of sums and
+  concatenations of ``Bᵢ Aᵢ`` come from QR factorisations of the stacked factors and one SVD of a
+  small core (see :meth:`LowRank.svd`).
+
+A dense task vector is handed to the factor code as its exact thin SVD ``τ = (U S) Vh``, so the
+two forms agree to rounding. Singular directions with σ ≤ max(out, in)·ε·σ₁ (numerically zero)
+are dropped everywhere: their vectors are arbitrary, and keeping them would make a result depend
+on the SVD routine rather than on the inputs.
+
+Parameters: ``weight`` (per expert, default 1) scales ``τᵢ``; ``lambda`` (default 1) scales the
+merged task vector. Tensors that are not matrices (norms, biases) are merged as the methods'
+reference implementations do: the mean of the weighted task vectors for ``tsv`` and ``iso_c``,
+the plain sum for ``cat``, and the inner method itself for ``knots``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from mergelab.errors import RecipeError
+from mergelab.lora import LowRank, _rank_tol, concat
+from mergelab.methods import MethodParams, get_method, register
+
+FactorFn = Callable[[Sequence["LowRank | None"], MethodParams, tuple[int, int]], LowRank]
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _weights(p: MethodParams, n: int) -> list[float]:
+    w = p.per_expert("weight", 1.0) if p.experts else [p.get("weight", 1.0)] * n
+    if len(w) != n:
+        raise RecipeError(f"{n} experts but {len(w)} per-expert parameter sets")
+    try:
+        return [float(x) for x in w]
+    except (TypeError, ValueError):
+        raise RecipeError(f"weight must be a number, got {w!r}") from None
+
+
+def _number(p: MethodParams, key: str, default: float) -> float:
+    v = p.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RecipeError(f"parameter {key!r} must be a number, got {v!r}")
+    return float(v)
+
+
+def _dense_svd(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of a dense matrix with the numerically-zero part dropped."""
+    u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
+    keep = int((s > _rank_tol(s, t.shape)).sum())
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (nearest matrix with orthonormal
+    columns or rows, Procrustes)."""
+    if x.numel() == 0:
+        return x
+    p_, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p_ @ qh
+
+
+def _task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [e.float() - base.float() for e in experts]
+
+
+def _mean_weighted(base, taus, w, lam):
+    return base + lam * sum(wi * t for wi, t in zip(w, taus)) / len(taus)
+
+
+# ------------------------------------------------------------------------------------ cat
+
+
+def cat_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int]) -> LowRank:
+    """Σ wᵢ ΔWᵢ as the concatenation ``[w₁B₁ … w_TB_T] @ [A₁; …; A_T]``; exact, rank Σ rᵢ."""
+    return concat(parts, _weights(p, len(parts)), shape)
+
+
+@register("cat", linear_in_delta=True, expert_params=("weight",))
+def cat(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """Exact concatenation of LoRA factors: ``θ = θ₀ + Σᵢ wᵢ τᵢ`` (``weight`` default 1).
+
+    On adapters this is ``[w₁B₁ … w_TB_T] @ [A₁; …; A_T]`` — the merged adapter has rank Σ rᵢ
+    and reproduces ``Σ wᵢ ΔWᵢ`` exactly, unlike averaging A and B separately (which adds cross
+    terms ``BᵢAⱼ``). On dense task vectors it is task arithmetic with λ = 1. PEFT calls the same
+    combination ``cat`` in ``add_weighted_adapter``.
+    """
+    w = _weights(p, len(experts))
+    return base + sum(wi * t for wi, t in zip(w, _task_vectors(base, experts)))
+
+
+# ------------------------------------------------------------------------------------ TSV-M
+
+
+def _tsv_k(p: MethodParams, shape: tuple[int, int], n_tasks: int) -> int:
+    k = p.get("k")
+    if k is None:
+        return max(1, min(shape) // max(n_tasks, 1))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise RecipeError(f"tsv: k (singular vectors kept per task) must be a positive integer, got {k!r}")
+    return k
+
+
+def _tsv(svds, w: Sequence[float], lam: float, k: int, shape: tuple[int, int], device) -> LowRank:
+    us, ss, vhs = [], [], []
+    for svd, wi in zip(svds, w):
+        if svd is None or wi == 0 or svd[1].numel() == 0:
+            continue
+        u, s, vh = svd
+        us.append(u[:, :k])
+        ss.append(wi * s[:k])
+        vhs.append(vh[:k])
+    if not us:
+        return LowRank.zeros(shape, device=device)
+    u_perp = _polar(torch.cat(us, dim=1))
+    vh_perp = _polar(torch.cat(vhs, dim=0))
+    return LowRank(u_perp * (lam * torch.cat(ss)), vh_perp)
+
+
+def tsv_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int]) -> LowRank:
+    """TSV-M on factors (per-task SVDs from :meth:`LowRank.svd`); see :func:`tsv`."""
+    svds = [q.svd() if q is not None and q.rank else None for q in parts]
+    device = next((q.B.device for q in parts if q is not None), None)
+    return _tsv(svds, _weights(p, len(parts)), _number(p, "lambda", 1.0),
+                _tsv_k(p, shape, len(parts)), shape, device)
+
+
+@register("tsv", expert_params=("weight",), global_params=("k", "lambda"))
+def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """Task Singular Vectors merge, TSV-M (Gargiulo et al., CVPR 2025, arXiv:2412.00081).
+
+    Per matrix, each task vector is compressed to its top-``k`` singular triplets
+    ``τᵢ ≈ Uᵢ Σᵢ Vᵢᵀ`` (default ``k = min(out, in) // T``, the paper's 1/T share), the
+    concatenations ``U = [U₁ … U_T]`` and ``Vᵀ = [V₁ᵀ; …; V_Tᵀ]`` are replaced by their nearest
+    orthogonal matrices (polar factors ``U⊥ = P Qᵀ`` for ``U = P S Qᵀ``, likewise ``V⊥``) to remove
+    interference between tasks' subspaces, and
+
+        θ = θ₀ + λ · U⊥ · diag(w₁Σ₁, …, w_TΣ_T) · V⊥ᵀ.
+
+    ``weight`` scales a task's singular values (1 in the paper), ``lambda`` the result (the
+    paper's α, 1.0 for TSV-M). Non-matrix tensors: ``θ₀ + λ · mean(wᵢ τᵢ)``. On LoRA experts the
+    per-task SVDs come from the factors, and the merged ΔW has rank ≤ Σ min(k, rᵢ).
+    """
+    taus = _task_vectors(base, experts)
+    w, lam = _weights(p, len(taus)), _number(p, "lambda", 1.0)
+    if base.dim() != 2:
+        return _mean_weighted(base, taus, w, lam)
+    shape = tuple(base.shape)
+    svds = [_dense_svd(t) for t in taus]
+    return base + _tsv(svds, w, lam, _tsv_k(p, shape, len(taus)), shape, base.device).dense()
+
+
+# ------------------------------------------------------------------------------------ Iso-C
+
+
+def _iso(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, lam: float) -> LowRank:
+    if s.numel() == 0:
+        return LowRank(u[:, :0], vh[:0])
+    return LowRank(u * (lam * s.mean()), vh)
+
+
+def iso_c_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int]) -> LowRank:
+    """Iso-C on factors; see :func:`iso_c`."""
+    summed = concat(parts, _weights(p, len(parts)), shape)
+    return _iso(*summed.svd(), _number(p, "lambda", 1.0))
+
+
+@register("iso_c", expert_params=("weight",), global_params=("lambda",))
+def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """Isotropic merging in the common subspace, Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959).
+
+    Per matrix: ``M = Σᵢ wᵢ τᵢ = U Σ Vᵀ`` (task arithmetic), then every singular value is replaced
+    by their mean ``σ̄`` so that no direction dominates:
+
+        θ = θ₀ + λ · σ̄ · U Vᵀ.
+
+    The mean is over the numerically non-zero singular values (for full-rank dense task vectors
+    that is all of them, as in the paper; for LoRA sums of rank ρ ≤ Σ rᵢ it is the ρ values of
+    the common subspace — the zero ones have no defined directions). ``lambda`` is the paper's α
+    (tuned on validation data there). Non-matrix tensors: ``θ₀ + λ · mean(wᵢ τᵢ)``.
+    """
+    taus = _task_vectors(base, experts)
+    w, lam = _weights(p, len(taus)), _number(p, "lambda", 1.0)
+    if base.dim() != 2:
+        return _mean_weighted(base, taus, w, lam)
+    m = sum(wi * t for wi, t in zip(w, taus))
+    return base + _iso(*_dense_svd(m), lam).dense()
+
+
+# ------------------------------------------------------------------------------------ KnOTS
+
+
+def _inner_method(p: MethodParams):
+    name = p.get("merge", "ties")
+    if not isinstance(name, str):
+        raise RecipeError(f"knots: merge must be the name of a merge method, got {name!r}")
+    if name == "knots":
+        raise RecipeError("knots: merge cannot be knots itself", hint="use e.g. ties, dare_ties or task_arithmetic")
+    return get_method(name)
+
+
+def _knots_merge(u: torch.Tensor, s: torch.Tensor, vhs: Sequence[torch.Tensor], p: MethodParams) -> LowRank:
+    """Merge the aligned per-task coefficients ``Vhᵢ`` (ρ × in) with the inner method; ``U S V̄``."""
+    if s.numel() == 0:
+        return LowRank(u[:, :0], vhs[0][:0])
+    spec = _inner_method(p)
+    v_bar = spec.fn(torch.zeros_like(vhs[0]), list(vhs), p)
+    return LowRank(u * s, v_bar.to(u.dtype))
+
+
+def knots_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int]) -> LowRank:
+    """KnOTS on factors; see :func:`knots`.
+
+    ``[ΔW₁ … ΔW_T] = [B₁ … B_T] · blockdiag(A₁, …, A_T)``. With ``[B₁ … B_T] = Q R`` and
+    ``Aᵢᵀ = Qᵢ Rᵢ`` this is ``Q · [R₍₁₎R₁ᵀ … R₍T₎R_Tᵀ] · blockdiag(Q₁ᵀ, …)``, where ``R₍ᵢ₎`` are
+    the columns of R for expert i; the SVD ``U' S V'ᵀ`` of the small middle matrix gives
+    ``U = Q U'`` and ``Vhᵢ = V'ᵀ₍ᵢ₎ Qᵢᵀ`` exactly.
+    """
+    out, inn = shape
+    present = [(i, q) for i, q in enumerate(parts) if q is not None and q.rank > 0]
+    device = next((q.B.device for q in parts if q is not None), None)
+    if not present:
+        return LowRank.zeros(shape, device=device)
+    qb, rb = torch.linalg.qr(torch.cat([q.B for _, q in present], dim=1))
+    blocks, qs, col = [], [], 0
+    for _, q in present:
+        qa, ra = torch.linalg.qr(q.A.T)
+        blocks.append(rb[:, col:col + q.rank].double() @ ra.double().T)
+        qs.append(qa)
+        col += q.rank
+    core = torch.cat(blocks, dim=1)
+    u_, s, vh_ = torch.linalg.svd(core, full_matrices=False)
+    keep = int((s > _rank_tol(s, (out, len(parts) * inn))).sum())
+    u = qb @ u_[:, :keep].to(qb.dtype)
+    s = s[:keep].to(qb.dtype)
+    vh_ = vh_[:keep].to(qb.dtype)
+    vhs = [torch.zeros(keep, inn, device=qb.device) for _ in parts]
+    col = 0
+    for (i, _), qa in zip(present, qs):
+        vhs[i] = vh_[:, col:col + qa.shape[1]] @ qa.T
+        col += qa.shape[1]
+    return _knots_merge(u, s, vhs, p)
+
+
+@register("knots", random=True, expert_params=("weight", "density", "gamma", "epsilon"),
+          global_params=("merge", "lambda", "density", "normalize", "gamma", "epsilon"))
+def knots(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """KnOTS: align task updates by a joint SVD, then merge them (Stoica et al., ICLR 2025, arXiv:2410.19735).
+
+    Per matrix, the task vectors are concatenated side by side and decomposed once,
+
+        [τ₁ τ₂ … τ_T] = U S [Vh₁ Vh₂ … Vh_T],
+
+    so every task is ``τᵢ = U S Vhᵢ`` in one shared basis ``U S``. The aligned coefficient
+    matrices ``Vhᵢ`` (ρ × in) are merged by the method named in ``merge`` (default ``ties``;
+    ``task_arithmetic``, ``dare_ties``, ... — with that method's parameters, e.g. ``density``,
+    ``weight``, ``lambda``) as task vectors from a zero base, and
+
+        θ = θ₀ + U S V̄,   V̄ = merge(0, [Vh₁ … Vh_T]).
+
+    With a linear ``merge`` this equals that method on the τᵢ; the point of KnOTS is that TIES or
+    DARE decide signs and sparsity in the aligned space, where LoRA updates are comparable
+    entry by entry. Non-matrix tensors are merged by the inner method directly.
+    """
+    if base.dim() != 2:
+        return _inner_method(p).fn(base, experts, p)
+    u, s, vh = _dense_svd(torch.cat(_task_vectors(base, experts), dim=1))
+    vhs = list(torch.split(vh, base.shape[1], dim=1))
+    return base + _knots_merge(u, s, vhs, p).dense()
+
+
+#: factor forms of the methods above, for merging LoRA experts in ΔW space
+FACTOR_METHODS: dict[str, FactorFn] = {
+    "cat": cat_factors,
+    "tsv": tsv_factors,
+    "iso_c": iso_c_factors,
+    "knots": knots_factors,
+}
