@@ -273,6 +273,8 @@ _KEY = re.compile(
     r"|lora_embedding_(?P<eab>[AB])(?:\.(?P<name2>[^.]+))?"
     r")$")
 
+_COPY = re.compile(r"^(?P<path>.+?)(?:\.base_layer)?\.weight$")
+
 #: config fields of LoRA variants whose effect is not base + scale · B @ A
 _VARIANTS = {
     "use_dora": ("DoRA (use_dora: true)", "its magnitude vector rescales every column of the "
@@ -404,10 +406,18 @@ class LoraAdapter:
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         found: dict[str, dict[str, str]] = {}
         kinds: dict[str, str] = {}
+        self.stored_copies: dict[str, str] = {}
         for key in sorted(reader.keys()):
             m = _KEY.match(key)
             if m is None:
-                raise self._unexpected_key(key)
+                copy = _COPY.match(key)
+                if copy is None or ".lora_" in key or "modules_to_save" in key:
+                    raise self._unexpected_key(key)
+                # a full tensor saved beside the factors (PEFT saves embeddings when they are
+                # targeted or resized); checked against the base in bind()
+                path = copy.group("path")
+                self.stored_copies[path[len(PEFT_PREFIX):] if path.startswith(PEFT_PREFIX) else path] = key
+                continue
             path = m.group("path")
             if path.startswith(PEFT_PREFIX):
                 path = path[len(PEFT_PREFIX):]
@@ -537,7 +547,27 @@ class LoraAdapter:
                     f"{self.path}: module {path!r} changes a {list(mod.shape)} matrix but the base "
                     f"tensor {name!r} is {list(bshape)}", hint=hint)
             bound[name] = mod
+        for path, key in sorted(self.stored_copies.items()):
+            self._check_stored_copy(path, key, base, key_set, base_keys, by_suffix)
         return bound
+
+    def _check_stored_copy(self, path, key, base, key_set, base_keys, cache) -> None:
+        """A full tensor stored in the adapter must be the base's own (else it is a trained change)."""
+        name = _match_name(path + ".weight", key_set, base_keys, cache)
+        if name is None:
+            raise AdapterError(f"{self.path}: stores a full tensor {key!r} that the base model does not have",
+                               hint=_FOLD_HINT)
+        saved = self._reader.get(key)
+        if tuple(saved.shape) != tuple(base.shape(name)):
+            raise AdapterError(
+                f"{self.path}: stores its own {name!r} of shape {list(saved.shape)}, but the base's is "
+                f"{list(base.shape(name))} (a resized vocabulary)",
+                hint="merging needs every expert on the same vocabulary; " + _FOLD_HINT)
+        if not torch.equal(saved, base.get(name).to(saved.dtype)):
+            raise AdapterError(
+                f"{self.path}: stores its own copy of {name!r} that differs from the base's "
+                "(a trained or resized embedding), so the adapter is not base + ΔW",
+                hint=_FOLD_HINT)
 
     def __repr__(self) -> str:
         return f"LoraAdapter({str(self.path)!r}, {len(self.modules)} modules)"
