@@ -148,6 +148,17 @@ def test_gated_model_passes_with_a_note(hub):
     assert "(safetensors headers)" in with_token["params"][1]
 
 
+def test_header_larger_than_the_first_range_request(hub):
+    # 4,000 tensors make a ~300 kB header: huggingface_hub reads the first 100 kB, then asks for the rest
+    tensors = {f"model.layers.{i}.mlp.weight": ("F16", [1000, 1000]) for i in range(4000)}
+    hub.add(Repo("many/tensors", [Commit({"model.safetensors": safetensors_header(tensors)}, date="2024-01-01")],
+                 card_data=APACHE))
+    report = check_models([{"model": "many/tensors"}])
+    assert rows(report, "many/tensors")["params"][0] == OK and report.models[0]["parameters"] == 4_000_000_000
+    ranges = [r.range for r in hub.requests if r.method == "GET" and r.path.endswith("model.safetensors")]
+    assert ranges[0] == "bytes=0-100000" and len(ranges) == 2 and ranges[1].startswith("bytes=8-")
+
+
 def test_params_tolerance_is_configurable(hub):
     strict = check_models([{"model": "meta-llama/Meta-Llama-3-8B"}], params_tolerance=0)
     assert rows(strict, "meta-llama/Meta-Llama-3-8B")["params"][0] == VIOLATION
