@@ -247,7 +247,7 @@ def test_require_pass_names_each_failure(hub):
 # -- the command line ---------------------------------------------------------------------------------
 def write_recipe(path, base: dict, experts: list[dict]):
     lines = ["base: " + json.dumps(base), "experts:"] + [f"  - {json.dumps(e)}" for e in experts]
-    lines += ["method: linear", f"output: {path.parent / 'out'}", "seed: 0"]
+    lines += ["method: linear", "seed: 0"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -258,6 +258,11 @@ def test_cli_exit_codes(hub, tmp_path, capsys, monkeypatch):
     assert main(["check", str(good)]) == 0
     out = capsys.readouterr().out
     assert "Competition rules" in out and "passes" in out
+
+    pinned = write_recipe(tmp_path / "pinned.yaml", {"model": "mistralai/Mistral-7B-v0.1", "revision": "cutoff"},
+                          [{"model": "late/revision", "revision": "cutoff", "weight": 0.5}])
+    assert main(["check", str(pinned)]) == 0  # `revision: cutoff` goes through the recipe schema
+    capsys.readouterr()
 
     bad = write_recipe(tmp_path / "bad.yaml", {"model": "mistralai/Mistral-7B-v0.1", "revision": "main"},
                        [{"model": "late/revision", "revision": "main"}])
@@ -270,6 +275,20 @@ def test_cli_exit_codes(hub, tmp_path, capsys, monkeypatch):
     assert [f["rule"] for f in data["findings"] if f["status"] == "violation"] == ["date"]
     assert main(["check", str(bad), "--cutoff", "2024-07-01"]) == 0  # the cut-off is configurable
     capsys.readouterr()
+
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "model.safetensors").write_bytes(weights(10**6))
+    local = write_recipe(tmp_path / "local.yaml", {"path": "local"}, [{"model": "predibase/gsm8k"}])
+    assert main(["check", str(local), "--json"]) == 1  # a local folder cannot be verified
+    data = json.loads(capsys.readouterr().out)
+    available = {f["model"]: f["status"] for f in data["findings"] if f["rule"] == "available"}
+    assert available.pop(str(tmp_path / "local")) == "unverifiable"  # the relative path, resolved by the loader
+    assert set(available.values()) == {"ok"}  # the adapter and the base it names
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: {model: a/b}\nexperts: []\nmethod: linear\n")
+    assert main(["check", str(broken)]) == 2  # the recipe loader's message, exit status 2
+    assert "experts" in capsys.readouterr().err
 
     hub.set_fault("hang")
     start = time.monotonic()

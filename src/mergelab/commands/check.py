@@ -14,32 +14,11 @@ import typer
 
 
 def _recipe_refs(path: Path) -> list:
-    """``[(role, ref), ...]`` of the recipe's base and experts, read with the recipe loader."""
+    """``[(role, ref), ...]`` of the recipe's base and experts (validated by the recipe loader)."""
+    from mergelab.recipe import load_recipe
     from mergelab.rules import recipe_refs
 
-    try:
-        from mergelab.recipe import load_recipe
-    except ImportError:  # the recipe schema is not there (yet): read the two keys we need ourselves
-        load_recipe = None
-    if load_recipe is not None:
-        return recipe_refs(load_recipe(path))
-    return recipe_refs(_read_recipe_keys(path))
-
-
-def _read_recipe_keys(path: Path) -> dict:
-    import yaml
-
-    from mergelab.errors import RecipeError
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict) or "base" not in data:
-        raise RecipeError(f"recipe {path} has no `base` key", hint="a recipe names `base` and `experts`")
-    return data
+    return recipe_refs(load_recipe(path))
 
 
 def register(app: typer.Typer) -> None:
