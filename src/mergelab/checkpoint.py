@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
@@ -171,6 +172,7 @@ class CheckpointReader:
                                               f"({self._infos[name].file.name} and {f.name})")
                     self._infos[name] = info
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads may come from several threads (pread itself is safe)
         self.config: dict | None = None
         cfg = p / "config.json" if p.is_dir() else None
         if cfg is not None and cfg.is_file():
@@ -274,18 +276,20 @@ class CheckpointReader:
     def _read(self, info: _TensorInfo, out: torch.Tensor) -> None:
         if info.nbytes == 0:
             return
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        with self._lock:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
         try:
             _pread_into(fd, _byte_view(out), info.start)
         except OSError as exc:
             raise CheckpointError(f"{info.file}: read failed ({exc})") from None
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -372,10 +376,12 @@ class ShardedWriter:
         self._closed = False
         self._planned = layout is not None
         self._where: dict[str, _Shard] = {}
+        self._entry: dict[str, tuple] = {}
         self._pending: dict[str, torch.Tensor] = {}  # unplanned: tensors of the open shard
         self._written: set[str] = set()  # planned: tensors already on disk
         self._remaining: dict[int, int] = {}
         self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()  # planned mode: add() may be called from several threads
         if layout is not None:
             for name, shape, dtype in layout:
                 self._place(name, tuple(int(d) for d in shape), dtype)
@@ -399,6 +405,7 @@ class ShardedWriter:
         shard.entries.append((name, shape, dtype, nbytes))
         shard.size += nbytes
         self._where[name] = shard
+        self._entry[name] = shard.entries[-1]
         return closed
 
     def _name_shards(self) -> None:
@@ -426,25 +433,27 @@ class ShardedWriter:
         shard = self._where.get(name)
         if shard is None:
             raise ValueError(f"tensor {name!r} is not in the planned layout")
-        entry = next(e for e in shard.entries if e[0] == name)
+        entry = self._entry[name]
         if tuple(t.shape) != entry[1] or t.dtype != entry[2]:
             raise ValueError(f"tensor {name!r}: got {tuple(t.shape)} {t.dtype}, planned {entry[1]} {entry[2]}")
-        if name in self._written:
-            raise ValueError(f"tensor {name!r} written twice")
         i = shard.index
-        fd = self._fds.get(i)
-        if fd is None:
-            header, shard.offsets = _header_bytes(shard, self.metadata)
-            shard.data_start = len(header)
-            fd = self._fds[i] = os.open(self.out_dir / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, len(header) + shard.size)
-            _pwrite_all(fd, memoryview(header), 0)
-        if entry[3]:
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"tensor {name!r} written twice")
+            self._written.add(name)
+            fd = self._fds.get(i)
+            if fd is None:
+                header, shard.offsets = _header_bytes(shard, self.metadata)
+                shard.data_start = len(header)
+                fd = self._fds[i] = os.open(self.out_dir / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.ftruncate(fd, len(header) + shard.size)
+                _pwrite_all(fd, memoryview(header), 0)
+        if entry[3]:  # positional writes to disjoint ranges: no lock needed
             _pwrite_all(fd, _byte_view(t), shard.data_start + shard.offsets[name])
-        self._written.add(name)
-        self._remaining[i] -= 1
-        if self._remaining[i] == 0:
-            os.close(self._fds.pop(i))
+        with self._lock:
+            self._remaining[i] -= 1
+            if self._remaining[i] == 0:
+                os.close(self._fds.pop(i))
 
     def _flush(self, shard: _Shard) -> None:
         header, offsets = _header_bytes(shard, self.metadata)
@@ -489,9 +498,10 @@ class ShardedWriter:
     def abort(self) -> None:
         """Close open files without finishing (the caller deletes the folder)."""
         self._closed = True
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
         self._pending.clear()
 
 

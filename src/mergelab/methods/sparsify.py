@@ -1,0 +1,344 @@
+"""Sparsified task arithmetic: TIES, DARE, Model Breadcrumbs, DELLA (and their linear variants).
+
+All of them follow one scheme (mergekit calls it "generalized task arithmetic"):
+
+1. **sparsify** each task vector ``δ_i = θ_i − θ_0`` with a keep-mask ``m_i``:
+   ``magnitude`` (TIES: the ``density`` share of largest ``|δ_i|``), ``random`` (DARE:
+   ``m_i ~ Bernoulli(density)``), ``outliers`` (Breadcrumbs: drop the ``gamma`` share of largest
+   and then the smallest, keeping ``density``), ``della`` (DELLA: keep with a probability that grows
+   with the magnitude rank inside each row, from ``density − ε`` to ``density + ε``);
+2. optionally **rescale** (``rescale: true``) the kept part to the L1 norm of the whole:
+   ``δ̃_i = (m_i ⊙ δ_i) · ‖δ_i‖₁ / ‖m_i ⊙ δ_i‖₁`` (unchanged if either norm is below 1e-7);
+3. **weight**: ``d_i = w_i δ̃_i``;
+4. optionally elect a **sign** per entry (TIES "sum" consensus): ``s = sign(Σ_i d_i)`` (``+`` for
+   0) and keep only the entries that agree: ``a_i = [sign(d_i) = s]``; otherwise ``a_i = 1``;
+5. **combine**: ``δ = Σ_i a_i d_i``, divided by ``Σ_i a_i w_i`` (per entry, 1 where it is 0) with
+   consensus, or by ``Σ_i w_i`` without, when ``normalize: true``; ``θ = θ_0 + λ δ``.
+
+Exact-count selection (magnitude, outliers) keeps exactly ``max(1, ⌊density · n⌋)`` entries; among
+entries of equal magnitude at the cut, the lower flat index wins, so the result is deterministic.
+Random masks use uniform numbers drawn on the CPU from ``p.generator`` (in flat order, expert by
+expert), so they do not depend on the device.
+
+Work is done in chunks of the flattened tensor, so the temporaries stay small and in cache and
+peak memory stays near inputs + output; only the selection thresholds need a pass over the whole
+tensor first. Inputs are float32 (or any float type) of one shape; the result has that shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from mergelab.errors import RecipeError
+from mergelab.methods import MethodParams, register
+
+CHUNK = 1 << 17        # elements per chunk on the CPU (512 KiB of float32)
+RANDOM_CHUNK = 1 << 20  # uniform numbers drawn per call (the draw itself is order-preserving)
+_SAMPLE = 1 << 16       # sample size for locating a selection threshold
+
+
+def chunks(n: int, device: torch.device) -> Iterator[slice]:
+    """Slices covering ``range(n)``: small on the CPU (cache), one slice on an accelerator."""
+    step = CHUNK if device.type == "cpu" else max(n, 1)
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``n`` uniform numbers in [0, 1), drawn on the CPU in flat order, then moved to ``device``."""
+    if generator is None:
+        raise RecipeError("a random merge method was called without a random generator")
+    parts = [torch.rand(min(RANDOM_CHUNK, n - s), generator=generator, device=generator.device)
+             for s in range(0, n, RANDOM_CHUNK)]
+    out = torch.cat(parts) if parts else torch.empty(0)
+    return out.to(device)
+
+
+# --------------------------------------------------------------------------- exact top-k selection
+
+
+def _kth_largest(delta: Callable[[slice], torch.Tensor], at: Callable[[torch.Tensor], torch.Tensor],
+                 n: int, k: int, device: torch.device) -> tuple[float, int, int]:
+    """The k-th largest of ``|δ|`` (1 ≤ k ≤ n): ``(v, #(|δ| > v), #(|δ| = v))``.
+
+    ``delta(slice)`` gives a chunk of ``|δ|``; ``at(index)`` gives ``|δ|`` at given positions.
+    A random sample brackets ``v`` between ``lo`` and ``hi``; one pass counts the entries above
+    ``hi`` and collects the (few) entries in ``[lo, hi]``; the exact ``v`` is selected among those.
+    If the bracket misses, it is widened to a half-line and the pass repeated, so the answer is
+    always exact; the sample only decides how fast it is found.
+    """
+    lo, hi = -math.inf, math.inf
+    if n > 4 * _SAMPLE:
+        g = torch.Generator().manual_seed(n)  # fixed: the sample affects speed, never the result
+        idx = torch.randint(n, (_SAMPLE,), generator=g).to(device)
+        sample = at(idx).sort(descending=True).values
+        r = k * _SAMPLE / n
+        margin = 4.0 * math.sqrt(r * (1.0 - k / n)) + 16.0
+        i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))
+        if i_hi >= 1:
+            hi = float(sample[i_hi - 1])
+        if i_lo <= _SAMPLE:
+            lo = float(sample[i_lo - 1])
+    for _ in range(2):
+        above = torch.zeros((), dtype=torch.int64, device=device)
+        parts = []
+        for sl in chunks(n, device):
+            a = delta(sl)
+            if hi < math.inf:
+                above += (a > hi).sum()
+            parts.append(a[(a >= lo) & (a <= hi)] if (lo > -math.inf or hi < math.inf) else a)
+        band = torch.cat(parts)
+        need = k - int(above)
+        if 1 <= need <= band.numel():
+            v = band.kthvalue(band.numel() - need + 1).values
+            n_gt = int(above) + int((band > v).sum())
+            return float(v), n_gt, int((band == v).sum())
+        lo, hi = (hi, math.inf) if need < 1 else (-math.inf, lo)
+    raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
+
+
+def topk_mask(e: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` entries of largest ``|e − b|`` (flat tensors); ties: lower index first."""
+    n = e.numel()
+    out = torch.zeros(n, dtype=torch.bool, device=e.device)
+    if k <= 0:
+        return out
+    if k >= n:
+        return out.fill_(True)
+    delta = lambda sl: (e[sl] - b[sl]).abs_()  # noqa: E731
+    v, n_gt, n_eq = _kth_largest(delta, lambda i: (e[i] - b[i]).abs_(), n, k, e.device)
+    quota = k - n_gt  # entries equal to v that are kept, in flat order
+    for sl in chunks(n, e.device):
+        a = delta(sl)
+        if quota >= n_eq:  # no tie at the cut: keep everything at or above v
+            torch.ge(a, v, out=out[sl])
+            continue
+        m = a > v
+        if quota > 0:
+            eq = a == v
+            m |= eq & (eq.cumsum(0) <= quota)
+            quota -= min(quota, int(eq.sum()))
+        out[sl] = m
+    return out
+
+
+# ------------------------------------------------------------------------------------ keep masks
+
+
+def _magnitude_keep(e, b, shape, density, p, i):
+    n = e.numel()
+    return topk_mask(e, b, max(1, int(density * n))) if density > 0 else torch.zeros(n, dtype=torch.bool, device=e.device)
+
+
+def _outliers_keep(e, b, shape, density, p, i):
+    n = e.numel()
+    gamma = float(p.per_expert("gamma", 0.01)[i])
+    if not 0 <= gamma <= 1:
+        raise RecipeError(f"gamma must be in [0, 1], got {gamma}")
+    keep_n = int(density * n)
+    skip_top = min(int(gamma * n), n - keep_n)  # fewer outliers dropped if density needs them
+    return topk_mask(e, b, skip_top + keep_n) & ~topk_mask(e, b, skip_top)
+
+
+def _random_keep(e, b, shape, density, p, i):
+    return uniform(e.numel(), p.generator, e.device) < density
+
+
+def _della_keep(e, b, shape, density, p, i):
+    if density <= 0:
+        return torch.zeros(e.numel(), dtype=torch.bool, device=e.device)
+    eps = float(p.per_expert("epsilon", 0.15)[i])
+    if not (0 < density - eps and density + eps < 1):
+        raise RecipeError(f"della: density ± epsilon must lie inside (0, 1), got density {density} "
+                          f"and epsilon {eps}", hint="lower epsilon, or move density away from 0 and 1")
+    n = e.numel()
+    cols = shape[-1] if len(shape) >= 2 else n
+    rows = n // cols if cols else 0
+    u = uniform(n, p.generator, e.device)
+    keep = torch.empty(n, dtype=torch.bool, device=e.device)
+    block = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, block):
+        sl = slice(r0 * cols, min(rows, r0 + block) * cols)
+        a = (e[sl] - b[sl]).abs_().view(-1, cols)
+        rank = a.argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)  # 0 = smallest in row
+        rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
+        prob = (density - eps) + rank_norm * 2 * eps
+        keep[sl] = u[sl] < prob.view(-1)
+    return keep
+
+
+SPARSIFIERS = {"magnitude": _magnitude_keep, "outliers": _outliers_keep,
+               "random": _random_keep, "della": _della_keep}
+
+
+# ------------------------------------------------------------------------------------ the scheme
+
+
+def generalized_task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams, *,
+                                sparsify: str | None, consensus: bool, normalize: bool,
+                                rescale: bool) -> torch.Tensor:
+    """Steps 1–5 of the module docstring; ``normalize``/``rescale`` are the method's defaults."""
+    shape, device, n = base.shape, base.device, base.numel()
+    b = base.reshape(-1)
+    es = [e.reshape(-1) for e in experts]
+    weights = [float(w) for w in p.per_expert("weight", 1.0)]
+    densities = [float(d) for d in p.per_expert("density", 1.0)]
+    normalize = bool(p.get("normalize", normalize))
+    rescale = bool(p.get("rescale", rescale))
+    lam = float(p.get("lambda", 1.0))
+
+    keeps: list[torch.Tensor | None] = []
+    coefs: list[float] = []
+    for i, e in enumerate(es):
+        keep = None
+        if sparsify is not None and densities[i] < 1:
+            keep = SPARSIFIERS[sparsify](e, b, shape, densities[i], p, i)
+        scale = 1.0
+        if rescale and keep is not None:
+            before = after = 0.0
+            for sl in chunks(n, device):
+                a = (e[sl] - b[sl]).abs_()
+                before += float(a.sum(dtype=torch.float64))
+                after += float(a.mul_(keep[sl]).sum(dtype=torch.float64))
+            if before >= 1e-7 and after >= 1e-7:
+                scale = before / after
+        keeps.append(keep)
+        coefs.append(weights[i] * scale)
+
+    wsum = sum(weights)
+    out = torch.empty(n, dtype=base.dtype, device=device)
+    for sl in chunks(n, device):
+        bc = b[sl]
+        ds = []
+        for e, keep, c in zip(es, keeps, coefs):
+            d = e[sl] - bc
+            if keep is not None:
+                d.mul_(keep[sl])
+            ds.append(d.mul_(c))
+        mixed = ds[0].clone()
+        for d in ds[1:]:
+            mixed.add_(d)
+        if consensus:
+            positive = mixed >= 0
+            mixed.zero_()
+            divisor = torch.zeros_like(bc)
+            for d, w in zip(ds, weights):
+                agree = torch.where(positive, d > 0, d < 0)
+                mixed.add_(d.mul_(agree))
+                divisor.add_(agree, alpha=w)
+            if normalize:
+                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+        elif normalize and abs(wsum) >= 1e-8:
+            mixed.div_(wsum)
+        torch.add(bc, mixed, alpha=lam, out=out[sl])
+    return out.view(shape)
+
+
+_GTA = ("weight", "density")
+_COMMON = ("lambda", "normalize", "rescale", "int8_mask")
+
+
+@register("ties", expert_params=_GTA, global_params=_COMMON)
+def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """TIES-Merging: trim each task vector to its largest ``density`` share, elect a sign per
+    entry by mass, average the agreeing entries.
+
+    ``m_i`` = top-⌊density·n⌋ of ``|δ_i|``; ``d_i = w_i m_i ⊙ δ_i``; ``s = sign(Σ_i d_i)``;
+    ``θ = θ_0 + λ Σ_i [sign d_i = s] d_i / Σ_i [sign d_i = s] w_i``.
+    Defaults: ``density`` 1, ``weight`` 1, ``lambda`` 1, ``normalize`` true, ``rescale`` false.
+
+    Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
+    NeurIPS 2023 (arXiv:2306.01708).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="magnitude", consensus=True,
+                                       normalize=True, rescale=False)
+
+
+@register("dare_ties", random=True, expert_params=_GTA, global_params=_COMMON)
+def dare_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """DARE with TIES sign election: drop entries at random, rescale, elect signs, sum.
+
+    ``m_i ~ Bernoulli(density)``; ``δ̃_i = m_i ⊙ δ_i · ‖δ_i‖₁/‖m_i ⊙ δ_i‖₁``; ``d_i = w_i δ̃_i``;
+    ``θ = θ_0 + λ Σ_i [sign d_i = sign Σ_j d_j] d_i``.
+    Defaults: ``normalize`` false, ``rescale`` true (L1, as mergekit; the paper's ``1/density``
+    equals it in expectation).
+
+    Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
+    Models as a Free Lunch", ICML 2024 (arXiv:2311.03099).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=True,
+                                       normalize=False, rescale=True)
+
+
+@register("dare_linear", random=True, expert_params=_GTA, global_params=_COMMON)
+def dare_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """DARE: drop entries of each task vector at random, rescale, add.
+
+    ``m_i ~ Bernoulli(density)``; ``θ = θ_0 + λ Σ_i w_i m_i ⊙ δ_i · ‖δ_i‖₁/‖m_i ⊙ δ_i‖₁``.
+    Defaults: ``normalize`` false, ``rescale`` true.
+
+    Paper: Yu et al., "Language Models are Super Mario", ICML 2024 (arXiv:2311.03099).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=False,
+                                       normalize=False, rescale=True)
+
+
+@register("breadcrumbs", expert_params=_GTA + ("gamma",), global_params=_COMMON)
+def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """Model Breadcrumbs: drop the largest ``gamma`` share (outliers) and the smallest entries of
+    each task vector, keeping a ``density`` share; add the weighted results.
+
+    ``m_i`` keeps the entries of ``|δ_i|`` ranked ``g+1 … g+⌊density·n⌋`` from the top, with
+    ``g = min(⌊gamma·n⌋, n − ⌊density·n⌋)``; ``θ = θ_0 + λ Σ_i w_i m_i ⊙ δ_i``.
+    Defaults: ``gamma`` 0.01, ``normalize`` false, ``rescale`` false.
+
+    Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
+    Sparse Masks", ECCV 2024 (arXiv:2312.06795).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="outliers", consensus=False,
+                                       normalize=False, rescale=False)
+
+
+@register("breadcrumbs_ties", expert_params=_GTA + ("gamma",), global_params=_COMMON)
+def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """Model Breadcrumbs masks followed by TIES sign election (sum of agreeing entries).
+
+    ``m_i`` as in ``breadcrumbs``; ``d_i = w_i m_i ⊙ δ_i``;
+    ``θ = θ_0 + λ Σ_i [sign d_i = sign Σ_j d_j] d_i``. Defaults: ``normalize`` false.
+
+    Paper: Davari & Belilovsky, ECCV 2024 (arXiv:2312.06795), with the sign election of
+    Yadav et al., NeurIPS 2023 (arXiv:2306.01708).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="outliers", consensus=True,
+                                       normalize=False, rescale=False)
+
+
+@register("della", random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
+def della(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """DELLA-Merging: magnitude-based random pruning (MagPrune), rescale, elect signs, average.
+
+    In each row, an entry of rank ``r`` (0 = smallest ``|δ_i|``, of ``c`` columns) is kept with
+    probability ``density − ε + 2ε · r/(c−1)``; kept entries are rescaled to the L1 norm, weighted,
+    and combined as in TIES: ``θ = θ_0 + λ Σ_i a_i d_i / Σ_i a_i w_i``.
+    Defaults: ``epsilon`` 0.15, ``normalize`` true, ``rescale`` true.
+
+    Paper: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
+    Magnitude-Based Sampling", 2024 (arXiv:2406.11617).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="della", consensus=True,
+                                       normalize=True, rescale=True)
+
+
+@register("della_linear", random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
+def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """DELLA's MagPrune masks and rescaling, then a weighted sum without sign election.
+
+    ``θ = θ_0 + λ Σ_i w_i δ̃_i`` with ``δ̃_i`` as in ``della``. Defaults: ``normalize`` false,
+    ``rescale`` true.
+
+    Paper: Deep et al., 2024 (arXiv:2406.11617).
+    """
+    return generalized_task_arithmetic(base, experts, p, sparsify="della", consensus=False,
+                                       normalize=False, rescale=True)
