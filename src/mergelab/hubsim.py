@@ -38,7 +38,6 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping

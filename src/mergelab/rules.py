@@ -176,9 +176,10 @@ class _Checker:
             return OK, f"{format_params(n)} parameters {how}, at most {limit}"
         over = n / self.max_params - 1
         if over <= self.tolerance:
+            like = ", like Llama-3-8B's 8.03B" if limit == "8B" else ""
             return WARN, (f"{format_params(n)} parameters {how}: {over:.1%} above {limit}; allowed as a "
-                          f"nominal-{limit} model (within {self.tolerance:.0%}, like Llama-3-8B's 8.03B), confirm "
-                          "with the organisers if unsure")
+                          f"nominal-{limit} model (within {self.tolerance:.0%}{like}), confirm with the organisers "
+                          "if unsure")
         return VIOLATION, f"{format_params(n)} parameters {how}: more than {limit}"
 
     # -- Hub models --------------------------------------------------------------------------------
@@ -196,8 +197,6 @@ class _Checker:
         except HubNotFoundError as exc:
             self.add(label, role, "available", VIOLATION, exc.message)
             return
-        except (HubUnreachableError, HubResponseError, HubAccessError) as exc:
-            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
         if model.requested_revision != model.sha:
             label = f"{repo}@{model.requested_revision} ({model.sha[:12]})"
         facts: dict[str, Any] = {
@@ -258,8 +257,8 @@ class _Checker:
                          f"{model.repo}), and the Hub reports no parameter count")
                 return None
             n, how = model.hub_parameters, "(the Hub's count: the headers are gated)"
-        except (HubUnreachableError, HubResponseError) as exc:
-            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
+        except (HubUnreachableError, HubResponseError):
+            raise  # the check cannot run (see check_models)
         except SourceError as exc:
             self.add(label, role, "params", UNVERIFIABLE, exc.message)
             return None
@@ -272,8 +271,8 @@ class _Checker:
     def _adapter_config(self, model: HubModel) -> dict:
         try:
             return self.client.read_json(model, "adapter_config.json")
-        except (HubUnreachableError, HubResponseError) as exc:
-            raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
+        except (HubUnreachableError, HubResponseError):
+            raise
         except SourceError:
             return {}
 
@@ -389,17 +388,21 @@ def check_models(refs: Iterable, *, cutoff: str | datetime | None = None, max_pa
     pairs = [r if isinstance(r, tuple) else (f"model {i}", r) for i, r in enumerate(refs, 1)]
     checker = _Checker(client or HubClient(), parse_cutoff(cutoff), int(max_params), params_tolerance)
     checker.recipe_repos = {m for _, r in pairs if (m := ref_fields(r)[1])}
-    for role, ref in pairs:
-        path, model, revision = ref_fields(ref)
-        if (path is None) == (model is None):
-            raise RuleCheckError(f"{role}: {describe_ref(ref)} needs exactly one of `path` or `model`")
-        if path is not None:
-            checker.local(role, str(path))
-        else:
-            checker.hub(role, model, revision)
-        while checker.pending:  # the bases that adapters name, right after their adapter
-            base_role, base = checker.pending.pop(0)
-            checker.hub(base_role, base, CUTOFF_REVISION)
+    try:
+        for role, ref in pairs:
+            path, model, revision = ref_fields(ref)
+            if (path is None) == (model is None):
+                raise RuleCheckError(f"{role}: {describe_ref(ref)} needs exactly one of `path` or `model`")
+            if path is not None:
+                checker.local(role, str(path))
+            else:
+                checker.hub(role, model, revision)
+            while checker.pending:  # the bases that adapters name, right after their adapter
+                base_role, base = checker.pending.pop(0)
+                checker.hub(base_role, base, CUTOFF_REVISION)
+    except (HubUnreachableError, HubResponseError, HubAccessError) as exc:
+        # the Hub cannot answer (or refuses our token): no verdict is possible
+        raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
     return checker.report
 
 
