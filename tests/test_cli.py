@@ -57,3 +57,13 @@ def test_all_user_errors_share_one_base():
 
     kinds = [getattr(e, n) for n in dir(e) if n.endswith("Error") and n != "MergelabError"]
     assert kinds and all(issubclass(k, MergelabError) for k in kinds)
+
+
+def test_exit_status_of_a_command_is_kept():
+    import typer
+
+    @app.command("_exit3", hidden=True)
+    def exit3():
+        raise typer.Exit(3)
+
+    assert main(["_exit3"]) == 3

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _state["debug"] = "--debug" in argv
     try:
-        app(args=argv, prog_name="mergelab", standalone_mode=False)
+        rc = app(args=argv, prog_name="mergelab", standalone_mode=False)
     except MergelabError as exc:
         if _state["debug"]:
             err_console.print_exception()
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
