@@ -1,0 +1,76 @@
+"""``mergelab run`` and ``mergelab reproduce``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _summary(result, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    table.add_column("detail")
+    colour = {"ran": "green", "skipped": "cyan", "off": "dim"}
+    for s in result.stages:
+        table.add_row(s.name, f"[{colour.get(s.status, 'white')}]{s.status}[/]", f"{s.seconds:.1f}", s.detail)
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"manifest: {result.out_dir / 'manifest.json'}", highlight=False)
+
+
+def _progress(quiet: bool):
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return (lambda msg: None) if quiet else (lambda msg: console.print(f"[bold]›[/] {msg}", highlight=False))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        recipe: Path = typer.Argument(..., help="Recipe file (YAML).", show_default=False),
+        out: Path = typer.Option(..., "--out", "-o", help="Run folder (model/, eval/, manifest.json).",
+                                 show_default=False),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+        no_rules: bool = typer.Option(False, "--no-rules",
+                                      help="Skip the competition rule check (a run outside the competition)."),
+        cutoff: Optional[str] = typer.Option(None, "--cutoff", help="Rule check cut-off date (default 2024-05-31)."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    ) -> None:
+        """Resolve → check rules → merge → evaluate → submission files, with a manifest.
+
+        A rerun into the same folder skips stages whose inputs and outputs match the manifest.
+        """
+        from mergelab.run import run_recipe
+
+        result = run_recipe(recipe, out, device=device, rules=not no_rules, cutoff=cutoff,
+                            progress=_progress(quiet), quiet=quiet)
+        _summary(result, f"mergelab run → {out}")
+
+    @app.command("reproduce")
+    def reproduce_cmd(
+        manifest: Path = typer.Argument(..., help="manifest.json of an earlier run (or its folder).",
+                                        show_default=False),
+        out: Path = typer.Option(..., "--out", "-o", help="New run folder.", show_default=False),
+        device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    ) -> None:
+        """Run a manifest's recipe again and check that every output file has the same sha256.
+
+        Exit status 0 when all outputs match; 1 naming each input that changed and each output
+        that differs.
+        """
+        from rich.console import Console
+
+        from mergelab.run import reproduce
+
+        result = reproduce(manifest, out, device=device, progress=_progress(quiet), quiet=quiet)
+        _summary(result, f"mergelab reproduce → {out}")
+        Console(stderr=True).print(f"[green]✓[/] all {len(result.manifest['outputs'])} output files "
+                                   "match the manifest", highlight=False)

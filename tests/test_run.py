@@ -1,0 +1,169 @@
+"""`mergelab run` / `mergelab reproduce`: manifests, stage skipping, byte-identical reruns."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file, save_file
+
+from mergelab.cli import main
+from mergelab.errors import RecipeError
+from mergelab.run import OutputsDifferError, reproduce, run_recipe
+
+
+def write_recipe(folder: Path, base: Path, experts: list[Path], **extra) -> Path:
+    recipe = {
+        "base": {"path": str(base)},
+        "experts": [{"path": str(e), "weight": w} for e, w in zip(experts, (0.6, 0.4, 0.3))],
+        "method": {"name": "dare_ties", "density": 0.5},
+        "seed": 7,
+        **extra,
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def llama(zoo, tmp_path):
+    """A private copy of the llama fixture (tests below change input files)."""
+    fz = zoo["llama"]
+    base = shutil.copytree(fz.base, tmp_path / "base")
+    experts = [shutil.copytree(e, tmp_path / f"e{i}") for i, e in enumerate(fz.experts[:2])]
+    return base, experts
+
+
+def test_two_runs_give_identical_bytes_and_a_full_manifest(llama, tmp_path):
+    base, experts = llama
+    recipe = write_recipe(tmp_path, base, experts)
+    a = run_recipe(recipe, tmp_path / "a", rules=False)
+    b = run_recipe(recipe, tmp_path / "b", rules=False)
+    assert tree_bytes(tmp_path / "a" / "model") == tree_bytes(tmp_path / "b" / "model")
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m == a.manifest | {"created": m["created"]}
+    assert m["outputs"] == b.manifest["outputs"] and m["outputs"]
+    assert all(k.startswith("model/") for k in m["outputs"])
+    # every output file is hashed, and the hashes are right
+    import hashlib
+
+    for name, digest in m["outputs"].items():
+        assert hashlib.sha256((tmp_path / "a" / name).read_bytes()).hexdigest() == digest
+    # inputs: every weight file of base and experts, by sha256
+    roles = {r["role"]: r for r in m["models"]}
+    assert set(roles) == {"base", "expert 1", "expert 2"}
+    weight_files = {p.name for p in base.glob("*.safetensors")}
+    assert weight_files <= set(roles["base"]["files"])
+    assert m["seed"] == 7 and m["recipe"]["method"]["name"] == "dare_ties"
+    assert {"torch", "transformers", "mergelab", "python"} <= set(m["versions"])
+    assert "merge" in m["timings"]
+
+
+def test_rerun_skips_up_to_date_stages_and_redoes_changed_ones(llama, tmp_path):
+    base, experts = llama
+    recipe = write_recipe(tmp_path, base, experts)
+    out = tmp_path / "run"
+    run_recipe(recipe, out, rules=False)
+    again = run_recipe(recipe, out, rules=False)
+    assert {s.name: s.status for s in again.stages}["merge"] == "skipped"
+    # a damaged output is noticed and rebuilt
+    shard = sorted((out / "model").glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\0")
+    third = run_recipe(recipe, out, rules=False)
+    assert {s.name: s.status for s in third.stages}["merge"] == "ran"
+    assert third.manifest["outputs"] == again.manifest["outputs"]
+    # a changed recipe parameter re-merges
+    data = yaml.safe_load(recipe.read_text())
+    data["method"]["density"] = 0.7
+    recipe.write_text(yaml.safe_dump(data))
+    fourth = run_recipe(recipe, out, rules=False)
+    assert {s.name: s.status for s in fourth.stages}["merge"] == "ran"
+    assert fourth.manifest["outputs"] != again.manifest["outputs"]
+
+
+def test_reproduce_matches_then_names_a_changed_input(llama, tmp_path, capsys):
+    base, experts = llama
+    recipe = write_recipe(tmp_path, base, experts)
+    run_recipe(recipe, tmp_path / "first", rules=False)
+    assert main(["reproduce", str(tmp_path / "first" / "manifest.json"), "--out", str(tmp_path / "again"),
+                 "--quiet"]) == 0
+    assert "match the manifest" in capsys.readouterr().err
+
+    # change one expert's weights a little
+    shard = sorted(experts[1].glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+    with pytest.raises(OutputsDifferError) as err:
+        reproduce(tmp_path / "first" / "manifest.json", tmp_path / "third")
+    msg = str(err.value)
+    assert f"input changed: expert 2 {shard.name}" in msg
+    assert "differs: model/" in msg
+    assert main(["reproduce", str(tmp_path / "first"), "--out", str(tmp_path / "fourth"), "--quiet"]) == 1
+
+
+def test_rules_are_checked_by_default_and_local_models_fail_them(llama, tmp_path, capsys):
+    base, experts = llama
+    recipe = write_recipe(tmp_path, base, experts)
+    code = main(["run", str(recipe), "--out", str(tmp_path / "r"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "competition rules" in err and "--no-rules" in err
+    assert not (tmp_path / "r" / "model").exists()
+
+
+def test_hub_models_are_pinned_to_their_commit_in_the_manifest(zoo, tmp_path, monkeypatch):
+    from mergelab.hubsim import Commit, HubSim, Repo, files_from_folder
+
+    fz = zoo["llama"]
+    repos = [Repo("org/base", [Commit(files_from_folder(fz.base), date="2024-03-01T00:00:00Z")]),
+             Repo("org/expert", [Commit(files_from_folder(fz.experts[0]), date="2024-04-01T00:00:00Z")])]
+    monkeypatch.setenv("MERGELAB_HUB_TIMEOUT", "5")
+    recipe = {"base": {"model": "org/base", "revision": "main"},
+              "experts": [{"model": "org/expert", "revision": "main", "weight": 1.0},
+                          {"path": str(fz.experts[1]), "weight": 0.5}],
+              "method": {"name": "task_arithmetic"}}
+    with HubSim(repos) as hub, hub.environ(cache_dir=tmp_path / "cache"):
+        result = run_recipe(recipe, tmp_path / "hubrun", rules=False)
+    m = result.manifest
+    base_sha = repos[0].commits[0].sha
+    assert m["recipe"]["base"] == {"model": "org/base", "revision": base_sha}
+    roles = {r["role"]: r for r in m["models"]}
+    assert roles["base"]["commit_sha"] == base_sha and roles["base"]["source"] == "hub"
+    assert roles["expert 2"]["source"] == "local"
+    assert (tmp_path / "hubrun" / "model" / "config.json").is_file()
+
+
+def test_a_non_run_folder_is_refused(llama, tmp_path):
+    base, experts = llama
+    recipe = write_recipe(tmp_path, base, experts)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    from mergelab.errors import OutputExistsError
+
+    with pytest.raises(OutputExistsError, match="not a mergelab run folder"):
+        run_recipe(recipe, tmp_path / "busy", rules=False)
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"batch_size": 4}, "eval.data"),
+    ({"data": ["missing.csv"]}, "eval.data[0]: file"),
+    ({"data": ["t.csv"], "batchsize": 4}, "eval.batchsize: unknown key"),
+    ({"data": ["t.csv"], "batch_size": 0}, "eval.batch_size"),
+])
+def test_eval_section_errors_name_the_key(llama, tmp_path, section, message):
+    base, experts = llama
+    (tmp_path / "t.csv").write_text("id,input,target,answer_choices,eval_type\n0,hi,yes,,generation\n")
+    recipe = write_recipe(tmp_path, base, experts, eval=section)
+    with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        run_recipe(recipe, tmp_path / "r", rules=False)
+    assert not (tmp_path / "r" / "model").exists()
