@@ -128,7 +128,8 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
                 progress.update(bar, what=m.label, stage="merging")
                 t0 = time.perf_counter()
                 adapter_dir = tmp / "merges" / m.label
-                merge_to_adapter(load_recipe(recipe_dict), adapter_dir, device=device)
+                merged = merge_to_adapter(load_recipe(recipe_dict), adapter_dir, device=device,
+                                          progress=False)
                 t_merge = time.perf_counter() - t0
                 progress.update(bar, stage="evaluating")
                 t0 = time.perf_counter()
@@ -136,6 +137,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
                                             options=options, cache=None,
                                             on_rows=lambda n: progress.update(bar, advance=n))
                 results[m.label] = {"scores": scores, "merge_s": round(t_merge, 2),
+                                    "rank": merged.max_rank, "max_rel_error": merged.max_rel_error,
                                     "eval_s": round(time.perf_counter() - t0, 1),
                                     "method": m.method, "output": m.output, "about": m.about}
         summary = summarise(zoo.tasks, base_scores, expert_scores, results)

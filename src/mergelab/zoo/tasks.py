@@ -178,7 +178,7 @@ _SUBJ_SG = ["The dog", "My sister", "The teacher", "A farmer", "The old man", "O
             "The child", "The pilot"]
 _SUBJ_PL = ["The dogs", "My sisters", "The teachers", "Two farmers", "The old men",
             "Our neighbours", "The children", "The pilots"]
-_VERBS = [("walks", "walk", "walked", "the park"), ("reads", "read", "read", "a book"),
+_VERBS = [("walks", "walk", "walked", "the park"), ("opens", "open", "opened", "the window"),
           ("paints", "paint", "painted", "the fence"), ("visits", "visit", "visited", "the museum"),
           ("cleans", "clean", "cleaned", "the kitchen"), ("plays", "play", "played", "the piano"),
           ("watches", "watch", "watched", "the birds"), ("fixes", "fix", "fixed", "the car")]

@@ -149,7 +149,7 @@ def train_lora(model, tokenizer, examples: Sequence[tuple[str, str, bool]], out_
             peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out_dir))
+        peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
     finally:
         peft_model.unload()  # take the LoRA layers out again: the caller's model is unchanged
         for n, p in model.named_parameters():
