@@ -1,0 +1,211 @@
+"""Merging into a loaded model in place, once per trial: no disk writes, no reloads.
+
+:class:`InPlaceMerger` is built once per search from the recipe (base, experts, method). Each
+trial calls :meth:`InPlaceMerger.apply` with a recipe that differs only in the method parameters;
+it overwrites the touched weights of the loaded model with the merge of that recipe, computed
+from what was kept at the start:
+
+``lora`` (every expert is a PEFT LoRA adapter)
+    the original weights of the adapted tensors only, and every adapter's per-module factors
+    (:class:`~mergelab.lora.LowRank`, scale folded in), read once. A trial computes each module's
+    merged ``ΔW`` with :func:`mergelab.lora_merge.merge_module` — the function ``merge_to_adapter``
+    uses, so the route (exact concatenation for linear methods, TIES from factors, dense for the
+    others) and the rank limits of ``output.format: lora`` are the same — and writes
+    ``W₀ + ΔW``. Memory: one copy of the adapted weights plus the adapters.
+``dense`` (full fine-tunes, or a mix)
+    every floating tensor of every expert, in float32, plus the base's; a trial runs the method
+    on them exactly as the engine does (:func:`mergelab.engine.plan_merge` aligns the names and
+    :func:`~mergelab.recipe.resolve_params` gives each tensor its parameters). Memory: about
+    ``(experts + 1) × model size`` in float32 — this path covers models that fit that many times
+    in memory; larger ones are refused before anything is loaded.
+
+The result is cast to the recipe's output dtype (as the written merge would be) and then to the
+loaded model's dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mergelab.errors import MergelabError
+
+
+class InPlaceError(MergelabError):
+    """The loaded model cannot take the in-place merge (missing tensors, not enough memory)."""
+
+
+@dataclass
+class _Target:
+    name: str                 # base checkpoint tensor name
+    param: torch.Tensor       # the loaded model's tensor (written in place)
+    original: torch.Tensor    # its value before any trial (float32, on the model's device)
+    num_layers: int
+    base_dtype: torch.dtype   # the base checkpoint's dtype: the output's unless the recipe sets one
+
+
+def _depths(names) -> dict[str, int]:
+    from mergelab.recipe import layer_of
+
+    depth: dict[str, int] = {}
+    for n in names:
+        loc = layer_of(n)
+        if loc is not None:
+            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
+    return depth
+
+
+def _num_layers(name: str, depth: dict[str, int]) -> int:
+    from mergelab.recipe import layer_of
+
+    loc = layer_of(name)
+    return depth.get(loc[0], 0) if loc else max(depth.values(), default=0)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for holding tensors on ``device`` (CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class InPlaceMerger:
+    """Writes the merge of a recipe's experts into ``model`` for each trial; see the module doc."""
+
+    def __init__(self, recipe, model, *, memory_fraction: float = 0.7):
+        from mergelab.checkpoint import CheckpointReader
+        from mergelab.lora import is_adapter_dir
+        from mergelab.methods import get_method
+
+        self.recipe = recipe
+        self.model = model
+        self.spec = get_method(recipe.method.name)
+        self.device = next(model.parameters()).device
+        self._tensors = model.state_dict(keep_vars=True)
+        base_path = Path(recipe.base.resolve())
+        expert_paths = [Path(e.resolve()) for e in recipe.experts]
+        self.mode = "lora" if all(is_adapter_dir(p) for p in expert_paths) else "dense"
+        self.base = CheckpointReader(base_path)
+        self.targets: list[_Target] = []
+        try:
+            if self.mode == "lora":
+                self._init_lora(expert_paths)
+            else:
+                self._init_dense(expert_paths, memory_fraction)
+        finally:
+            self.base.close()
+
+    # --- setup
+    def _param(self, name: str) -> torch.Tensor:
+        t = self._tensors.get(name)
+        if t is None:
+            raise InPlaceError(f"the loaded model has no tensor {name!r}, which the merge writes",
+                               hint="the base folder's weights and its config.json disagree")
+        return t
+
+    def _init_lora(self, paths: list[Path]) -> None:
+        from mergelab.lora import open_lora_expert
+
+        experts = [open_lora_expert(p, self.base) for p in paths]
+        try:
+            names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
+            depth = _depths(self.base.keys())
+            self.kinds: dict[str, str] = {}
+            self.parts: dict[str, list] = {}
+            for name in names:
+                parts = [e.factors(name) for e in experts]
+                self.parts[name] = [None if q is None else q.to(self.device) for q in parts]
+                param = self._param(name)
+                self.targets.append(_Target(name, param, param.detach().to(torch.float32).clone(),
+                                            _num_layers(name, depth), self.base.dtype(name)))
+            dtypes = {e.adapter.dtype for e in experts}
+            self.adapter_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        finally:
+            for e in experts:
+                e.close()
+
+    def _init_dense(self, paths: list[Path], memory_fraction: float) -> None:
+        from mergelab.engine import open_expert, plan_merge
+
+        experts = [open_expert(p, self.base) for p in paths]
+        try:
+            tasks = [t for t in plan_merge(self.recipe, self.base, experts, self.spec) if t.floating]
+            need = sum(t.numel for t in tasks) * 4 * (len(experts) + 1)
+            have = available_memory(self.device)
+            if need > memory_fraction * have:
+                raise InPlaceError(
+                    f"tuning full-model experts in place holds every expert's tensors and the base's "
+                    f"in float32: {need / 2**30:.1f} GiB, but only {have / 2**30:.1f} GiB is free on "
+                    f"{self.device}",
+                    hint="tune LoRA experts (only their factors are held), fewer experts, or a "
+                         "device with more memory")
+            self.inputs: dict[str, list[torch.Tensor]] = {}
+            for t in tasks:
+                param = self._param(t.name)
+                self.inputs[t.name] = [src.get(n).to(self.device, torch.float32) for src, n in t.inputs[1:]]
+                self.targets.append(_Target(t.name, param, t.inputs[0][0].get(t.inputs[0][1]).to(
+                    self.device, torch.float32), t.num_layers, t.out_dtype))
+        finally:
+            for e in experts:
+                if hasattr(e, "close"):
+                    e.close()
+
+    # --- per trial
+    @torch.no_grad()
+    def apply(self, recipe) -> None:
+        """Overwrite the touched weights with the merge of ``recipe`` (same base, experts, method)."""
+        from mergelab.recipe import resolve_params
+
+        if (recipe.method.name != self.recipe.method.name or recipe.base != self.recipe.base
+                or [e.resolve() for e in recipe.experts] != [e.resolve() for e in self.recipe.experts]):
+            raise ValueError("InPlaceMerger.apply: the recipe must keep the base, experts and method")
+        for t in self.targets:
+            params = resolve_params(recipe, t.name, t.num_layers)
+            merged = self._merge_lora(recipe, t, params) if self.mode == "lora" else self._merge_dense(recipe, t, params)
+            t.param.copy_(merged.to(t.param.dtype))
+
+    def _merge_lora(self, recipe, t: _Target, params) -> torch.Tensor:
+        from mergelab.lora_merge import merge_module
+
+        fmt = recipe.output.format
+        res = merge_module(t.name, self.parts[t.name], self.spec, params, tuple(t.original.shape),
+                           rank=recipe.output.rank if fmt == "lora" else None,
+                           energy=recipe.output.energy if fmt == "lora" else None,
+                           base_tensor=lambda: t.original, seed=recipe.seed, device=self.device)
+        lr = res.factors
+        if fmt == "lora":  # the adapter stores its factors in this dtype
+            dtype = recipe.output.torch_dtype or self.adapter_dtype
+            delta = lr.B.to(dtype).float() @ lr.A.to(dtype).float() if lr.rank else 0.0
+            return t.original + delta
+        out = t.original + lr.dense() if lr.rank else t.original.clone()
+        return out.to(recipe.output.torch_dtype or t.base_dtype)
+
+    def _merge_dense(self, recipe, t: _Target, params) -> torch.Tensor:
+        base = t.original if self.spec.needs_base else torch.zeros((), device=self.device).expand(t.original.shape)
+        out = self.spec.fn(base, self.inputs[t.name], params)
+        return out.to(recipe.output.torch_dtype or t.base_dtype)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the original (base) weights back."""
+        for t in self.targets:
+            t.param.copy_(t.original.to(t.param.dtype))
+
+    def describe(self) -> dict[str, Any]:
+        held = sum(t.original.numel() for t in self.targets) * 4
+        if self.mode == "lora":
+            held += sum(q.B.numel() + q.A.numel() for parts in self.parts.values() for q in parts if q is not None) * 4
+        else:
+            held += sum(x.numel() for xs in self.inputs.values() for x in xs) * 4
+        return {"mode": self.mode, "tensors": len(self.targets), "held_bytes": held}
+
+
+def _natural_key(name: str) -> list:
+    import re
+
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

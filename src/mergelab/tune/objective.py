@@ -1,0 +1,191 @@
+"""Validation rows, their search/check split, and the objectives a trial is scored by.
+
+**Split.** Each validation file's rows are ordered by ``sha256(split_seed, file name, row id)``;
+with ``rows_per_task`` only the first that many are used; the first ``round(n · check_fraction)``
+(at least one, and at least one left for the search) form the *check* part, the others the
+*search* part. The split depends on nothing else (not on row order, trials or workers), the two
+parts never share a row, and only the search part reaches the sampler: the check score is
+recorded beside each trial for the report and never returned as the objective.
+
+**Objectives** (one number per task file, then the mean over files, so every task counts the
+same however many rows it has):
+
+``score`` (maximised)
+    :func:`mergelab.evaluate.evaluate` on the part's files: accuracy on multiple-choice rows,
+    ROUGE-L F on generation rows (the evaluation's ``score``). Needs targets.
+``entropy`` (minimised; AdaMerging-style, no labels needed)
+    the mean normalised prediction entropy: for a multiple-choice row the entropy of the softmax
+    over the choices' (length-normalised, if the options say so) log-probabilities, divided by
+    ``log(number of choices)``; for a generation row the entropy of the next-token distribution
+    after the prompt, divided by ``log(vocabulary size)``. Both lie in [0, 1].
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mergelab.tune.config import TuneError
+
+DIRECTIONS = {"score": "maximize", "entropy": "minimize"}
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """One task file's rows, split."""
+
+    source: Path
+    search: list      # list[Row]
+    check: list
+
+
+def _order_key(seed: int, file_name: str, row_id: str) -> str:
+    return hashlib.sha256(f"{seed}\x00{file_name}\x00{row_id}".encode()).hexdigest()
+
+
+def split_rows(path: Path, rows: Sequence, check_fraction: float, seed: int = 0,
+               rows_per_task: int | None = None) -> SplitFile:
+    """Split one file's rows into disjoint search and check parts (see the module doc)."""
+    ordered = sorted(rows, key=lambda r: _order_key(seed, path.name, r.id))
+    if rows_per_task is not None:
+        ordered = ordered[:rows_per_task]
+    if len(ordered) < 2:
+        raise TuneError(f"{path}: has {len(ordered)} row(s); the search and the check part need at "
+                        "least one each", hint="give at least 2 validation rows per task")
+    n_check = min(len(ordered) - 1, max(1, round(len(ordered) * check_fraction)))
+    return SplitFile(Path(path), search=ordered[n_check:], check=ordered[:n_check])
+
+
+def write_rows(path: Path, rows: Sequence) -> None:
+    """Write rows as a competition CSV (``id,input,target,answer_choices,eval_type``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\r\n")
+        w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+        for r in rows:
+            w.writerow([r.id, r.input, "" if r.target is None else r.target,
+                        "" if r.choices is None else json.dumps(r.choices, ensure_ascii=False), r.eval_type])
+    tmp.replace(path)
+
+
+def load_splits(files: Sequence[Path], check_fraction: float, seed: int, rows_per_task: int | None,
+                objective: str) -> list[SplitFile]:
+    from mergelab.evaluate import read_competition_csv
+
+    out = []
+    for i, f in enumerate(files):
+        rows = read_competition_csv(f)
+        if objective == "score":
+            missing = [r.id for r in rows if r.target is None]
+            if missing:
+                raise TuneError(f"tune.data[{i}]: {f}: row {missing[0]!r} has no target, and objective "
+                                f"`score` needs labelled rows ({len(missing)} without)",
+                                hint="label the rows, or use objective: entropy (unlabelled inputs)")
+        out.append(split_rows(f, rows, check_fraction, seed, rows_per_task))
+    return out
+
+
+class Objective:
+    """Scores the loaded (merged) model on one part of the split: ``part`` is ``search`` or ``check``.
+
+    ``files[part]`` are the written CSVs of that part; calling returns ``(value, per-task values)``.
+    """
+
+    def __init__(self, kind: str, files: dict[str, list[Path]], options, tokenizer):
+        self.kind = kind
+        self.direction = DIRECTIONS[kind]
+        self.files = files
+        self.options = options
+        self.tokenizer = tokenizer
+
+    def __call__(self, model, part: str) -> tuple[float, dict[str, float]]:
+        files = self.files[part]
+        if self.kind == "score":
+            from mergelab.evaluate import evaluate
+
+            scores = evaluate(model, files, None, self.options, tokenizer=self.tokenizer)
+            per_task = {f.stem: float(scores["files"][f.name]["score"]) for f in files}
+        else:
+            per_task = {f.stem: mean_entropy(model, self.tokenizer, f, self.options) for f in files}
+        return sum(per_task.values()) / len(per_task), per_task
+
+
+def mean_entropy(model, tokenizer, path: Path, options) -> float:
+    """The mean normalised prediction entropy of ``model`` over the rows of one CSV (module doc)."""
+    from mergelab.evaluate import read_competition_csv
+    from mergelab.evaluate.prompting import build_prompt
+    from mergelab.evaluate.scoring import score_multiple_choice
+
+    rows = read_competition_csv(path)
+    special = not options.chat
+    prompts = [build_prompt(r, tokenizer, options) for r in rows]
+    max_length = options.max_length or (None if getattr(model.config, "is_encoder_decoder", False)
+                                        else getattr(model.config, "max_position_embeddings", None))
+    values: list[float] = []
+    mc = [i for i, r in enumerate(rows) if r.is_mc]
+    if mc:
+        results = score_multiple_choice(model, tokenizer, [prompts[i] for i in mc], [rows[i].choices for i in mc],
+                                        batch_size=options.batch_size, max_batch_tokens=options.max_batch_tokens,
+                                        length_norm=options.length_norm, add_special_tokens=special,
+                                        max_length=max_length)
+        for res in results:
+            values.append(choice_entropy(res.normalized or res.logprobs))
+    gen = [prompts[i] for i, r in enumerate(rows) if not r.is_mc]
+    if gen:
+        values += next_token_entropy(model, tokenizer, gen, add_special_tokens=special,
+                                     max_length=max_length, batch_size=options.batch_size)
+    return sum(values) / len(values)
+
+
+def choice_entropy(scores: Sequence[float]) -> float:
+    """Entropy of ``softmax(scores)`` divided by ``log(len(scores))`` (0 for a single choice)."""
+    import torch
+
+    if len(scores) < 2:
+        return 0.0
+    logp = torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)
+    return float(-(logp.exp() * logp).sum()) / math.log(len(scores))
+
+
+def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_tokens: bool = True,
+                       max_length: int | None = None, batch_size: int = 16) -> list[float]:
+    """Normalised entropy of the next-token distribution after each prompt (decoders and T5)."""
+    import torch
+
+    from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, \
+        right_pad, truncate_left
+
+    enc_dec = is_encoder_decoder(model)
+    device = model_device(model)
+    pad = pad_id_of(tokenizer, model)
+    ids = [truncate_left(encode_prompt(tokenizer, p, add_special_tokens=add_special_tokens,
+                                       encoder_decoder=enc_dec), max_length, tokenizer.bos_token_id)[0]
+           for p in prompts]
+    out: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            x, mask = right_pad(chunk, pad, device)
+            if enc_dec:
+                dec = torch.full((len(chunk), 1), _decoder_start(model), dtype=torch.long, device=device)
+                logits = model(input_ids=x, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
+            else:
+                last = torch.tensor([len(s) - 1 for s in chunk], device=device)
+                logits = model(input_ids=x, attention_mask=mask).logits[torch.arange(len(chunk), device=device), last]
+            logp = torch.log_softmax(logits.double(), -1)
+            h = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+            out += [float(v) for v in h]
+    return out
+
+
+def _decoder_start(model) -> int:
+    for src in (getattr(model, "generation_config", None), model.config):
+        tid = getattr(src, "decoder_start_token_id", None)
+        if isinstance(tid, int):
+            return tid
+    return model.config.pad_token_id or 0

@@ -1,0 +1,508 @@
+"""``run_tune``: a recipe with a ``tune:`` section → an optuna study → the tuned recipe and a report.
+
+1. The recipe file is read; its ``tune:`` section is taken out and validated
+   (:mod:`mergelab.tune.config`); the rest is an ordinary recipe (:func:`~mergelab.recipe.load_recipe`).
+2. The validation files are split into search and check parts (:mod:`mergelab.tune.objective`),
+   written to ``DIR/split/{search,check}/``.
+3. The optuna study is created or continued in ``storage`` (default ``sqlite:///DIR/study.db``)
+   under ``study`` (default ``<recipe stem>-<fingerprint>``). A study remembers the fingerprint
+   of what its trials depend on; continuing it with another recipe, space or data is refused.
+4. The base model is loaded once; :class:`~mergelab.tune.inplace.InPlaceMerger` writes each
+   trial's merge into it; the objective is computed on the search part (returned to the sampler)
+   and on the check part (recorded only).
+5. The study stops at ``trials`` (this invocation's trials) or after ``time_limit`` (checked
+   between trials: a trial that has started is finished), or on Ctrl-C; in every case the best
+   trial so far (by the search objective) is written out.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from mergelab.errors import MergelabError
+from mergelab.tune.config import SearchSpace, TuneError, TuneSection, fingerprint, split_tune_section
+from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
+
+TUNED_RECIPE, TRIALS_CSV, REPORT, PLOT = "recipe.tuned.yaml", "trials.csv", "report.md", "search.png"
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial as the report shows it."""
+
+    number: int
+    search: float
+    check: float
+    values: dict[str, float]
+    seconds: float
+    search_tasks: dict[str, float] = field(default_factory=dict)
+    check_tasks: dict[str, float] = field(default_factory=dict)
+    start: bool = False          # the recipe's own parameters
+
+    def gap(self, direction: str) -> float:
+        """How much better the search value is than the check value (positive: overfitting)."""
+        return self.search - self.check if direction == "maximize" else self.check - self.search
+
+
+@dataclass
+class TuneResult:
+    out_dir: Path
+    study_name: str
+    storage: str
+    direction: str
+    best: TrialRecord
+    trials: list[TrialRecord]
+    failed: int
+    stopped_by: str
+    warnings: list[str]
+    seconds: float
+    new_trials: int
+    merger: dict[str, Any] = field(default_factory=dict)
+    split_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    tuned_recipe: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def read_tune_recipe(path: str | os.PathLike) -> tuple[dict, TuneSection, Path]:
+    """``(recipe mapping with absolute paths, tune section, recipe folder)`` of a recipe file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise TuneError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise TuneError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, Mapping):
+        raise TuneError(f"{path}: a recipe is a mapping (base, experts, method, tune, ...)")
+    root = path.resolve().parent
+    try:
+        recipe_data, section = split_tune_section(data, root)
+    except TuneError as exc:
+        raise TuneError(f"{path}: {exc.message}", hint=exc.hint) from None
+    return _absolute(recipe_data, root), section, root
+
+
+def _absolute(data: Mapping[str, Any], root: Path) -> dict:
+    """Model and eval paths made absolute, so the tuned recipe works from any folder."""
+    def fix(p: Any) -> Any:
+        if isinstance(p, (str, os.PathLike)):
+            q = Path(os.path.expanduser(str(p)))
+            return str(q if q.is_absolute() else (root / q).resolve())
+        return p
+
+    data = dict(data)
+    if isinstance(data.get("base"), Mapping) and "path" in data["base"]:
+        data["base"] = {**data["base"], "path": fix(data["base"]["path"])}
+    if isinstance(data.get("experts"), list):
+        data["experts"] = [{**e, "path": fix(e["path"])} if isinstance(e, Mapping) and "path" in e else e
+                           for e in data["experts"]]
+    ev = data.get("eval")
+    if isinstance(ev, Mapping):
+        ev = dict(ev)
+        if isinstance(ev.get("data"), list):
+            ev["data"] = [fix(p) for p in ev["data"]]
+        elif ev.get("data") is not None:
+            ev["data"] = fix(ev["data"])
+        if ev.get("shots"):
+            ev["shots"] = fix(ev["shots"])
+        data["eval"] = ev
+    return data
+
+
+def _eval_options(section: TuneSection, recipe_data: Mapping[str, Any], root: Path, device: str):
+    from pydantic import ValidationError
+
+    from mergelab.evaluate import EvalOptions
+
+    where = "tune.eval"
+    opts = dict(section.eval) if section.eval is not None else None
+    if opts is None:
+        where = "eval"
+        opts = {k: v for k, v in (recipe_data.get("eval") or {}).items() if k != "data"}
+    if opts.get("shots") and not Path(opts["shots"]).is_absolute():
+        opts["shots"] = str(root / opts["shots"])
+    if device != "auto":
+        opts["device"] = device
+    try:
+        return EvalOptions(**opts)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise TuneError(f"{where}.{key}: {msg} (got {err.get('input')!r})",
+                        hint="the options of `mergelab eval` (see docs/eval.md)") from None
+
+
+def _overrides(section: TuneSection, **kw: Any) -> TuneSection:
+    from pydantic import ValidationError
+
+    given = {k: v for k, v in kw.items() if v is not None}
+    if not given:
+        return section
+    try:
+        return TuneSection.model_validate({**section.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "an option"
+        raise TuneError(f"{flag}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})") from None
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise TuneError("mergelab tune needs the optuna package", hint="pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def make_sampler(name: str, seed: int, start: Mapping[str, float] | None = None):
+    """A seeded optuna sampler: ``tpe`` or ``cmaes`` (needs the ``cmaes`` package)."""
+    optuna = _import_optuna()
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, warn_independent_sampling=False)
+    try:
+        import cmaes  # noqa: F401
+    except ImportError:
+        raise TuneError("tune.sampler: cmaes needs the cmaes package",
+                        hint="pip install cmaes, or use sampler: tpe") from None
+    return optuna.samplers.CmaEsSampler(seed=seed, x0=dict(start) if start else None,
+                                        warn_independent_sampling=False)
+
+
+# ------------------------------------------------------------------------------------ the study
+
+
+def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, storage: str | None = None,
+             study: str | None = None, trials: int | None = None, time_limit: float | str | None = None,
+             sampler: str | None = None, seed: int | None = None, device: str = "auto",
+             progress: Callable[[str], None] | None = None,
+             objective: Callable[[Any, str], tuple[float, dict]] | None = None,
+             direction: str | None = None) -> TuneResult:
+    """Search the merge parameters of a recipe's ``tune:`` section; write the outputs to ``out_dir``.
+
+    Keyword arguments override the tune section (the CLI flags). ``objective(model, part)``
+    replaces the built-in objective (``part`` is ``"search"`` or ``"check"``; it returns
+    ``(value, per-task values)``) with ``direction`` ``"maximize"``/``"minimize"`` — for
+    experiments and tests. Returns the :class:`TuneResult`; writes ``recipe.tuned.yaml``,
+    ``trials.csv``, ``report.md`` and ``search.png``.
+    """
+    t_start = time.monotonic()
+    say = progress or (lambda msg: None)
+    recipe_path = Path(recipe_path)
+    out_dir = Path(out_dir)
+    from mergelab.recipe import load_recipe
+
+    recipe_data, section, root = read_tune_recipe(recipe_path)
+    section = _overrides(section, trials=trials, time_limit=time_limit, sampler=sampler, seed=seed,
+                         storage=storage, study=study)
+    base_recipe = load_recipe(recipe_data, base_dir=root)
+    space = SearchSpace(recipe_data, section)
+    for corner in ("low", "high"):  # every value in range makes a valid recipe
+        try:
+            load_recipe(space.recipe_dict({d.name: getattr(d, corner) for d in space.dims}), base_dir=root)
+        except MergelabError as exc:
+            raise TuneError(f"tune.params: with every parameter at its {corner} end the recipe is "
+                            f"invalid: {exc.message}") from None
+    options = _eval_options(section, recipe_data, root, device)
+    direction = direction or DIRECTIONS[section.objective]
+    optuna = _import_optuna()
+
+    splits = load_splits(section.data, section.check_fraction, section.split_seed,
+                         section.rows_per_task, section.objective)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[Path]] = {"search": [], "check": []}
+    for s in splits:
+        for part in ("search", "check"):
+            f = out_dir / "split" / part / s.source.name
+            write_rows(f, getattr(s, part))
+            files[part].append(f)
+    fp = fingerprint(recipe_data, section)
+    storage_url = section.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study_name = section.study or f"{recipe_path.stem}-{fp[:8]}"
+    try:
+        st = optuna.load_study(study_name=study_name, storage=storage_url)
+        known = st.user_attrs.get("fingerprint")
+        if known != fp:
+            raise TuneError(f"study {study_name!r} in {storage_url} was made for another recipe, search "
+                            "space, data or evaluation, so its trials do not compare",
+                            hint="use another --study name (or another --out folder)")
+        if st.direction.name.lower() != direction:
+            raise TuneError(f"study {study_name!r} {st.direction.name.lower()}s its objective, this search "
+                            f"would {direction} it", hint="use another --study name")
+    except KeyError:
+        st = None
+    except MergelabError:
+        raise
+    except Exception as exc:  # a storage URL optuna cannot open
+        if "Record does not exist" in str(exc):
+            st = None
+        else:
+            raise TuneError(f"cannot open the study storage {storage_url}: {exc}",
+                            hint="give an SQLAlchemy URL such as sqlite:///study.db or "
+                                 "postgresql://user@host/db") from None
+    if st is None:
+        try:
+            st = optuna.create_study(storage=storage_url, study_name=study_name, direction=direction,
+                                     load_if_exists=True)
+        except Exception as exc:
+            raise TuneError(f"cannot create the study in {storage_url}: {exc}",
+                            hint="give an SQLAlchemy URL such as sqlite:///study.db") from None
+        if st.user_attrs.get("fingerprint") is None:
+            st.set_user_attr("fingerprint", fp)
+    n_before = len(st.trials)
+    start = space.start_point() if section.start_from_recipe else {}
+    st.sampler = make_sampler(section.sampler, section.seed + n_before, start)
+    if start and n_before == 0:
+        st.enqueue_trial(start, user_attrs={"start": True})
+
+    from mergelab.evaluate.loading import load_model_and_tokenizer
+    from mergelab.tune.inplace import InPlaceMerger
+
+    say(f"loading the base {base_recipe.base} …")
+    model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
+                                                dtype=options.dtype)
+    merger = InPlaceMerger(base_recipe, model)
+    score = objective or Objective(section.objective, files, options, tokenizer)
+    say(f"study {study_name} ({len(space.dims)} parameters, {section.sampler}, {direction}) in {storage_url}; "
+        f"{n_before} earlier trial(s); in-place merge: {merger.describe()['mode']}, "
+        f"{merger.describe()['tensors']} tensors")
+
+    best_seen: list[float] = []
+
+    def trial_fn(trial) -> float:
+        t0 = time.perf_counter()
+        values = {d.name: trial.suggest_float(d.name, d.low, d.high, log=d.log) for d in space.dims}
+        rdict = space.recipe_dict(values)
+        try:
+            recipe = load_recipe(rdict, base_dir=root)
+            merger.apply(recipe)
+            s, s_tasks = score(model, "search")
+            c, c_tasks = score(model, "check")
+        except MergelabError as exc:
+            trial.set_user_attr("error", str(exc))
+            raise
+        if not (math.isfinite(s) and math.isfinite(c)):
+            trial.set_user_attr("error", f"objective not finite (search {s}, check {c})")
+            raise TuneError(f"trial {trial.number}: the objective is not finite")
+        used = {d.name: _used(rdict, d) for d in space.dims}
+        seconds = time.perf_counter() - t0
+        for k, v in {"check": c, "values": used, "seconds": seconds, "search_tasks": s_tasks,
+                     "check_tasks": c_tasks}.items():
+            trial.set_user_attr(k, v)
+        better = not best_seen or (s > best_seen[0] if direction == "maximize" else s < best_seen[0])
+        if better:
+            best_seen[:] = [s]
+        shown = ", ".join(f"{k}={v:g}" for k, v in used.items())
+        say(f"trial {trial.number:>3}  search {s:.4f}  check {c:.4f}  {seconds:5.1f} s  "
+            f"{'★ ' if better else ''}{shown}")
+        return s
+
+    stopped_by = "trials" if section.trials is not None else "time_limit"
+    try:
+        st.optimize(trial_fn, n_trials=section.trials, timeout=section.time_limit, catch=(MergelabError,))
+        if section.time_limit is not None and time.monotonic() - t_start >= section.time_limit:
+            stopped_by = "time_limit"
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        say("interrupted: writing the best trial so far")
+    finally:
+        merger.restore()
+
+    result = collect(st, out_dir, study_name, storage_url, direction, section, stopped_by,
+                     time.monotonic() - t_start, len(st.trials) - n_before)
+    result.merger = merger.describe()
+    result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
+    best_dict = space.recipe_dict(result.best.values)
+    result.tuned_recipe = best_dict
+    write_outputs(result, recipe_path, section, space)
+    return result
+
+
+def _used(rdict: dict, d) -> float:
+    """The value a dimension got in the recipe (after rounding)."""
+    from mergelab.tune.config import round_value
+
+    return round_value(_lookup(rdict, d))
+
+
+def _lookup(rdict: dict, d) -> float:
+    v = (rdict["method"] if d.expert is None else rdict["experts"][d.expert])[d.key]
+    if d.group is not None:
+        v = next(e["value"] for e in v if e.get("filter") == d.group)
+    if d.layer is not None:
+        v = v[d.layer]
+    return float(v)
+
+
+def collect(st, out_dir: Path, study_name: str, storage_url: str, direction: str, section: TuneSection,
+            stopped_by: str, seconds: float, new_trials: int) -> TuneResult:
+    """Every finished trial of the study (all workers), the best by the search objective, warnings."""
+    import optuna
+
+    done, failed = [], 0
+    for t in st.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.COMPLETE and "check" in t.user_attrs:
+            done.append(TrialRecord(t.number, float(t.value), float(t.user_attrs["check"]),
+                                    dict(t.user_attrs["values"]), float(t.user_attrs.get("seconds", 0.0)),
+                                    dict(t.user_attrs.get("search_tasks", {})),
+                                    dict(t.user_attrs.get("check_tasks", {})), bool(t.user_attrs.get("start"))))
+        elif t.state == optuna.trial.TrialState.FAIL:
+            failed += 1
+    if not done:
+        errors = [t.user_attrs.get("error") for t in st.trials if t.user_attrs.get("error")]
+        raise TuneError(f"no trial of study {study_name!r} finished"
+                        + (f"; the first failure: {errors[0]}" if errors else
+                           (" (interrupted)" if stopped_by == "interrupted" else "")))
+    sign = 1 if direction == "maximize" else -1
+    best = max(done, key=lambda r: (sign * r.search, -r.number))
+    warnings = []
+    gap = best.gap(direction)
+    if gap > section.divergence:
+        warnings.append(
+            f"the winner (trial {best.number}) is {gap:.3f} better on the search part ({best.search:.4f}) than "
+            f"on the check part ({best.check:.4f}), more than the divergence threshold {section.divergence:g}: "
+            "its parameters may fit the search rows rather than the tasks; prefer more validation "
+            "rows, fewer searched parameters or narrower ranges")
+    start = next((r for r in done if r.start), None)
+    if start is not None and start is not best and sign * (best.check - start.check) < 0:
+        warnings.append(
+            f"on the check part the winner ({best.check:.4f}) does worse than the recipe's own parameters "
+            f"(trial {start.number}: {start.check:.4f}): the search did not generalise beyond its rows")
+    if failed:
+        warnings.append(f"{failed} trial(s) failed (see trials.csv / the study storage for their errors)")
+    return TuneResult(out_dir, study_name, storage_url, direction, best, sorted(done, key=lambda r: r.number),
+                      failed, stopped_by, warnings, seconds, new_trials)
+
+
+# ------------------------------------------------------------------------------------- outputs
+
+
+def _atomic_write(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if isinstance(text, bytes):
+        tmp.write_bytes(text)
+    else:
+        tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_outputs(result: TuneResult, recipe_path: Path, section: TuneSection, space: SearchSpace) -> None:
+    import yaml
+
+    out, best = result.out_dir, result.best
+    n_check = sum(c for _, c in result.split_sizes.values())
+    if n_check and n_check < 20:
+        result.warnings.append(
+            f"the check part has only {n_check} rows, so its score moves in steps of about "
+            f"{1 / n_check:.2f}: read the search/check gap with that in mind")
+    header = (f"# Tuned by `mergelab tune {recipe_path.name}`: study {result.study_name}, trial {best.number}\n"
+              f"# search {best.search:.4f}, check {best.check:.4f} ({result.direction}); see report.md\n")
+    _atomic_write(out / TUNED_RECIPE, header + yaml.safe_dump(_plain(result.tuned_recipe), sort_keys=False,
+                                                              allow_unicode=True))
+    names = space.names
+    rows = [["trial", "search", "check", "gap", "seconds", "start", *names]]
+    for r in result.trials:
+        rows.append([r.number, f"{r.search:.6f}", f"{r.check:.6f}", f"{r.gap(result.direction):.6f}",
+                     f"{r.seconds:.2f}", int(r.start), *[r.values.get(n, "") for n in names]])
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    _atomic_write(out / TRIALS_CSV, buf.getvalue())
+    _atomic_write(out / REPORT, _report(result, recipe_path, section, names))
+    _plot(result, out / PLOT)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return obj
+
+
+def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[str]) -> str:
+    best = r.best
+    complete = len(r.trials)
+    total_s = sum(t.seconds for t in r.trials)
+    per_min = 60 * complete / total_s if total_s > 0 else float("nan")
+    to_best = sum(t.seconds for t in r.trials if t.number <= best.number)
+    lines = [f"# mergelab tune: {recipe_path.name}", "",
+             f"- study **{r.study_name}** in `{r.storage}`; objective **{section.objective}** "
+             f"({r.direction}), sampler {section.sampler} (seed {section.seed})",
+             f"- this invocation: {r.new_trials} trial(s) in {r.seconds:.0f} s, stopped by **{r.stopped_by}** "
+             f"(budget: trials {section.trials}, time limit "
+             f"{'none' if section.time_limit is None else f'{section.time_limit:g} s'})",
+             f"- study: {complete} finished trial(s), {r.failed} failed; {per_min:.1f} trials/min; "
+             f"{to_best:.0f} s of trial time up to the winner",
+             f"- in-place merge: {r.merger.get('mode')} ({r.merger.get('tensors')} tensors, "
+             f"{r.merger.get('held_bytes', 0) / 2**20:.1f} MiB kept)",
+             f"- validation rows (search / check): "
+             + ", ".join(f"{k} {s}/{c}" for k, (s, c) in r.split_sizes.items()),
+             "", f"## Winner: trial {best.number}", "",
+             f"search **{best.search:.4f}**, check **{best.check:.4f}**, gap {best.gap(r.direction):+.4f} "
+             f"(warning above {section.divergence:g})", "",
+             "| parameter | value |", "|---|---|"]
+    lines += [f"| `{n}` | {best.values.get(n)} |" for n in names]
+    tasks = sorted(set(best.search_tasks) | set(best.check_tasks))
+    if tasks:
+        lines += ["", "| task | search | check |", "|---|---|---|"]
+        lines += [f"| {t} | {best.search_tasks.get(t, float('nan')):.4f} | {best.check_tasks.get(t, float('nan')):.4f} |"
+                  for t in tasks]
+    lines += ["", "The tuned recipe is `recipe.tuned.yaml`; `mergelab run recipe.tuned.yaml --out RUN` "
+              "reproduces this merge.", "", "## Warnings", ""]
+    lines += [f"- ⚠ {w}" for w in r.warnings] or ["none"]
+    lines += ["", "## Trials", "", "| trial | search | check | gap | s | " + " | ".join(f"`{n}`" for n in names) + " |",
+              "|" + "---|" * (5 + len(names))]
+    for t in r.trials:
+        mark = " ★" if t is best else (" (recipe)" if t.start else "")
+        lines.append(f"| {t.number}{mark} | {t.search:.4f} | {t.check:.4f} | {t.gap(r.direction):+.4f} | "
+                     f"{t.seconds:.1f} | " + " | ".join(str(t.values.get(n, "")) for n in names) + " |")
+    lines += ["", "![search](search.png)", ""]
+    return "\n".join(lines)
+
+
+def _plot(r: TuneResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [t.number for t in r.trials]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.scatter(xs, [t.search for t in r.trials], s=18, label="search part (objective)")
+    ax.scatter(xs, [t.check for t in r.trials], s=18, marker="x", label="check part (held out)")
+    best, running = [], None
+    for t in r.trials:
+        if running is None or (t.search > running if r.direction == "maximize" else t.search < running):
+            running = t.search
+        best.append(running)
+    ax.step(xs, best, where="post", color="grey", linewidth=1, label="best search so far")
+    ax.axvline(r.best.number, color="green", linestyle=":", linewidth=1, label=f"winner (trial {r.best.number})")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("objective" + (" (higher is better)" if r.direction == "maximize" else " (lower is better)"))
+    ax.set_title(f"mergelab tune: {r.study_name}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+__all__ = ["run_tune", "read_tune_recipe", "TuneResult", "TrialRecord", "collect", "make_sampler"]
