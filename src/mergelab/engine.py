@@ -12,7 +12,7 @@
    compute device, resolve the method parameters for its layer and module
    (:func:`~mergelab.recipe.resolve_params`), call the method, cast to the output dtype, and write
    its bytes straight into the planned place of its shard. The tensors in flight are bounded by
-   memory (``1.5 ×`` what the largest tensor needs), so peak memory is about
+   memory (``1.25 ×`` what the largest tensor needs), so peak memory is about
    ``(inputs + 2) × the largest tensor``, whatever the model size. On the CPU, each worker runs
    torch with one thread and the workers run in parallel (one per core): this keeps every core busy
    without the synchronisation cost of splitting small operations, and the result does not depend
@@ -278,7 +278,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
 
     n_workers = workers or (max(1, torch.get_num_threads()) if dev.type == "cpu" else 2)
     max_work = max((t.work_bytes for t in tasks), default=0)
-    budget = max(int(1.5 * max_work), 256 << 20)
+    budget = max(int(1.25 * max_work), 256 << 20)
     torch_threads = torch.get_num_threads()
     try:
         with atomic_output_dir(out_dir, force) as tmp:
