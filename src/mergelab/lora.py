@@ -479,6 +479,12 @@ class LoraAdapter:
                               "only LoRA factors can be merged in ΔW space")
         return self._fail(f"the tensor {key!r}", "it is not a LoRA factor mergelab knows")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored factors (float32 if they differ)."""
+        dtypes = {self._reader.dtype(k) for m in self.modules.values() for k in (m.key_a, m.key_b)}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def raw(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored ``(A, B)`` of one module, float32 on CPU."""
         mod = self.modules[path]
@@ -694,7 +700,8 @@ def _target_modules(paths: list[str], base_keys: Iterable[str] | None) -> list[s
 
 def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
                   base_model_name_or_path: str | None = None, task_type: str | None = None,
-                  dtype: torch.dtype = torch.float32, base_keys: Iterable[str] | None = None) -> dict:
+                  dtype: torch.dtype = torch.float32, base_keys: Iterable[str] | None = None,
+                  revision: str | None = None) -> dict:
     """Write ``modules`` (``{base tensor name: OutputModule}``) as one PEFT LoRA adapter.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (which
@@ -703,7 +710,7 @@ def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
     factors are balanced (equal column/row norms) before casting to ``dtype``. Modules of rank 0
     are left out. ``base_keys`` (the base checkpoint's tensor names) lets ``target_modules`` use
     short names such as ``q_proj`` where that is exact; otherwise full module paths are listed.
-    The bytes depend only on the inputs.
+    ``revision`` is the base's Hub revision, if any. The bytes depend only on the inputs.
     """
     from safetensors.torch import save_file
 
@@ -746,6 +753,7 @@ def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
+        "revision": revision,
         "r": r_main,
         "lora_alpha": r_main,
         "rank_pattern": pattern,
