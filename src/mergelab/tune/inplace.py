@@ -7,11 +7,13 @@ from what was kept at the start:
 
 ``lora`` (every expert is a PEFT LoRA adapter)
     the original weights of the adapted tensors only, and every adapter's per-module factors
-    (:class:`~mergelab.lora.LowRank`, scale folded in), read once. A trial computes each module's
-    merged ``ΔW`` with :func:`mergelab.lora_merge.merge_module` — the function ``merge_to_adapter``
-    uses, so the route (exact concatenation for linear methods, TIES from factors, dense for the
-    others) and the rank limits of ``output.format: lora`` are the same — and writes
-    ``W₀ + ΔW``. Memory: one copy of the adapted weights plus the adapters.
+    (:class:`~mergelab.lora.LowRank`, scale folded in), read once. A trial touches only the
+    adapted tensors, one module at a time. With ``output.format: full`` it runs the method on
+    ``W₀`` and ``W₀ + ΔWᵢ`` exactly as the engine does with LoRA experts; with ``format: lora``
+    it computes the module's merged ``ΔW`` with :func:`mergelab.lora_merge.merge_module` — the
+    function ``merge_to_adapter`` uses, so the route and the rank limit (which makes e.g. TIES
+    lossy in adapter form) are the same — and writes ``W₀ + B A``. Memory: one copy of the
+    adapted weights plus the adapters' factors.
 ``dense`` (full fine-tunes, or a mix)
     every floating tensor of every expert, in float32, plus the base's; a trial runs the method
     on them exactly as the engine does (:func:`mergelab.engine.plan_merge` aligns the names and
@@ -170,20 +172,23 @@ class InPlaceMerger:
             t.param.copy_(merged.to(t.param.dtype))
 
     def _merge_lora(self, recipe, t: _Target, params) -> torch.Tensor:
+        if recipe.output.format != "lora":
+            # what the engine does with LoRA experts: the method on W and W + ΔWᵢ (in the base dtype)
+            experts = [t.original if q is None else (t.original + q.dense()).to(t.base_dtype).float()
+                       for q in self.parts[t.name]]
+            base = t.original if self.spec.needs_base else torch.zeros((), device=self.device).expand(t.original.shape)
+            return self.spec.fn(base, experts, params).to(recipe.output.torch_dtype or t.base_dtype)
         from mergelab.lora_merge import merge_module
 
-        fmt = recipe.output.format
+        # what merge_to_adapter writes: the same route and rank limit, factors in the adapter dtype
         res = merge_module(t.name, self.parts[t.name], self.spec, params, tuple(t.original.shape),
-                           rank=recipe.output.rank if fmt == "lora" else None,
-                           energy=recipe.output.energy if fmt == "lora" else None,
+                           rank=recipe.output.rank, energy=recipe.output.energy,
                            base_tensor=lambda: t.original, seed=recipe.seed, device=self.device)
         lr = res.factors
-        if fmt == "lora":  # the adapter stores its factors in this dtype
-            dtype = recipe.output.torch_dtype or self.adapter_dtype
-            delta = lr.B.to(dtype).float() @ lr.A.to(dtype).float() if lr.rank else 0.0
-            return t.original + delta
-        out = t.original + lr.dense() if lr.rank else t.original.clone()
-        return out.to(recipe.output.torch_dtype or t.base_dtype)
+        if not lr.rank:
+            return t.original.clone()
+        dtype = recipe.output.torch_dtype or self.adapter_dtype
+        return t.original + lr.B.to(dtype).float() @ lr.A.to(dtype).float()
 
     def _merge_dense(self, recipe, t: _Target, params) -> torch.Tensor:
         base = t.original if self.spec.needs_base else torch.zeros((), device=self.device).expand(t.original.shape)
