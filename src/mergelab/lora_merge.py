@@ -405,8 +405,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
     ``base`` is the base :class:`~mergelab.checkpoint.TensorSource` (read only by the
     ``dense-from-base`` route), ``params_for(name)`` the method parameters of one tensor.
     ``workers`` modules are merged at once (default: one per torch thread on the CPU, each
-    running torch single-threaded, as the engine does; one on a GPU); only their factors (and,
-    on the dense routes, their ΔWᵢ) are held. The results do not depend on ``workers``.
+    running torch single-threaded, as the engine does, so the bits do not depend on ``workers``;
+    one on a GPU); only their factors (and, on the dense routes, their ΔWᵢ) are held.
     """
     names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
     threads = torch.get_num_threads()
@@ -421,7 +421,7 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
         return ModuleResult(res.name, res.factors.to("cpu"), res.route, res.input_rank, res.rel_error)
 
     results: list[ModuleResult] = []
-    if device.type == "cpu" and n_workers > 1:
+    if device.type == "cpu":  # single-threaded torch per module: the same bits for any worker count
         torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab-lora") as pool:

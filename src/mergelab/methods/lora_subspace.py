@@ -274,8 +274,11 @@ def knots(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     """
     if base.dim() != 2:
         return _inner_method(p).fn(base, experts, p)
-    u, s, vh = _dense_svd(torch.cat(_task_vectors(base, experts), dim=1))
-    vhs = list(torch.split(vh, base.shape[1], dim=1))
+    taus = _task_vectors(base, experts)
+    u, s, _ = _dense_svd(torch.cat(taus, dim=1))
+    # Vhᵢ = S⁻¹ Uᵀ τᵢ (the i-th block of Vh): exactly zero for an expert that changes nothing,
+    # where the SVD's block would hold rounding noise that TIES would count as votes
+    vhs = [(u.T @ t) / s[:, None] for t in taus]
     return base + _knots_merge(u, s, vhs, p).dense()
 
 
