@@ -115,6 +115,26 @@ def test_inplace_lora_merge_equals_engine(zoo, tmp_path, method):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_inplace_lora_merge_equals_the_adapter_output(zoo, tmp_path):
+    """With output format lora (rank-limited TIES) a trial equals base + the adapter `merge` writes."""
+    from mergelab.engine import merge
+    from mergelab.evaluate.loading import load_model_and_tokenizer
+    from mergelab.recipe import load_recipe
+    from mergelab.tune.inplace import InPlaceMerger
+
+    fz = zoo["llama"]
+    experts = [{"path": str(p), "weight": w} for p, w in zip(fz.loras, (0.7, 0.2, 1.1))]
+    recipe = load_recipe(yaml.safe_load(_recipe(tmp_path, fz.base, experts, {"name": "ties", "density": 0.4}, None,
+                                                output={"format": "lora", "rank": 3}).read_text()))
+    model, _ = _load(fz.base)
+    InPlaceMerger(recipe, model).apply(recipe)
+    merge(recipe, tmp_path / "adapter", progress=False)
+    want, _ = load_model_and_tokenizer(fz.base, adapter=tmp_path / "adapter", device="cpu", dtype="float32")
+    got = model.state_dict()
+    for name, w in want.state_dict().items():
+        torch.testing.assert_close(got[name], w, rtol=0, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_inplace_dense_merge_equals_engine_exactly(zoo, tmp_path):
     from mergelab.engine import merge
     from mergelab.recipe import load_recipe

@@ -281,6 +281,10 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
         f"{merger.describe()['tensors']} tensors")
 
     best_seen: list[float] = []
+    try:
+        best_seen.append(float(st.best_value))   # a continued study: the best of earlier trials
+    except ValueError:
+        pass
 
     def trial_fn(trial) -> float:
         t0 = time.perf_counter()
