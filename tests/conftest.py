@@ -10,6 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import torch  # noqa: E402
+
+# The fixture models are tiny: one thread is fastest, and it keeps the suite quick when the
+# machine is busy (several torch threads on a loaded 2-core machine spin and wait for each other).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
