@@ -130,9 +130,9 @@ class LowRank:
         """The same product with every column of B and row of A of equal norm (safer in fp16)."""
         if self.rank == 0:
             return self
-        nb, na = self.B.norm(dim=0), self.A.norm(dim=1)
+        nb, na = self.B.square().sum(0), self.A.square().sum(1)
         ok = (nb > 0) & (na > 0)
-        f = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt(), torch.ones_like(nb))
+        f = torch.where(ok, (na / torch.where(ok, nb, torch.ones_like(nb))).sqrt().sqrt(), torch.ones_like(nb))
         return LowRank(self.B * f, self.A / f[:, None])
 
 
@@ -144,7 +144,8 @@ def _rank_tol(s: torch.Tensor, shape: Sequence[int]) -> float:
 
 def concat(parts: Sequence[LowRank | None], coeffs: Sequence[float] | None = None,
            shape: Sequence[int] | None = None) -> LowRank:
-    """``Σ cᵢ Bᵢ Aᵢ`` as one factorisation ``[c₁B₁ … c_TB_T] @ [A₁; …; A_T]`` (exact; rank Σ kᵢ).
+    """``Σ cᵢ Bᵢ Aᵢ`` as one factorisation ``[c₁B₁ … c_TB_T] @ [A₁; …; A_T]`` (exact; rank Σ kᵢ;
+    ``√|cᵢ|`` goes to each side).
 
     ``None`` parts (an adapter without this module) and zero coefficients contribute nothing.
     """
@@ -155,8 +156,9 @@ def concat(parts: Sequence[LowRank | None], coeffs: Sequence[float] | None = Non
     for part, c in zip(parts, coeffs):
         if part is None or c == 0 or part.rank == 0:
             continue
-        bs.append(part.B * c)
-        as_.append(part.A)
+        root = math.sqrt(abs(c))  # split |c| between the factors, keep the sign on B
+        bs.append(part.B * math.copysign(root, c))
+        as_.append(part.A * root)
     if not bs:
         if shape is None:
             shape = next(p.shape for p in parts if p is not None)
@@ -707,8 +709,8 @@ def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (which
     must exist) and returns the config. Every module gets scale 1 (``lora_alpha = r`` per module,
     through ``rank_pattern``/``alpha_pattern`` where its rank differs from the most common one);
-    factors are balanced (equal column/row norms) before casting to ``dtype``. Modules of rank 0
-    are left out. ``base_keys`` (the base checkpoint's tensor names) lets ``target_modules`` use
+    for a half-precision ``dtype`` the factors are first balanced (equal column/row norms).
+    Modules of rank 0 are left out. ``base_keys`` (the base checkpoint's tensor names) lets ``target_modules`` use
     short names such as ``q_proj`` where that is exact; otherwise full module paths are listed.
     ``revision`` is the base's Hub revision, if any. The bytes depend only on the inputs.
     """
@@ -723,7 +725,9 @@ def write_adapter(out_dir: str | Path, modules: Mapping[str, OutputModule], *,
         if lr.rank == 0:
             continue
         path = _module_path(name)
-        lr = lr.to("cpu").balanced()
+        lr = lr.to("cpu")
+        if dtype != torch.float32:  # equal column/row norms keep both factors in half-precision range
+            lr = lr.balanced()
         b, a = lr.B.float(), lr.A.float()
         prefix = PEFT_PREFIX + path
         if om.kind == LINEAR:

@@ -1,0 +1,284 @@
+"""Merging 27 predibase-shaped LoRA adapters: mergelab against PEFT's add_weighted_adapter.
+
+Setup (all synthetic, in a temporary folder):
+
+* 27 PEFT LoRA adapters with the shapes of the competition's ``predibase/*`` experts — rank 8,
+  alpha 16, on ``q_proj`` (4096 × 4096) and ``v_proj`` (1024 × 4096) of 32 Mistral-7B layers —
+  written as real adapter folders (``adapter_config.json`` + ``adapter_model.safetensors``,
+  float32, 13.6 MB each). A is N(0, 1/4096), B is N(0, 0.02²): random, not trained.
+* For mergelab, a base folder whose safetensors header declares the 64 adapted matrices
+  (bfloat16) as a sparse file: the LoRA pipeline reads only the header (shapes) of the base.
+* For PEFT, a bare ``nn.Module`` with the same module names (``model.layers.N.self_attn.q_proj``
+  / ``v_proj``, bias-free Linear) whose base weights are zero-stride views (no memory): PEFT's
+  merge works on the adapters only, so it gets exactly what it needs and nothing else.
+
+Runs, each in a fresh subprocess (wall time of the merge call, and the process' peak RSS):
+
+* ``mergelab ties``: TIES (density 0.2, weights 1) in ΔW space, adapter output of rank 64 —
+  exact magnitude cuts (the default), and with cuts taken from a sample (``exact_ties=False``);
+* ``mergelab cat``: the exact linear/concatenation path (``cat``), adapter of rank 216;
+* ``peft cat``: ``add_weighted_adapter(combination_type="cat")`` (loading included separately);
+* ``peft svd``: ``add_weighted_adapter(combination_type="svd", svd_rank=64)`` — it forms each
+  ΔW and runs a full ``torch.linalg.svd`` per module, which on this CPU takes minutes per 4096²
+  matrix, so it is timed on the first ``--peft-svd-layers`` layers (default 1) and scaled to 32
+  layers (the work is the same for every layer); the printout says so.
+
+Goals (issue 4): TIES ≤ 60 s and linear/cat ≤ 2 s on the 2-core CPU. The machine's load
+average is printed with the figures: other work on the same cores slows every run.
+
+    python bench/lora_merge.py [--keep DIR] [--peft-svd-layers N] [--skip-peft-svd] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+N_ADAPTERS, LAYERS, HIDDEN, KV, RANK, ALPHA = 27, 32, 4096, 1024, 8, 16
+MODULES = (("q_proj", HIDDEN, HIDDEN), ("v_proj", KV, HIDDEN))  # name, out, in
+KEY = "base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def write_inputs(root: Path, layers: int = LAYERS) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for j in range(N_ADAPTERS):
+        d = root / f"adapter{j:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for i in range(layers):
+            for m, out, inn in MODULES:
+                tensors[KEY.format(i=i, m=m, ab="A")] = torch.randn(RANK, inn, generator=g) / inn ** 0.5
+                tensors[KEY.format(i=i, m=m, ab="B")] = torch.randn(out, RANK, generator=g) * 0.02
+        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (d / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "mistralai/Mistral-7B-v0.1",
+            "r": RANK, "lora_alpha": ALPHA, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.05,
+            "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+            "modules_to_save": None, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
+            "inference_mode": True}, indent=2))
+    # the base: a safetensors header for the adapted matrices, the data a sparse (unwritten) file
+    base = root / "base"
+    base.mkdir(exist_ok=True)
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for i in range(layers):
+        for m, out, inn in MODULES:
+            n = out * inn * 2
+            header[f"model.layers.{i}.self_attn.{m}.weight"] = {"dtype": "BF16", "shape": [out, inn],
+                                                                 "data_offsets": [off, off + n]}
+            off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(base / "model.safetensors", "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + off)
+    (base / "config.json").write_text(json.dumps({"model_type": "mistral", "num_hidden_layers": layers,
+                                                  "hidden_size": HIDDEN, "tie_word_embeddings": False}))
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -> dict:
+    from mergelab.lora_merge import merge_to_adapter
+    from mergelab.recipe import load_recipe
+
+    adapters = sorted(p for p in root.iterdir() if p.name.startswith("adapter"))
+    recipe = load_recipe({"base": {"path": str(root / "base")}, "experts": [{"path": str(p)} for p in adapters],
+                          "method": method, "output": {"format": "lora", **({"rank": rank} if rank else {})}})
+    rss0 = peak_rss_mb()
+    out = root / f"out-mergelab-{method['name']}-{int(exact_ties)}"
+    t = time.perf_counter()
+    res = merge_to_adapter(recipe, out, device="cpu", force=True, progress=False, exact_ties=exact_ties)
+    wall = time.perf_counter() - t
+    report = json.loads((out / "merge_report.json").read_text())
+    return {"wall_s": wall, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0,
+            "rank": res.max_rank, "max_rel_error": report["summary"]["max_rel_error"],
+            "mean_rel_error": report["summary"]["mean_rel_error"], "routes": res.routes,
+            "output_mb": (out / "adapter_model.safetensors").stat().st_size / 1e6}
+
+
+def _toy_model(layers: int):
+    import torch
+    from torch import nn
+
+    def linear(out, inn):
+        lin = nn.Linear(inn, out, bias=False, device="meta")
+        lin.weight = nn.Parameter(torch.zeros(1, 1).expand(out, inn), requires_grad=False)  # no memory
+        return lin
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.v_proj = linear(HIDDEN, HIDDEN), linear(KV, HIDDEN)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn()
+
+    class Inner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Layer() for _ in range(layers))
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = Inner()
+
+    return Toy()
+
+
+def run_peft(root: Path, combination: str, layers: int) -> dict:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    adapters = sorted(p for p in root.iterdir() if p.name.startswith("adapter"))
+    src = adapters
+    if layers < LAYERS:  # the same adapters cut to their first `layers` layers
+        src = []
+        for p in adapters:
+            d = root / f"cut{layers}" / p.name
+            if not d.exists():
+                d.mkdir(parents=True)
+                keep = {k: v for k, v in load_file(str(p / "adapter_model.safetensors")).items()
+                        if int(k.split(".layers.")[1].split(".")[0]) < layers}
+                save_file(keep, str(d / "adapter_model.safetensors"))
+                (d / "adapter_config.json").write_text((p / "adapter_config.json").read_text())
+            src.append(d)
+    rss0 = peak_rss_mb()
+    t0 = time.perf_counter()
+    model = PeftModel.from_pretrained(_toy_model(layers), str(src[0]), adapter_name="a0")
+    for j, p in enumerate(src[1:], start=1):
+        model.load_adapter(str(p), adapter_name=f"a{j}")
+    t1 = time.perf_counter()
+    names = [f"a{j}" for j in range(len(src))]
+    kwargs = {"svd_rank": 64} if combination == "svd" else {}
+    with torch.no_grad():
+        model.add_weighted_adapter(names, [1.0] * len(names), "merged", combination_type=combination, **kwargs)
+    t2 = time.perf_counter()
+    out = root / f"out-peft-{combination}"
+    model.save_pretrained(str(out), selected_adapters=["merged"])
+    t3 = time.perf_counter()
+    return {"load_s": t1 - t0, "merge_s": t2 - t1, "save_s": t3 - t2, "wall_s": t3 - t0,
+            "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0, "layers": layers}
+
+
+def child(args) -> None:
+    root = Path(args.dir)
+    import torch  # noqa: F401  (imports count in the baseline RSS of every run alike)
+
+    import mergelab.lora_merge  # noqa: F401
+    import peft  # noqa: F401
+
+    if args.run == "ml-ties":
+        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=True)
+    elif args.run == "ml-ties-sampled":
+        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=False)
+    elif args.run == "ml-cat":
+        res = run_mergelab(root, {"name": "cat"}, None, exact_ties=True)
+    elif args.run == "peft-cat":
+        res = run_peft(root, "cat", LAYERS)
+    elif args.run == "peft-svd":
+        res = run_peft(root, "svd", args.peft_svd_layers)
+    else:
+        raise SystemExit(f"unknown run {args.run}")
+    print("RESULT " + json.dumps(res))
+
+
+def spawn(run: str, root: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--child", run, "--dir", str(root), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{run} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--child", dest="run", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--keep", help="build the inputs in this folder and keep them")
+    ap.add_argument("--peft-svd-layers", type=int, default=1, help="layers PEFT's svd runs on (scaled to 32)")
+    ap.add_argument("--skip-peft-svd", action="store_true", help="leave out PEFT's svd (minutes per layer)")
+    ap.add_argument("--quick", action="store_true", help="only the mergelab runs")
+    args = ap.parse_args()
+    if args.run:
+        child(args)
+        return
+
+    tmp = None if args.keep else tempfile.TemporaryDirectory(prefix="mergelab-bench-lora-")
+    root = Path(args.keep or tmp.name)
+    t = time.perf_counter()
+    if not (root / "base" / "model.safetensors").exists():
+        write_inputs(root)
+    import torch
+
+    print(f"inputs: {N_ADAPTERS} adapters × {LAYERS} layers × (q_proj {HIDDEN}×{HIDDEN}, v_proj {KV}×{HIDDEN}), "
+          f"r={RANK}, alpha={ALPHA}, float32, {sum((p / 'adapter_model.safetensors').stat().st_size for p in root.iterdir() if p.name.startswith('adapter')) / 1e6:.0f} MB "
+          f"(built in {time.perf_counter() - t:.1f} s) in {root}")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, load average before {os.getloadavg()[0]:.2f}\n")
+    extra = ["--peft-svd-layers", str(args.peft_svd_layers)]
+    runs = [("ml-cat", "mergelab cat (exact, rank 216)"),
+            ("ml-ties", "mergelab ties → rank 64 (exact cuts)"),
+            ("ml-ties-sampled", "mergelab ties → rank 64 (sampled cuts)")]
+    if not args.quick:
+        runs.append(("peft-cat", "PEFT add_weighted_adapter cat"))
+        if not args.skip_peft_svd:
+            runs.append(("peft-svd", f"PEFT add_weighted_adapter svd (rank 64), {args.peft_svd_layers}/{LAYERS} layers"))
+    results = {}
+    for key, label in runs:
+        res = spawn(key, root, extra)
+        results[key] = res
+        load = os.getloadavg()[0]
+        if key.startswith("ml"):
+            print(f"{label:58s} {res['wall_s']:8.2f} s   peak RSS {res['peak_rss_mb']:6.0f} MB "
+                  f"(after imports {res['rss_after_imports_mb']:.0f})   rank {res['rank']}, "
+                  f"relative error max {res['max_rel_error']:.3g} mean {res['mean_rel_error']:.3g}   load {load:.1f}")
+        else:
+            scale = LAYERS / res["layers"]
+            est = f"  → ×{scale:.0f} = {res['merge_s'] * scale:.0f} s for 32 layers" if scale > 1 else ""
+            print(f"{label:58s} {res['wall_s']:8.2f} s   peak RSS {res['peak_rss_mb']:6.0f} MB "
+                  f"(after imports {res['rss_after_imports_mb']:.0f})   load {res['load_s']:.1f} s, "
+                  f"merge {res['merge_s']:.2f} s, save {res['save_s']:.1f} s{est}   load {load:.1f}")
+    print()
+    ml_cat, ml_ties = results["ml-cat"], results["ml-ties"]
+    print(f"goal TIES ≤ 60 s: exact cuts {ml_ties['wall_s']:.1f} s, sampled cuts {results['ml-ties-sampled']['wall_s']:.1f} s; "
+          f"goal cat ≤ 2 s: {ml_cat['wall_s']:.2f} s")
+    if "peft-cat" in results:
+        pc = results["peft-cat"]
+        print(f"cat: mergelab (read + merge + write) {ml_cat['wall_s']:.2f} s vs PEFT load + merge + save "
+              f"{pc['wall_s']:.2f} s (×{pc['wall_s'] / ml_cat['wall_s']:.1f}); peak RSS {ml_cat['peak_rss_mb']:.0f} vs "
+              f"{pc['peak_rss_mb']:.0f} MB")
+    if "peft-svd" in results:
+        ps = results["peft-svd"]
+        est = ps["merge_s"] * LAYERS / ps["layers"] + ps["load_s"] * LAYERS / ps["layers"]
+        print(f"rank-64 merge: mergelab ties {ml_ties['wall_s']:.1f} s vs PEFT svd (a linear merge, no TIES) "
+              f"≈ {est:.0f} s for 32 layers (×{est / ml_ties['wall_s']:.1f}); peak RSS {ml_ties['peak_rss_mb']:.0f} vs "
+              f"{ps['peak_rss_mb']:.0f} MB ({ps['layers']} layer(s))")
+    print(f"load average after {os.getloadavg()[0]:.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
