@@ -17,7 +17,11 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
+SHARED = "Merging models combines what fine-tuned experts learned into one set of weights. Question: "
 PROMPTS = [
+    SHARED + "is it good?",   # rows sharing a long prefix: computed once in a batch
+    SHARED + "is it good? Really?",
+    SHARED + "what now",
     "Question: What is two plus three? Answer:",
     "The quick brown fox",
     "héllo wörld, naïve café, 東京, emoji 🙂 and quotes \"like this\". Merging models combines experts.",
@@ -101,3 +105,12 @@ def test_deadline_returns_none_for_rows_not_run(models):
     model, tok = models["gemma"]
     got = generate_texts(model, tok, PROMPTS, max_new_tokens=4, deadline=time.monotonic() - 1)
     assert got == [None] * len(PROMPTS)
+
+
+def test_stop_check_ignores_an_unfinished_character():
+    from mergelab.evaluate.generate import stop_in_partial
+
+    # a byte-level tokenizer decodes half a character as U+FFFD; the next token may complete it
+    assert not stop_in_partial("abc\ufffd", ["\ufffd"])
+    assert stop_in_partial("a\ufffdb", ["\ufffd"])
+    assert stop_in_partial("x\nInput:", ["Input:"]) and not stop_in_partial("x\nInput", ["Input:"])

@@ -25,7 +25,11 @@ def _one_thread():
 
 # Rows of different input lengths, numbers of choices (1 to 5) and choice lengths (one token,
 # many tokens, empty), with unicode.
+SHARED = "Merging models combines what fine-tuned experts learned into one set of weights. Question: "
 PROMPTS = [
+    SHARED + "is it good?",   # three rows share a long prefix (computed once in a batch),
+    SHARED + "is it good? Really, truly good?",   # one of them a prefix of another
+    SHARED + "what now",
     "Question: What is two plus three? Answer:",
     "The quick brown fox",
     "Merging models combines what fine-tuned experts learned into one set of weights. "
@@ -35,6 +39,9 @@ PROMPTS = [
     "Translate to SQL: list all users older than 30.",
 ]
 CHOICES = [
+    [" yes", " no"],
+    [" yes", " no", " maybe so"],
+    ["?", " nothing at all"],
     [" five", " six", " four plus one"],
     ["jumps", " over the lazy dog.", "x", "yes no true", " 2024-05-31"],
     [" positive", " negative"],
@@ -59,7 +66,7 @@ def test_batched_equals_reference(models, family):
     model, tok = models[family]
     ref = score_multiple_choice_reference(model, tok, PROMPTS, CHOICES)
     assert all(s.logprobs[i] < 0 for s in ref for i, n in enumerate(s.n_tokens) if n > 0)
-    assert ref[5].logprobs[1] == 0.0 and ref[5].n_tokens[1] == 0  # the empty choice
+    assert ref[8].logprobs[1] == 0.0 and ref[8].n_tokens[1] == 0  # the empty choice
     for batch_size in (1, 4, 64):
         got = score_multiple_choice(model, tok, PROMPTS, CHOICES, batch_size=batch_size)
         assert _maxdiff(got, ref) < 1e-4, (family, batch_size)
@@ -77,8 +84,8 @@ def test_token_budget_and_truncation(models, family):
     ref_cut = score_multiple_choice_reference(model, tok, PROMPTS, CHOICES, max_length=24)
     got_cut = score_multiple_choice(model, tok, PROMPTS, CHOICES, max_length=24)
     assert _maxdiff(got_cut, ref_cut) < 1e-4
-    assert got_cut[2].truncated and not got_cut[4].truncated
-    assert _maxdiff([got_cut[2]], [ref[2]]) > 1e-3  # it did change the long row
+    assert got_cut[5].truncated and not got_cut[7].truncated
+    assert _maxdiff([got_cut[5]], [ref[5]]) > 1e-3  # it did change the long row
 
 
 def test_decoder_score_is_sum_of_token_logprobs(models):
@@ -132,4 +139,47 @@ def test_deadline_leaves_rows_unscored(models, monkeypatch):
     model, tok = models["llama"]
     got = score_multiple_choice(model, tok, PROMPTS, CHOICES, batch_size=2, deadline=1.5)
     # checks before batches 1 and 2 pass (clock 0, 1); the third check (2) is past the deadline
-    assert sum(g is not None for g in got) == 4 and sum(g is None for g in got) == 2
+    assert sum(g is not None for g in got) == 4 and sum(g is None for g in got) == 5
+
+
+def test_chunks_keep_padding_within_slack():
+    from mergelab.evaluate.prefill import chunk_by_length
+
+    assert chunk_by_length([100, 98, 95, 40, 39, 5], 0.1) == [[0, 1, 2], [3, 4], [5]]
+    assert chunk_by_length([10, 10, 10], 0.0) == [[0, 1, 2]]
+    assert chunk_by_length([7], 0.1) == [[0]]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_joined_prefill_equals_separate_runs(models, family):
+    """Chunks of different widths joined into one left-padded cache: each row's next-token logits
+    and its cache entries equal those of the row run alone."""
+    from mergelab.evaluate.prefill import prefill
+
+    model, tok = models[family]
+    prompts = [tok(p)["input_ids"] for p in (PROMPTS[4], PROMPTS[0], PROMPTS[5], PROMPTS[7], PROMPTS[2],
+                                              PROMPTS[3], PROMPTS[1])]
+    joined = prefill(model, prompts, tok.pad_token_id, slack=0.0)  # several chunks, a shared prefix
+    width = max(map(len, prompts))
+    assert joined.mask.shape == (len(prompts), width) and joined.lengths.tolist() == [len(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        alone = prefill(model, [p], tok.pad_token_id)
+        assert torch.allclose(joined.last_logits[i], alone.last_logits[0], atol=1e-4)
+        assert sum(joined.mask[i].tolist()) == len(p) and joined.mask[i, -1] == 1
+        real = joined.mask[i].bool()
+        k_joined = joined.cache.layers[-1].keys[i][:, real]
+        assert torch.allclose(k_joined, alone.cache.layers[-1].keys[0], atol=1e-4)
+
+
+def test_prefix_groups_and_batch_order():
+    from mergelab.evaluate.prefill import batch_order, prefix_groups
+
+    a = list(range(20))
+    prompts = [a + [50, 51], [7, 8, 9], a + [60], a, [7, 8]]
+    groups = prefix_groups(prompts, min_shared=16)
+    # rows 0, 2, 3 share 19 tokens (row 3 keeps its last token to itself); the others stand alone
+    assert (19, [3, 0, 2]) in groups and (0, [4]) in groups and (0, [1]) in groups
+    assert (20, [0, 2]) in prefix_groups(prompts, min_shared=20)
+    assert prefix_groups(prompts, min_shared=21) == [(0, [i]) for i in (3, 0, 2, 4, 1)]
+    order = batch_order(prompts, min_shared=16)
+    assert order == [0, 2, 3, 1, 4]  # the group (longest 22) first, inside it longest first

@@ -73,14 +73,15 @@ def truncate_left(ids: list[int], limit: int | None, keep_first: int | None = No
 
 
 def plan_batches(lengths: Sequence[int], *, batch_size: int, max_batch_tokens: int,
-                 cost: Callable[[list[int]], int]) -> list[list[int]]:
-    """Group item indices into batches of similar length, longest first.
+                 cost: Callable[[list[int]], int], order: Sequence[int] | None = None) -> list[list[int]]:
+    """Group item indices into batches of consecutive items of ``order``.
 
-    Items are sorted by decreasing length (ties by index, so the plan is deterministic), then
-    filled greedily while the batch has fewer than ``batch_size`` items and ``cost(batch)`` (the
+    ``order`` defaults to decreasing length (ties by index, so the plan is deterministic). Batches
+    are filled greedily while they have fewer than ``batch_size`` items and ``cost(batch)`` (the
     padded tokens it would hold) stays within ``max_batch_tokens``. A single item always fits.
     """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if order is None:
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:

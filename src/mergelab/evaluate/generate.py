@@ -1,11 +1,17 @@
 """Greedy generation, batched: left padding for decoder-only models, stop strings, max_new_tokens.
 
-Rows are sorted by prompt length and grouped, so a batch holds prompts of similar length and
-little padding. Decoding is greedy (``do_sample=False``, one beam) with a fresh generation config,
-so a model's own sampling or repetition settings never change the result. The text of a row ends
-at its first EOS token and is then cut at the first occurrence of any stop string; a sequence
-that has produced a stop string stops early, which changes nothing in its (cut) text. The result
-of a row is therefore the same batched or alone (see :func:`generate_reference`).
+Rows are grouped into batches (decoder-only models: rows sharing a prefix together, longest
+first; T5: by length). Decoder-only models: the prompts are prefilled into one left-padded
+key/value cache (:func:`~.prefill.prefill`: no padding waste, shared prefixes once), then a lean greedy
+loop takes the argmax token of every unfinished row per step; a row leaves the batch at EOS or
+as soon as its text contains a stop string, so finished rows cost nothing. T5 uses transformers'
+``generate`` (greedy, one beam, a fresh generation config so that a model's own sampling or
+repetition settings never apply) with a per-row stop-string criterion.
+
+The text of a row ends at its first EOS token and is cut at the first occurrence of any stop
+string; stopping early changes nothing in the cut text. A row's result is therefore the same
+batched or alone; :func:`generate_reference` (transformers' ``generate``, one prompt at a time)
+is the definition the tests compare against.
 """
 from __future__ import annotations
 
@@ -18,7 +24,6 @@ from mergelab.evaluate.batching import (
     encode_prompt,
     eos_ids_of,
     is_encoder_decoder,
-    left_pad,
     model_device,
     pad_id_of,
     past_deadline,
@@ -26,6 +31,7 @@ from mergelab.evaluate.batching import (
     right_pad,
     truncate_left,
 )
+from mergelab.evaluate.prefill import batch_order, cache_kwarg, prefill, returned_cache
 
 
 @dataclass
@@ -46,6 +52,16 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def stop_in_partial(text: str, stop: Sequence[str]) -> bool:
+    """Whether text decoded from the tokens so far holds a stop string for good.
+
+    Byte-level tokenizers decode an incomplete UTF-8 character at the end as U+FFFD, which the
+    next token may complete into another character; those trailing U+FFFD are not looked at.
+    """
+    text = text.rstrip("\ufffd")
+    return any(s in text for s in stop)
+
+
 def _make_stop_criteria(tokenizer, stop: Sequence[str], offset: int):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -54,7 +70,7 @@ def _make_stop_criteria(tokenizer, stop: Sequence[str], offset: int):
 
         def __call__(self, input_ids, scores, **kwargs):
             texts = tokenizer.batch_decode(input_ids[:, offset:], skip_special_tokens=True)
-            done = [any(s in t for s in stop) for t in texts]
+            done = [stop_in_partial(t, stop) for t in texts]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([StopStrings()])
@@ -84,8 +100,9 @@ def _decode(tokenizer, new_ids: list[int], eos: set[int], stop: Sequence[str],
     if hit:
         # Keep what is independent of batching: the tokens up to the one that completed the
         # first stop string (a batched sequence stops there; a lone one may run on).
-        k = next(k for k in range(1, len(new_ids) + 1)
-                 if cut_at_stop(tokenizer.decode(new_ids[:k], skip_special_tokens=True), stop)[1])
+        k = next((k for k in range(1, len(new_ids) + 1)
+                  if stop_in_partial(tokenizer.decode(new_ids[:k], skip_special_tokens=True), stop)),
+                 len(new_ids))
         new_ids, stopped_by = new_ids[:k], "stop"
         raw = tokenizer.decode(new_ids, skip_special_tokens=True)
     return Generation(text=text, raw=raw, new_tokens=len(new_ids), stopped_by=stopped_by,
@@ -104,20 +121,55 @@ def _encode_all(model, tokenizer, prompts, add_special_tokens, max_length, max_n
     return items
 
 
+def _stop_hit(tokenizer, ids: list[int], stop: Sequence[str]) -> bool:
+    return bool(stop) and stop_in_partial(tokenizer.decode(ids, skip_special_tokens=True), stop)
+
+
 @torch.inference_mode()
-def _generate_batch(model, tokenizer, prompts: list[list[int]], config, stop) -> list[list[int]]:
+def _decode_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, eos: set[int],
+                   stop: Sequence[str], pad: int) -> list[list[int]]:
+    """Greedy decoding for a decoder-only model: one prefill, then one token per step for every
+    unfinished row. A row leaves the batch at EOS or once its text holds a stop string."""
     device = model_device(model)
-    pad = config.pad_token_id
-    if is_encoder_decoder(model):
-        ids, mask = right_pad(prompts, pad, device)
-        offset = 1  # the decoder's output starts with its start token
-    else:
-        ids, mask = left_pad(prompts, pad, device)
-        offset = ids.shape[1]
-    criteria = _make_stop_criteria(tokenizer, stop, offset) if stop else None
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                         stopping_criteria=criteria)
-    return [row[offset:].tolist() for row in out]
+    pre = prefill(model, prompts, pad)
+    cache, mask, lengths = pre.cache, pre.mask, pre.lengths
+    logits = pre.last_logits
+    out: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))            # batch row -> prompt index
+    kwarg = cache_kwarg(model)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        keep = []
+        for j, (row, tok) in enumerate(zip(active, nxt.tolist())):
+            out[row].append(tok)
+            if tok not in eos and not _stop_hit(tokenizer, out[row], stop):
+                keep.append(j)
+        if not keep or step == max_new_tokens - 1:
+            break
+        if len(keep) < len(active):               # drop finished rows from the batch
+            idx = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.reorder_cache(idx)
+            mask, lengths, nxt = mask[idx], lengths[idx], nxt[idx]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        res = model(input_ids=nxt.unsqueeze(1), attention_mask=mask,
+                    position_ids=(lengths + step).unsqueeze(1), use_cache=True, **{kwarg: cache})
+        cache = returned_cache(res)
+        logits = res.logits[:, -1, :]
+    return out
+
+
+@torch.inference_mode()
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config, stop, eos: set[int]) -> list[list[int]]:
+    if not is_encoder_decoder(model):
+        return _decode_greedy(model, tokenizer, prompts, config.max_new_tokens, eos, stop,
+                              config.pad_token_id)
+    # T5: transformers' generate with right-padded encoder inputs (the decoder starts aligned)
+    ids, mask = right_pad(prompts, config.pad_token_id, model_device(model))
+    criteria = _make_stop_criteria(tokenizer, stop, 1) if stop else None
+    seqs = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                          stopping_criteria=criteria)
+    return [row[1:].tolist() for row in seqs]   # drop the decoder start token
 
 
 def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
@@ -140,12 +192,14 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: 
         return len(batch) * (max(len(items[i][0]) for i in batch) + max_new_tokens)
 
     results: list[Generation | None] = [None] * len(items)
-    plan = plan_batches([len(ids) for ids, _ in items], batch_size=batch_size,
-                        max_batch_tokens=max_batch_tokens, cost=cost)
+    prompts = [ids for ids, _ in items]
+    order = None if is_encoder_decoder(model) else batch_order(prompts)
+    plan = plan_batches([len(p) for p in prompts], batch_size=batch_size,
+                        max_batch_tokens=max_batch_tokens, cost=cost, order=order)
     for batch in plan:
         if past_deadline(deadline):
             break
-        outs = _generate_batch(model, tokenizer, [items[i][0] for i in batch], config, stop)
+        outs = _generate_batch(model, tokenizer, [items[i][0] for i in batch], config, stop, eos)
         for i, new_ids in zip(batch, outs):
             ids, truncated = items[i]
             results[i] = _decode(tokenizer, new_ids, eos, stop, len(ids), truncated)

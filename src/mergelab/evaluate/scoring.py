@@ -5,10 +5,11 @@ the choice are tokenised separately (the input with the tokenizer's special toke
 without), then joined. The prediction is the choice with the highest score, optionally divided by
 the choice's token or character count (``length_norm``).
 
-Decoder-only models run each batch in two forward passes: the (left-padded) inputs once, keeping
-their key/value cache and the logits of the last input token (which score every choice's first
-token); then the choices of all rows together, the cache repeated over each row's choices, with
-explicit position ids so that padding changes nothing. Encoder–decoder models (T5) encode each
+Decoder-only models run each batch in two steps: the inputs once (:func:`~.prefill.prefill`:
+chunks of similar length, joined into one left-padded cache), keeping the logits of each input's
+last token (which score every choice's first token); then the choices of all rows in one forward
+pass, the cache repeated over each row's choices, with explicit position ids so that padding
+changes nothing. Encoder–decoder models (T5) encode each
 input once and score all its choices as decoder continuations of the shared encoder output.
 
 :func:`score_multiple_choice_reference` is the plain definition, one choice at a time, used by
@@ -25,13 +26,20 @@ from mergelab.evaluate.batching import (
     encode_continuation,
     encode_prompt,
     is_encoder_decoder,
-    left_pad,
     model_device,
     pad_id_of,
     past_deadline,
     plan_batches,
     right_pad,
     truncate_left,
+)
+from mergelab.evaluate.prefill import (
+    batch_order,
+    cache_kwarg,
+    chunk_by_length,
+    has_layer_tensors,
+    prefill,
+    rows_of,
 )
 
 
@@ -94,34 +102,11 @@ def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _accepts(model, name: str) -> bool:
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in inspect.signature(base.forward).parameters
-
-
-def _cache_kwarg(model) -> str:
-    """transformers ≥ 5.2x names the cache argument ``cache``; earlier versions ``past_key_values``."""
-    return "cache" if _accepts(model, "cache") else "past_key_values"
-
-
-def _returned_cache(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
 @torch.inference_mode()
 def _score_batch_decoder(model, batch, pad: int) -> list[list[float]]:
     """Scores of the choices of ``batch`` = ``[(prompt_ids, [choice_ids, ...]), ...]``."""
     device = model_device(model)
-    prompts = [p for p, _ in batch]
-    ids, mask = left_pad(prompts, pad, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    first = out.logits[:, -1, :]                                              # [B, V]
-    cache = _returned_cache(out)
+    pre = prefill(model, [p for p, _ in batch], pad)
 
     owners = [r for r, (_, cs) in enumerate(batch) for _ in cs]
     flat = [c for _, cs in batch for c in cs]
@@ -129,20 +114,28 @@ def _score_batch_decoder(model, batch, pad: int) -> list[list[float]]:
     owner_t = torch.tensor(owners, dtype=torch.long, device=device)
     nonempty = torch.tensor([len(c) > 0 for c in flat], device=device)
     first_tok = torch.tensor([c[0] if c else 0 for c in flat], dtype=torch.long, device=device)
-    scores += torch.where(nonempty, _token_logprobs(first[owner_t], first_tok), 0.0)
+    scores += torch.where(nonempty, _token_logprobs(pre.last_logits[owner_t], first_tok), 0.0)
 
-    width = max(len(c) for c in flat) - 1  # every token but the last is fed to predict the next
-    if width > 0:
-        cache.reorder_cache(owner_t)                      # repeat each row's cache over its choices
-        feed, feed_mask = right_pad([c[:-1] for c in flat], pad, device, width)
-        target, _ = right_pad([c[1:] for c in flat], pad, device, width)
-        prompt_len = mask.sum(-1)[owner_t]
-        pos = prompt_len.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
-        out2 = model(input_ids=feed, attention_mask=torch.cat([mask[owner_t], feed_mask], dim=1),
-                     position_ids=pos, use_cache=True, **{_cache_kwarg(model): cache})
-        tok = _token_logprobs(out2.logits, target)
-        scores += (tok * feed_mask).sum(-1)
-    del out, cache
+    # Every token of a choice but the last is fed to predict the next one. Choices run in chunks
+    # of similar length (padding within 25 %), each on its rows' cache.
+    fed = sorted((k for k, c in enumerate(flat) if len(c) > 1), key=lambda k: (-len(flat[k]), k))
+    if has_layer_tensors(pre.cache):
+        chunks = chunk_by_length([len(flat[k]) - 1 for k in fed], 0.25)
+    else:  # without per-layer tensors the cache can serve one pass only
+        chunks = [list(range(len(fed)))] if fed else []
+    for chunk in chunks:
+        ks = [fed[j] for j in chunk]
+        width = len(flat[ks[0]]) - 1
+        rows = owner_t[torch.tensor(ks, device=device)]
+        feed, feed_mask = right_pad([flat[k][:-1] for k in ks], pad, device, width)
+        target, _ = right_pad([flat[k][1:] for k in ks], pad, device, width)
+        pos = pre.lengths[rows].unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
+        with rows_of(pre.cache, rows) as cache:
+            out = model(input_ids=feed, attention_mask=torch.cat([pre.mask[rows], feed_mask], dim=1),
+                        position_ids=pos, use_cache=True, **{cache_kwarg(model): cache})
+        scores[torch.tensor(ks, device=device)] += (_token_logprobs(out.logits, target) * feed_mask).sum(-1)
+        del out
+    del pre
     result, k = [], 0
     for _, cs in batch:
         result.append(scores[k:k + len(cs)].tolist())
@@ -192,9 +185,10 @@ def score_multiple_choice(model, tokenizer, prompts: Sequence[str], choices: Seq
                           on_batch: Callable[[int], None] | None = None) -> list[ChoiceScores | None]:
     """Score ``choices[i]`` as continuations of ``prompts[i]``, batched; one result per row.
 
-    Rows are sorted by input length and grouped into batches of at most ``batch_size`` rows and
-    ``max_batch_tokens`` padded tokens (inputs plus all choices with the cache they attend to);
-    each input is computed once and shared by its choices. ``add_special_tokens=False`` is for
+    Rows are ordered (decoder-only models: rows sharing a prefix together, longest first; T5: by
+    length) and grouped into batches of at most ``batch_size`` rows and ``max_batch_tokens``
+    padded tokens (inputs plus all choices with the cache they attend to); each input is
+    computed once and shared by its choices. ``add_special_tokens=False`` is for
     prompts that already hold them (chat templates). ``max_length`` caps input + choice tokens
     (inputs lose their beginning). When ``deadline`` (a ``time.monotonic()`` value) passes,
     remaining rows are not scored and come back as ``None``. ``on_batch(n)`` is called after
@@ -212,8 +206,10 @@ def score_multiple_choice(model, tokenizer, prompts: Sequence[str], choices: Seq
         return width * len(batch) + n_choices * (width + longest)
 
     results: list[ChoiceScores | None] = [None] * len(items)
-    plan = plan_batches([len(p) for p, _, _ in items], batch_size=batch_size,
-                        max_batch_tokens=max_batch_tokens, cost=cost)
+    prompts = [p for p, _, _ in items]
+    order = None if is_encoder_decoder(model) else batch_order(prompts)
+    plan = plan_batches([len(p) for p in prompts], batch_size=batch_size,
+                        max_batch_tokens=max_batch_tokens, cost=cost, order=order)
     for batch in plan:
         if past_deadline(deadline):
             break
