@@ -14,6 +14,8 @@ peak RSS (the child's ``ru_maxrss`` from ``wait4``, cross-checked by polling psu
 * ``mergelab``   — ``mergelab merge CONFIG --out DIR`` on a mergekit YAML config;
 * ``mergekit``   — ``mergekit-yaml CONFIG DIR`` (0.1.5, default options) on the same file.
 
+Each run writes its figures to ``--json`` as soon as it ends, so an interrupted run keeps them.
+
 The page cache is warm for every run (the inputs fit in RAM; a warm-up read comes first), so the
 figures compare computation and memory, not the disk. The outputs of the two tools are compared
 too: mergekit computes in the config's dtype (bfloat16) and breaks magnitude ties arbitrarily,
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--skip-mergekit", action="store_true", help="measure mergelab and the read only")
     ap.add_argument("--cleanup", action="store_true", help="delete the inputs afterwards")
+    ap.add_argument("--json", type=Path, help="also write the figures here, after every run")
     args = ap.parse_args()
 
     wd = args.workdir
@@ -193,7 +196,7 @@ def main() -> None:
                       ("base", "expert0", "expert1", "expert2"))
     print(f"inputs: base + 3 experts, {params / 1e6:.0f}M parameters each, bfloat16, "
           f"{input_bytes / 1e9:.2f} GB in total; TIES density {args.density}; "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
 
     results = {}
     _measure([sys.executable, str(HERE), "_read", str(wd)])  # warm the page cache
@@ -202,7 +205,7 @@ def main() -> None:
     for tool, cmd, out in (
         ("mergelab", [sys.executable, "-m", "mergelab", "merge", str(cfg_file), "--out", str(out_ml),
                       "--force", "--quiet", "--device", "cpu"], out_ml),
-        ("mergekit", [str(Path(sys.executable).parent / "mergekit-yaml"), str(cfg_file), str(out_mk),
+        ("mergekit", [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg_file), str(out_mk),
                       "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], out_mk),
     ):
         if tool == "mergekit" and args.skip_mergekit:
@@ -212,6 +215,11 @@ def main() -> None:
         print(f"running {tool} (load average {load:.1f}) ...", flush=True)
         results[tool] = _measure(cmd)
         results[tool]["load"] = load
+        if args.json:
+            args.json.write_text(json.dumps({"params": params, "input_bytes": input_bytes,
+                                             "cpus": len(os.sched_getaffinity(0)),
+                                             **{k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
+                                                for k, v in results.items()}}, indent=2))
 
     print()
     print(f"{'':<10} {'wall':>9} {'CPU (user+sys)':>15} {'peak RSS':>11}")
@@ -228,6 +236,10 @@ def main() -> None:
         agree = json.loads(_measure([sys.executable, str(HERE), "_compare", str(out_ml), str(out_mk)])["stdout"])
         print(f"outputs: {100 * agree['close']:.2f}% of entries within bf16 rounding of mergekit's; "
               f"relative L2 difference {agree['rel_l2']:.2e}")
+        if args.json:
+            data = json.loads(args.json.read_text())
+            data["agreement"] = agree
+            args.json.write_text(json.dumps(data, indent=2))
     print(f"\nrerun: python {os.path.relpath(HERE)} --layers {args.layers}")
     if args.cleanup:
         shutil.rmtree(wd, ignore_errors=True)

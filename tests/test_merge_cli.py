@@ -31,7 +31,7 @@ def test_merge_command_with_relative_paths_and_overrides(zoo, tmp_path, capsys):
     })
     out = tmp_path / "merged"
     code = main(["merge", str(recipe), "--out", str(out), "--dtype", "bfloat16", "--shard-size", "50KB",
-                 "--device", "cpu", "--quiet"])
+                 "--device", "cpu"])  # with the progress bar
     assert code == 0
     assert "merged" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

@@ -284,7 +284,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
         with atomic_output_dir(out_dir, force) as tmp:
             writer = ShardedWriter(tmp, recipe.output.shard_size_bytes,
                                    layout=[(t.name, t.shape, t.out_dtype) for t in tasks])
-            if dev.type == "cpu" and n_workers > 1:
+            if dev.type == "cpu":  # parallel over tensors, not inside each small operation
                 torch.set_num_threads(1)
             try:
                 _run(tasks, recipe, spec, dev, writer, n_workers, budget, progress)
@@ -317,43 +317,112 @@ def _set_config_dtype(config_file: Path, dtype: str | None) -> None:
     config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.device) -> torch.Tensor:
-    """Read the inputs of one tensor, run the method, return the output (CPU, output dtype)."""
+class _BufferPool:
+    """Reusable CPU byte buffers for reading inputs and casting outputs.
+
+    Every tensor needs a few buffers as large as itself; allocating them afresh costs page faults
+    (the kernel zeroes every page) that take as long as the merge arithmetic. Buffers are handed
+    out best-fit and returned after each tensor, so the pool settles at what the tensors in flight
+    need at once. A buffer more than 4× too large is not lent to a small request, so that small
+    tensors do not pin the large buffers.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 4 * max(nbytes, 1 << 20)]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def give(self, *bufs: torch.Tensor) -> None:
+        with self._lock:
+            self._free.extend(bufs)
+
+
+def _view(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    n = math.prod(shape) * dtype.itemsize
+    return buf[:n].view(dtype).view(shape) if n else torch.empty(shape, dtype=dtype)
+
+
+def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _BufferPool,
+                  held: list) -> torch.Tensor:
+    """Tensor ``name`` of ``src`` as float32 on ``dev``, through pooled buffers where possible."""
+    if not isinstance(src, CheckpointReader):  # e.g. a LoRA expert computes base + ΔW itself
+        return src.get(name).to(dev, torch.float32)
+    shape, dtype = tuple(src.shape(name)), src.dtype(name)
+    raw = pool.take(src.nbytes(name))
+    native = src.read_into(name, raw)
+    if dtype == torch.float32 and dev.type == "cpu":
+        held.append(raw)
+        return native
+    if dev.type != "cpu":
+        out = native.to(dev, torch.float32)
+        pool.give(raw)
+        return out
+    f32 = pool.take(math.prod(shape) * 4)
+    held.append(f32)
+    out = _view(f32, shape, torch.float32)
+    out.copy_(native)
+    pool.give(raw)
+    return out
+
+
+def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.device,
+               writer: ShardedWriter, pool: _BufferPool) -> None:
+    """Read the inputs of one tensor, run the method, write the output."""
     (base_src, base_name), expert_inputs = task.inputs[0], task.inputs[1:]
     if not task.floating:  # integer/bool buffers: the base's, unchanged
-        return base_src.get(base_name)
-    if spec.needs_base:
-        base = base_src.get(base_name).to(dev, torch.float32)
-    else:  # the method ignores it: a zero view costs nothing
-        base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
-    experts = [src.get(n).to(dev, torch.float32) for src, n in expert_inputs]
-    params = resolve_params(recipe, task.name, task.num_layers)
+        writer.add(task.name, base_src.get(base_name))
+        return
+    held: list[torch.Tensor] = []
     try:
-        out = spec.fn(base, experts, params)
-    except RecipeError as exc:
-        raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
-    if tuple(out.shape) != task.shape:
-        raise RuntimeError(f"merge method {spec.name} returned shape {tuple(out.shape)} for "
-                           f"{task.name!r}, expected {task.shape}")
-    return out.to(task.out_dtype).cpu()
+        if spec.needs_base:
+            base = _read_float32(base_src, base_name, dev, pool, held)
+        else:  # the method ignores it: a zero view costs nothing
+            base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
+        experts = [_read_float32(src, n, dev, pool, held) for src, n in expert_inputs]
+        params = resolve_params(recipe, task.name, task.num_layers)
+        try:
+            out = spec.fn(base, experts, params)
+        except RecipeError as exc:
+            raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
+        del base, experts
+        if tuple(out.shape) != task.shape:
+            raise RuntimeError(f"merge method {spec.name} returned shape {tuple(out.shape)} for "
+                               f"{task.name!r}, expected {task.shape}")
+        if out.dtype != task.out_dtype or out.device.type != "cpu":
+            buf = pool.take(out.numel() * task.out_dtype.itemsize)
+            held.append(buf)
+            cast = _view(buf, task.shape, task.out_dtype)
+            cast.copy_(out)
+            out = cast
+        writer.add(task.name, out)
+    finally:
+        pool.give(*held)
 
 
 def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.device,
          writer: ShardedWriter, n_workers: int, budget: int, show: bool) -> None:
     """Merge every task with ``n_workers`` threads, keeping the work in flight under ``budget``."""
+    pool = _BufferPool()
+
     def work(task: TensorTask) -> None:
-        writer.add(task.name, _merge_one(task, recipe, spec, dev))
+        _merge_one(task, recipe, spec, dev, writer, pool)
 
     bar = _Progress(len(tasks), sum(t.numel for t in tasks), show)
     pending = deque(tasks)
     inflight: dict = {}
     used = 0
-    with bar, ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab") as pool:
+    with bar, ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab") as pool_exec:
         try:
             while pending or inflight:
                 while pending and len(inflight) < n_workers and (not inflight or used + pending[0].work_bytes <= budget):
                     task = pending.popleft()
-                    inflight[pool.submit(work, task)] = task
+                    inflight[pool_exec.submit(work, task)] = task
                     used += task.work_bytes
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 for fut in done:

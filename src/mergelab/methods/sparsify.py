@@ -213,22 +213,25 @@ def generalized_task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tens
         bc = b[sl]
         ds = []
         for e, keep, c in zip(es, keeps, coefs):
-            d = e[sl] - bc
+            d = torch.sub(e[sl], bc)
             if keep is not None:
                 d.mul_(keep[sl])
-            ds.append(d.mul_(c))
-        mixed = ds[0].clone()
-        for d in ds[1:]:
+            if c != 1.0:
+                d.mul_(c)
+            ds.append(d)
+        mixed = torch.add(ds[0], ds[1]) if len(ds) > 1 else ds[0].clone()
+        for d in ds[2:]:
             mixed.add_(d)
         if consensus:
-            positive = mixed >= 0
+            sign = torch.where(mixed >= 0, 1.0, -1.0)  # the elected sign (+ for a zero sum)
             mixed.zero_()
-            divisor = torch.zeros_like(bc)
+            divisor = torch.zeros_like(bc) if normalize else None
             for d, w in zip(ds, weights):
-                agree = torch.where(positive, d > 0, d < 0)
-                mixed.add_(d.mul_(agree))
-                divisor.add_(agree, alpha=w)
-            if normalize:
+                agree = d.mul(sign).gt_(0)  # 1 where d has the elected sign, else 0
+                mixed.addcmul_(d, agree)
+                if divisor is not None:
+                    divisor.add_(agree, alpha=w)
+            if divisor is not None:
                 mixed.div_(divisor.masked_fill_(divisor == 0, 1))
         elif normalize and abs(wsum) >= 1e-8:
             mixed.div_(wsum)
