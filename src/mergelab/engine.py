@@ -443,12 +443,13 @@ class _Progress:
         self.show = show and n_tensors > 0
         self._lock = threading.Lock()
         if self.show:
+            from rich.console import Console
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-            self.progress = Progress(
-                TextColumn("[bold]merging[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                TextColumn("{task.fields[done]}/{task.fields[n]} tensors"), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}[/]"))
+            columns = (TextColumn("[bold]merging[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                       TextColumn("{task.fields[done]}/{task.fields[n]} tensors"), TimeElapsedColumn(),
+                       TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}[/]"))
+            self.progress = Progress(*columns, console=Console(stderr=True))
             self.bar = self.progress.add_task("merge", total=n_elements, done=0, n=n_tensors, current="")
             self.count = 0
 
