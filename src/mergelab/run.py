@@ -3,6 +3,9 @@
 A run writes into one folder::
 
     DIR/model/          the merged model (format: full) or the merged adapter (format: lora)
+    DIR/finetune/       with a ``finetune:`` section: the trained LoRA adapter (PEFT layout)
+    DIR/merged/         with ``finetune: {when: after_merge}``: the merge before fine-tuning;
+                        model/ is then this model with the trained adapter folded in
     DIR/eval/X.csv      submission file for each evaluation file X.csv (with eval/scores.json,
                         eval/predictions/X.jsonl)
     DIR/timing.json     stage timings of the last invocation (volatile: not hashed)
@@ -11,6 +14,10 @@ A run writes into one folder::
 Running again into the same folder skips a stage whose inputs (recipe section and input file
 hashes) and outputs (file hashes) still match the manifest. :func:`reproduce` runs a manifest's
 recipe again into a new folder and names every output file whose bytes differ.
+
+With a budget (``mergelab run --budget 60m``) the recipe is planned first (:mod:`mergelab.plan`)
+and refused when it does not fit; while it runs, fine-tuning and evaluation stop at the deadline
+(see :func:`run_recipe`), and ``manifest["budget"]`` says what was planned and what was used.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from mergelab.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, finge
                                now_iso, package_versions, read_manifest, sha256_file, write_manifest)
 
 MODEL_DIR, EVAL_DIR = "model", "eval"
+MERGED_DIR, FINETUNE_DIR = "merged", "finetune"   # only with a finetune: section
 
 
 class OutputsDifferError(ReproducibilityError):
@@ -86,7 +94,7 @@ class EvalSection(BaseModel):
 @dataclass
 class StageReport:
     name: str
-    status: str          # "ran", "skipped" (up to date), "off" (not in the recipe)
+    status: str          # "ran", "partial" (stopped by the deadline), "skipped" (up to date), "off"
     seconds: float = 0.0
     detail: str = ""
 
@@ -96,6 +104,8 @@ class RunResult:
     out_dir: Path
     manifest: dict
     stages: list[StageReport] = field(default_factory=list)
+    plan: Any = None                      # the mergelab.plan.Plan of a run with a budget
+    warnings: list[str] = field(default_factory=list)
 
 
 def _recipe_root(recipe_path: str | os.PathLike | None) -> Path:
@@ -153,26 +163,101 @@ def _stage_key(*parts: Any) -> str:
 
 def _up_to_date(previous: dict | None, name: str, key: str, folder: Path) -> bool:
     stage = (previous or {}).get("stages", {}).get(name)
-    return bool(stage and stage.get("key") == key and folder.is_dir()
+    return bool(stage and stage.get("key") == key and stage.get("complete", True) and folder.is_dir()
                 and hash_tree(folder, skip=VOLATILE_FILES) == stage.get("outputs"))
+
+
+def load_run_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: str | os.PathLike | None = None):
+    """``(Recipe, FinetuneSection | None, EvalSection | None, root)`` of a run recipe.
+
+    The ``finetune:`` section is taken out and validated here (the :class:`Recipe` schema does
+    not know it); the rest goes to :func:`mergelab.recipe.load_recipe`. Relative paths count from
+    the recipe file's folder (or ``base_dir``, else the current folder, for a dict).
+    """
+    import yaml
+
+    from mergelab.recipe import load_recipe
+
+    if isinstance(source, Mapping):
+        data, label = dict(source), "recipe"
+        root = Path(base_dir) if base_dir is not None else Path.cwd()
+    else:
+        path = Path(source)
+        root = Path(base_dir) if base_dir is not None else path.resolve().parent
+        label = str(path)
+        data = None
+        if path.is_file():
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError:
+                data = None           # load_recipe words the error
+    finetune = None
+    if isinstance(data, Mapping) and "finetune" in data:
+        from mergelab.finetune import parse_finetune_section
+
+        data = dict(data)
+        try:
+            finetune = parse_finetune_section(data.pop("finetune"), root)
+        except RecipeError as exc:
+            raise RecipeError(f"{label}: {exc.message}", hint=exc.hint) from None
+        recipe = load_recipe(data, base_dir=root)
+    else:
+        recipe = load_recipe(source, base_dir=base_dir) if not isinstance(source, Mapping) \
+            else load_recipe(data, base_dir=root)
+    if finetune is not None and finetune.when == "after_merge" and recipe.output.format == "lora":
+        raise RecipeError(f"{label}: finetune.when: after_merge trains on the merged model, which needs "
+                          "output.format: full (got lora)",
+                          hint="use when: before_merge (the adapter joins the merge as an expert), or format: full")
+    eval_section = EvalSection.parse(recipe.eval, root) if recipe.eval else None
+    return recipe, finetune, eval_section, root
+
+
+def _atomic_dir(final: Path) -> Path:
+    tmp = final.parent / f".{final.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
                device: str = "auto", rules: bool = True, cutoff: str | None = None,
-               progress: Callable[[str], None] | None = None, quiet: bool = True) -> RunResult:
-    """Run a recipe into ``out_dir``: resolve, check the rules, merge, evaluate; write the manifest.
+               progress: Callable[[str], None] | None = None, quiet: bool = True,
+               budget: float | str | None = None, hardware: str = "a6000", force: bool = False,
+               warn: Callable[[str], None] | None = None) -> RunResult:
+    """Run a recipe into ``out_dir``: resolve, check the rules, (fine-tune,) merge, (fine-tune,
+    fold,) evaluate; write the manifest.
 
     ``recipe_path`` is a recipe file or an already-read dict (paths then count from the current
-    folder). With ``rules`` the competition rule check must pass before anything is merged.
+    folder). With ``rules`` the competition rule check (models and fine-tuning data licences)
+    must pass before anything is merged.
+
+    ``budget`` (seconds or ``"60m"``): the recipe is planned on ``hardware``
+    (:mod:`mergelab.plan`) and refused with :class:`BudgetError` when the plan does not fit,
+    unless ``force``; while running, the clock is enforced: fine-tuning stops early to leave the
+    later stages their planned time, and evaluation stops at the deadline, filling the rows not
+    reached with the documented fallback (the submission stays complete).
+    ``manifest["budget"]`` records planned and used seconds and the rows not reached.
     """
     from mergelab.engine import merge
-    from mergelab.recipe import load_recipe
 
+    t_run = time.monotonic()
     say = progress or (lambda msg: None)
+    warn = warn or say
     out_dir = Path(out_dir)
-    root = _recipe_root(None if isinstance(recipe_path, Mapping) else recipe_path)
-    recipe = load_recipe(recipe_path)
-    eval_section = EvalSection.parse(recipe.eval, root) if recipe.eval else None
+    recipe, finetune, eval_section, root = load_run_recipe(recipe_path)
+    budget_s = None
+    if budget is not None:
+        from mergelab.plan import get_profile, parse_budget
+
+        budget_s = parse_budget(budget)
+        profile = get_profile(hardware)
+    deadline = t_run + budget_s if budget_s is not None else None
     previous = None
     if (out_dir / MANIFEST_NAME).is_file():
         try:
@@ -184,10 +269,21 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
 
         raise OutputExistsError(f"{out_dir} exists and is not a mergelab run folder (no {MANIFEST_NAME})",
                                 hint="choose a new --out folder, or empty this one")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     stages: list[StageReport] = []
     timings: dict[str, float] = {}
+    warnings_: list[str] = []
+
+    def loud(msg: str) -> None:
+        warnings_.append(msg)
+        warn(msg)
+
+    # 0. fine-tuning data licences (before anything is read or written)
+    data_records = None
+    if finetune is not None:
+        from mergelab.finetune import check_data_licences
+
+        data_records = check_data_licences(finetune, rules=rules, warn=loud)
 
     # 1. resolve
     t0 = time.perf_counter()
@@ -217,29 +313,136 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     else:
         stages.append(StageReport("rules", "off", 0.0, "--no-rules"))
 
+    # 3. the budget plan
+    plan = None
+    if budget_s is not None:
+        from mergelab.errors import BudgetError
+        from mergelab.plan import plan_run
+
+        say(f"planning on the {profile.name} against a budget of {budget_s / 60:.1f} min")
+        plan = plan_run(recipe, finetune, eval_section, Path(models[0]["local_path"]),
+                        [Path(m["local_path"]) for m in models[1:]], profile, budget_s)
+        if not plan.fits:
+            if not force:
+                raise BudgetError(f"the plan on the {profile.name} {plan.verdict}",
+                                  hint="`mergelab plan RECIPE` shows each stage; shrink the recipe, raise "
+                                       "--budget, or pass --force to run with the deadline enforced")
+            loud(f"--force: running although the plan on the {profile.name} {plan.verdict}")
+        else:
+            say(plan.verdict)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def time_left_for(stage: str) -> float | None:
+        """The deadline of ``stage``: the run's, less the planned time of the stages after it."""
+        if deadline is None:
+            return None
+        if plan is None:
+            return deadline
+        names = [s.name for s in plan.stages]
+        later = names[names.index(stage) + 1:] if stage in names else []
+        return deadline - sum(plan.stage(n).seconds for n in later)
+
     inputs = {m["role"]: m["files"] for m in models}
     normalised = pinned.model_dump(mode="json", exclude_none=True)
     if eval_section is not None:
         normalised["eval"] = {"data": [str(p) for p in eval_section.data], **eval_section.options}
-
-    # 3. merge
-    model_dir = out_dir / MODEL_DIR
-    merge_part = {k: v for k, v in normalised.items() if k != "eval"}
-    merge_key = _stage_key(merge_part, inputs)
+    if finetune is not None:
+        normalised["finetune"] = finetune.model_dump(mode="json")
     stage_records: dict[str, dict] = {}
-    if _up_to_date(previous, "merge", merge_key, model_dir):
+    budget_record: dict[str, Any] = {}
+
+    def finetune_stage(model_path: Path, model_hashes: Any) -> None:
+        ft_dir = out_dir / FINETUNE_DIR
+        key = _stage_key(normalised["finetune"], [r["sha256"] for r in data_records], model_hashes)
+        if _up_to_date(previous, "finetune", key, ft_dir):
+            stages.append(StageReport("finetune", "skipped", 0.0, "inputs and outputs match the manifest"))
+            stage_records["finetune"] = previous["stages"]["finetune"]
+            return
+        from mergelab.finetune import train_adapter
+
+        say(f"fine-tuning a LoRA adapter ({finetune.when}, {finetune.steps} steps)")
+        tmp = _atomic_dir(ft_dir)
+        try:
+            res = train_adapter(model_path, finetune, tmp, device=device, deadline=time_left_for("finetune"))
+            _replace_dir(tmp, ft_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        timings["finetune"] = res.seconds
+        detail = f"{res.steps_done}/{res.steps} steps, loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}"
+        if res.stopped_by_deadline:
+            detail = "DEADLINE: stopped early, " + detail
+            loud(f"fine-tuning stopped by the deadline after {res.steps_done} of {res.steps} steps")
+            budget_record["finetune_steps_done"] = res.steps_done
+        stages.append(StageReport("finetune", "partial" if res.stopped_by_deadline else "ran", res.seconds, detail))
+        stage_records["finetune"] = {"key": key, "outputs": hash_tree(ft_dir, skip=VOLATILE_FILES),
+                                     "seconds": res.seconds, "data": data_records, "seed": finetune.seed,
+                                     "steps_done": res.steps_done, "losses": res.losses,
+                                     "complete": res.complete}
+
+    # 4. fine-tune before merging: an adapter on the base, merged as one more expert
+    merge_recipe = _local_recipe(pinned, models)
+    if finetune is not None and finetune.when == "before_merge":
+        finetune_stage(Path(models[0]["local_path"]), inputs["base"])
+        data = merge_recipe.model_dump(mode="json", exclude_none=True)
+        data["experts"].append({"path": str(out_dir / FINETUNE_DIR), **finetune.expert})
+        from mergelab.recipe import Recipe
+
+        try:
+            merge_recipe = Recipe.model_validate(data)
+        except (ValidationError, RecipeError) as exc:
+            raise RecipeError(f"finetune: the trained adapter cannot join the merge as an expert ({exc})",
+                              hint="check finetune.expert against the method's per-expert parameters") from None
+
+    # 5. merge
+    after = finetune is not None and finetune.when == "after_merge"
+    merged_dir = out_dir / (MERGED_DIR if after else MODEL_DIR)
+    merge_part = {k: v for k, v in normalised.items() if k not in ("eval", "finetune")}
+    extra = (stage_records["finetune"]["outputs"], normalised["finetune"]["expert"]) \
+        if finetune is not None and not after else None
+    merge_key = _stage_key(merge_part, inputs, *([extra] if extra else []))
+    if _up_to_date(previous, "merge", merge_key, merged_dir):
         stages.append(StageReport("merge", "skipped", 0.0, "inputs and outputs match the manifest"))
         stage_records["merge"] = previous["stages"]["merge"]
     else:
+        if deadline is not None and time.monotonic() > deadline:
+            loud("the deadline passed before the merge; merging anyway so that a submission can be written")
         say(f"merging with {recipe.method.name}")
         t0 = time.perf_counter()
-        result = merge(_local_recipe(pinned, models), model_dir, device=device, force=True, progress=not quiet)
+        result = merge(merge_recipe, merged_dir, device=device, force=True, progress=not quiet)
         timings["merge"] = time.perf_counter() - t0
         stages.append(StageReport("merge", "ran", timings["merge"], str(getattr(result, "method", ""))))
-        stage_records["merge"] = {"key": merge_key, "outputs": hash_tree(model_dir, skip=VOLATILE_FILES),
+        stage_records["merge"] = {"key": merge_key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),
                                   "seconds": timings["merge"]}
 
-    # 4. evaluate
+    # 6. fine-tune after merging, then fold the adapter into the merged weights
+    model_dir = out_dir / MODEL_DIR
+    final_outputs = stage_records["merge"]["outputs"]
+    if after:
+        finetune_stage(merged_dir, stage_records["merge"]["outputs"])
+        fold_key = _stage_key(stage_records["merge"]["outputs"], stage_records["finetune"]["outputs"],
+                              normalised["output"])
+        if _up_to_date(previous, "fold", fold_key, model_dir):
+            stages.append(StageReport("fold", "skipped", 0.0, "inputs and outputs match the manifest"))
+            stage_records["fold"] = previous["stages"]["fold"]
+        else:
+            say("folding the trained adapter into the merged model")
+            t0 = time.perf_counter()
+            fold = {"base": {"path": str(merged_dir)},
+                    "experts": [{"path": str(out_dir / FINETUNE_DIR), "weight": 1.0}],
+                    "method": {"name": "task_arithmetic"}, "output": normalised["output"]}
+            merge(fold, model_dir, device=device, force=True, progress=not quiet)
+            timings["fold"] = time.perf_counter() - t0
+            stages.append(StageReport("fold", "ran", timings["fold"], "W + ΔW of the trained adapter"))
+            stage_records["fold"] = {"key": fold_key, "outputs": hash_tree(model_dir, skip=VOLATILE_FILES),
+                                     "seconds": timings["fold"]}
+        final_outputs = stage_records["fold"]["outputs"]
+    elif (out_dir / MERGED_DIR).exists():
+        shutil.rmtree(out_dir / MERGED_DIR)
+    if finetune is None and (out_dir / FINETUNE_DIR).exists():
+        shutil.rmtree(out_dir / FINETUNE_DIR)
+
+    # 7. evaluate
     eval_dir = out_dir / EVAL_DIR
     if eval_section is None:
         stages.append(StageReport("eval", "off", 0.0, "no eval section"))
@@ -250,7 +453,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         shots = eval_section.options.get("shots")
         if shots:
             data_hashes[str(shots)] = sha256_file(shots)
-        eval_key = _stage_key(normalised["eval"], stage_records["merge"]["outputs"], data_hashes,
+        eval_key = _stage_key(normalised["eval"], final_outputs, data_hashes,
                               inputs["base"] if recipe.output.format == "lora" else None)
         if _up_to_date(previous, "eval", eval_key, eval_dir):
             stages.append(StageReport("eval", "skipped", 0.0, "inputs and outputs match the manifest"))
@@ -263,17 +466,48 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             options = eval_section.eval_options(device)
             if recipe.output.format == "lora":
                 scores = evaluate(models[0]["local_path"], eval_section.data, eval_dir, options,
-                                  adapter=model_dir, force=True)
+                                  adapter=model_dir, force=True, deadline=deadline)
             else:
-                scores = evaluate(model_dir, eval_section.data, eval_dir, options, force=True)
+                scores = evaluate(model_dir, eval_section.data, eval_dir, options, force=True,
+                                  deadline=deadline)
             timings["eval"] = time.perf_counter() - t0
             overall = scores.get("overall", {})
-            stages.append(StageReport("eval", "ran", timings["eval"],
-                                      ", ".join(f"{k}={v:.3f}" for k, v in overall.items()
-                                                if isinstance(v, float))))
+            missed = int(overall.get("not_reached", 0) or 0)
+            detail = ", ".join(f"{k}={v:.3f}" for k, v in overall.items() if isinstance(v, float))
+            status = "ran"
+            if not scores.get("complete", True):
+                status = "partial"
+                detail = (f"DEADLINE: {missed} of {overall.get('rows', missed)} rows not reached "
+                          f"(fallback: choice 0 / empty text); " + detail)
+                loud(f"evaluation hit the deadline: {missed} row(s) not reached got the fallback prediction; "
+                     f"the submission files are complete but those rows are guesses")
+            stages.append(StageReport("eval", status, timings["eval"], detail))
             stage_records["eval"] = {"key": eval_key, "outputs": hash_tree(eval_dir, skip=VOLATILE_FILES),
-                                     "seconds": timings["eval"], "data": data_hashes}
+                                     "seconds": timings["eval"], "data": data_hashes,
+                                     "complete": bool(scores.get("complete", True)), "rows_not_reached": missed}
 
+    if budget_s is not None:
+        used = time.monotonic() - t_run
+        budget_record = {
+            "budget_s": budget_s, "hardware": profile.name, "forced": bool(force and plan is not None
+                                                                        and not plan.fits),
+            "planned_s": plan.total_s if plan else None,
+            "planned": {s.name: s.seconds for s in plan.stages} if plan else {},
+            "plan_verdict": plan.verdict if plan else None,
+            "used_s": used, "used": dict(timings), "over_budget": used > budget_s,
+            "eval_complete": stage_records.get("eval", {}).get("complete", True),
+            "rows_not_reached": stage_records.get("eval", {}).get("rows_not_reached", 0),
+            **{k: v for k, v in budget_record.items() if k == "finetune_steps_done"},
+        }
+        if used > budget_s:
+            loud(f"the run took {used / 60:.1f} min, over the budget of {budget_s / 60:.1f} min")
+
+    outputs = {f"{MODEL_DIR}/{k}": v for k, v in final_outputs.items()}
+    if after:
+        outputs |= {f"{MERGED_DIR}/{k}": v for k, v in stage_records["merge"]["outputs"].items()}
+    if finetune is not None:
+        outputs |= {f"{FINETUNE_DIR}/{k}": v for k, v in stage_records["finetune"]["outputs"].items()}
+    outputs |= {f"{EVAL_DIR}/{k}": v for k, v in stage_records.get("eval", {}).get("outputs", {}).items()}
     manifest = {
         "mergelab_manifest": 1,
         "created": now_iso(),
@@ -285,12 +519,17 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         "device": device_info(device),
         "stages": stage_records,
         "timings": timings,
-        "outputs": {f"{MODEL_DIR}/{k}": v for k, v in stage_records["merge"]["outputs"].items()}
-        | {f"{EVAL_DIR}/{k}": v for k, v in stage_records.get("eval", {}).get("outputs", {}).items()},
+        "outputs": outputs,
     }
+    if finetune is not None:
+        manifest["finetune"] = {"when": finetune.when, "seed": finetune.seed, "data": data_records}
+    if budget_s is not None:
+        manifest["budget"] = budget_record
+    if warnings_:
+        manifest["warnings"] = warnings_
     (out_dir / "timing.json").write_text(json.dumps(timings, indent=2) + "\n")
     write_manifest(out_dir / MANIFEST_NAME, manifest)
-    return RunResult(out_dir, manifest, stages)
+    return RunResult(out_dir, manifest, stages, plan=plan, warnings=warnings_)
 
 
 def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, device: str = "auto",
@@ -308,6 +547,7 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
         raise OutputExistsError(f"{out_dir} is not empty", hint="reproduce into a new folder")
     rules = isinstance(old.get("rules"), dict)
     result = run_recipe(old["recipe"], out_dir, device=device, rules=rules, progress=progress, quiet=quiet)
+    # (a budget is not replayed: a reproduction runs every stage to the end)
     new = result.manifest
     problems = []
     old_inputs = {m["role"]: m["files"] for m in old.get("models", [])}

@@ -1,0 +1,324 @@
+"""The ``finetune:`` stage of a recipe: LoRA training (PEFT) on competition-format CSV data.
+
+::
+
+    finetune:
+      when: after_merge          # or before_merge
+      data:
+        - {path: train.csv, licence: cc-by-4.0}
+      steps: 200
+      lr: 2.0e-4
+      rank: 8
+      alpha: 16
+      target_modules: [q_proj, v_proj]
+      batch_size: 8
+      max_length: 512
+      seed: 0
+      expert: {weight: 1.0}      # before_merge only: the adapter's parameters as an expert
+
+* ``before_merge`` trains a LoRA adapter on the **base** model; the adapter joins the merge as one
+  more expert (with the per-expert parameters in ``expert:``), so every merge method sees it as
+  ``base + ΔW``. (Fine-tuning one of the experts is not supported: train it separately.)
+* ``after_merge`` trains a LoRA adapter on the **merged** model (``output.format: full`` only) and
+  folds it into the weights with the merge engine (task arithmetic with weight 1: ``W + ΔW``),
+  so the run's ``model/`` is a plain model folder; the adapter itself stays in ``finetune/``.
+
+Data rows are ``(input, answer)`` pairs: for multiple choice the answer is the text of the target
+choice, for generation the target text followed by the end-of-sequence token; the loss covers the
+answer tokens only (as in :mod:`mergelab.zoo.train`). A sequence longer than ``max_length`` loses
+the start of its prompt. Every data file declares its licence, checked against an allow-list of
+open licences (:func:`check_data_licences`): a competition run refuses anything else.
+
+Everything random (LoRA initialisation, row order) comes from ``seed``: on one device with one
+torch version the same section writes the same adapter bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergelab.errors import RecipeError, RuleCheckError
+
+#: Open licences accepted for training data: the model allow-list of :mod:`mergelab.rules`
+#: (open-source and Creative Commons licences) plus open data licences.
+OPEN_DATA_LICENCES = frozenset({"cdla-permissive-1.0", "cdla-permissive-2.0", "cdla-sharing-1.0",
+                                "odc-by-1.0", "odbl-1.0", "pddl-1.0", "cc-by-sa-2.0", "cc-by-sa-2.5",
+                                "cc-by-1.0", "public-domain"})
+#: Licences that forbid commercial use or derivatives: not open in the competition's sense.
+_CLOSED_HINTS = ("-nc", "-nd", "proprietary", "other", "unknown", "custom")
+
+
+class DataLicenceError(RuleCheckError):
+    """A fine-tuning data file's licence is not on the open allow-list (a competition run stops)."""
+
+
+class DataFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    licence: str = Field(description="SPDX-style id of the data's licence, e.g. cc-by-4.0")
+
+    @field_validator("licence")
+    @classmethod
+    def _lower(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("declare the data's licence, e.g. cc-by-4.0")
+        return v.strip().lower()
+
+
+class FinetuneSection(BaseModel):
+    """The ``finetune:`` section (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    when: Literal["before_merge", "after_merge"] = "after_merge"
+    data: list[DataFile] = Field(min_length=1)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(512, ge=8)
+    warmup: int = Field(0, ge=0)
+    seed: int = 0
+    expert: dict[str, Any] = Field(default_factory=lambda: {"weight": 1.0})
+
+
+def parse_finetune_section(raw: Any, root: Path) -> FinetuneSection:
+    """Validate a ``finetune:`` mapping; relative data paths count from ``root``.
+
+    Raises :class:`RecipeError` naming the key path (``finetune.data[0].licence``).
+    """
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"finetune: expected a mapping (when, data, steps, ...), got {raw!r}",
+                          hint="see docs/budget.md for the finetune section")
+    raw = dict(raw)
+    if isinstance(raw.get("data"), list):
+        fixed = []
+        for item in raw["data"]:
+            if isinstance(item, (str, Path)):
+                item = {"path": item}   # licence missing: reported below
+            if isinstance(item, Mapping) and "license" in item and "licence" not in item:
+                item = {**{k: v for k, v in item.items() if k != "license"}, "licence": item["license"]}
+            if isinstance(item, Mapping) and isinstance(item.get("path"), (str, Path)):
+                p = Path(item["path"])
+                item = {**item, "path": p if p.is_absolute() else root / p}
+            fixed.append(item)
+        raw["data"] = fixed
+    try:
+        section = FinetuneSection.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key; allowed: {', '.join(FinetuneSection.model_fields)}"
+            elif err["type"] == "missing" and err["loc"][-1] == "licence":
+                msg = "declare the data's licence (e.g. licence: cc-by-4.0): a competition run uses open data only"
+            else:
+                msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            problems.append(f"finetune{where}: {msg}" + ("" if isinstance(got, Mapping) or got is None
+                                                         else f" (got {got!r})"))
+        raise RecipeError("; ".join(problems), hint="see docs/budget.md for the finetune section") from None
+    for i, d in enumerate(section.data):
+        if not d.path.is_file():
+            raise RecipeError(f"finetune.data[{i}].path: file {d.path} does not exist")
+    if "weight" not in section.expert:
+        raise RecipeError("finetune.expert: give the adapter's `weight` as an expert (e.g. {weight: 1.0})")
+    return section
+
+
+def classify_data_licence(licence: str) -> tuple[bool, str]:
+    """``(open, why)`` for a declared data licence id."""
+    from mergelab.rules import OPEN_LICENCES
+
+    key = licence.strip().lower()
+    if key in OPEN_LICENCES or key in OPEN_DATA_LICENCES:
+        return True, f"{key} (open licence)"
+    if any(h in key for h in _CLOSED_HINTS):
+        return False, f"{key} is not an open licence (non-commercial, no-derivatives, proprietary or unknown)"
+    return False, f"{key} is not on mergelab's allow-list of open licences"
+
+
+def check_data_licences(section: FinetuneSection, *, rules: bool = True,
+                        warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Check every data file's licence; returns one record per file (path, licence, sha256, open).
+
+    With ``rules`` a file whose licence is not open raises :class:`DataLicenceError`; without,
+    ``warn`` is told and the run goes on (outside the competition).
+    """
+    from mergelab.manifest import sha256_file
+
+    records, bad = [], []
+    for i, d in enumerate(section.data):
+        ok, why = classify_data_licence(d.licence)
+        records.append({"path": str(d.path), "licence": d.licence, "open": ok, "sha256": sha256_file(d.path)})
+        if not ok:
+            bad.append(f"finetune.data[{i}] {d.path.name}: {why}")
+    if bad and rules:
+        raise DataLicenceError("fine-tuning data must be openly licensed for the competition: " + "; ".join(bad),
+                               hint="use openly licensed data (e.g. cc-by-4.0, apache-2.0, odc-by), or pass "
+                                    "--no-rules for a run outside the competition")
+    for line in bad:
+        if warn is not None:
+            warn(f"outside the competition rules: {line}")
+    return records
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def training_examples(files: list[Path]) -> list[tuple[str, str, bool]]:
+    """``(prompt, answer, add_eos)`` of competition CSV rows; every row needs its target."""
+    from mergelab.errors import DataError
+    from mergelab.evaluate import read_competition_csv
+
+    out = []
+    for f in files:
+        for row in read_competition_csv(f):
+            if row.target is None or str(row.target) == "":
+                raise DataError(f"{f}: row {row.id} has no target, so it cannot be trained on",
+                                hint="fine-tuning data needs the target column filled")
+            if row.is_mc:
+                out.append((row.input, row.choices[int(row.target)], False))
+            else:
+                out.append((row.input, str(row.target), True))
+    return out
+
+
+@dataclass
+class FinetuneResult:
+    adapter_dir: Path
+    losses: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    steps: int = 0
+    stopped_by_deadline: bool = False
+    seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.steps_done == self.steps
+
+
+def _encode(tokenizer, prompt: str, answer: str, add_eos: bool, max_length: int) -> tuple[list[int], list[int]]:
+    from mergelab.zoo.train import encode_example
+
+    ids, labels = encode_example(tokenizer, prompt, answer, add_eos=add_eos)
+    if len(ids) > max_length:      # keep the answer: drop the start of the prompt
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    return ids, labels
+
+
+def _collate(batch, pad_id: int, device):
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(x)
+        labels[i, : len(y)] = torch.tensor(y)
+        mask[i, : len(x)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _lr_at(step: int, section: FinetuneSection) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant."""
+    if step < section.warmup:
+        return section.lr * (step + 1) / section.warmup
+    return section.lr
+
+
+def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str | Path, *,
+                  device: str = "auto", deadline: float | None = None,
+                  on_step: Callable[[int, float], None] | None = None) -> FinetuneResult:
+    """Train a LoRA adapter on ``model_dir`` with ``section``; save it (PEFT layout) to ``out_dir``.
+
+    ``deadline`` (a ``time.monotonic()`` value) stops training after the step during which it
+    passes; the adapter trained so far is saved and ``stopped_by_deadline`` says so.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from mergelab.evaluate.loading import load_model_and_tokenizer
+    from mergelab.zoo.train import answer_loss
+
+    t_start = time.perf_counter()
+    examples = training_examples([d.path for d in section.data])
+    model, tokenizer = load_model_and_tokenizer(model_dir, device=device, dtype=None)
+    dev = next(model.parameters()).device
+    encoded = [_encode(tokenizer, p, a, eos, section.max_length) for p, a, eos in examples]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    torch.manual_seed(section.seed)   # LoRA A initialisation draws from the global generator
+    cfg = LoraConfig(r=section.rank, lora_alpha=section.alpha, target_modules=list(section.target_modules),
+                     lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            peft_model = get_peft_model(model, cfg)
+        except ValueError as exc:
+            raise RecipeError(f"finetune.target_modules: {exc}",
+                              hint="name linear layers of this model, e.g. q_proj, v_proj") from None
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=section.lr, weight_decay=0.0)
+    rng = random.Random(section.seed)
+    order: list[int] = []
+    result = FinetuneResult(Path(out_dir), steps=section.steps)
+    peft_model.train()
+    for step in range(section.steps):
+        if len(order) < section.batch_size:
+            fresh = list(range(len(encoded)))
+            rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[: section.batch_size], order[section.batch_size:]
+        batch = _collate([encoded[i] for i in idx], pad_id, dev)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, section)
+        loss = answer_loss(peft_model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        result.losses.append(float(loss.detach()))
+        result.steps_done = step + 1
+        if on_step is not None:
+            on_step(step, result.losses[-1])
+        if deadline is not None and time.monotonic() >= deadline and step + 1 < section.steps:
+            result.stopped_by_deadline = True
+            break
+    peft_model.eval()
+    peft_model.peft_config["default"].base_model_name_or_path = None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
+    _strip_readme(out)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _strip_readme(out: Path) -> None:
+    """PEFT writes a model card with library versions; the adapter's bytes should not depend on it."""
+    card = out / "README.md"
+    if card.is_file():
+        card.unlink()
+
+
+def data_fingerprint(records: list[dict]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(f"{r['path']}\0{r['sha256']}\0{r['licence']}\n".encode())
+    return h.hexdigest()
+
+
+__all__ = ["FinetuneSection", "DataLicenceError", "parse_finetune_section", "check_data_licences",
+           "classify_data_licence", "train_adapter", "training_examples", "FinetuneResult"]
