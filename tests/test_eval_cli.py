@@ -43,7 +43,7 @@ def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
     a, b = files
     out = tmp_path / "out"
     code = main(["eval", str(zoo["gemma"].base), "--data", str(a), "--data", str(b), "--out", str(out),
-                 "--batch-size", "2", "--max-new-tokens", "5", "--device", "cpu", "--stop", "\n"])
+                 "--batch-size", "2", "--max-new-tokens", "5", "--device", "cpu", "--stop", r"\n"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "rows/s" in captured.err and "4/4" in captured.err  # the progress bar, on stderr
@@ -55,7 +55,7 @@ def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
     assert (out / "b.csv").exists() and (out / "predictions" / "b.jsonl").exists()
     scores = json.loads((out / "scores.json").read_text())
     assert scores["files"]["a.csv"]["rows"] == 3 and scores["overall"]["rows"] == 4
-    assert scores["options"]["stop"] == ["\n"] and scores["options"]["max_new_tokens"] == 5
+    assert scores["options"]["stop"] == ["\n"] and scores["options"]["max_new_tokens"] == 5  # escape read
 
 
 def test_eval_adapter_and_prompting_flags(tmp_path, files, zoo, capsys):
@@ -117,3 +117,11 @@ def test_missing_model_and_existing_output(tmp_path, files, zoo, capsys):
     (tmp_path / "o").mkdir()
     assert main(["eval", str(zoo["llama"].base), "--data", str(a), "--out", str(tmp_path / "o")]) == 2
     assert "--force" in _one_error(capsys)
+
+
+def test_unescape_stop_strings():
+    from mergelab.commands.evaluate import unescape
+
+    assert unescape(r"\n\nInput:") == "\n\nInput:"
+    assert unescape(r"a\tb\\n") == "a\tb\\n"      # an escaped backslash stays one backslash
+    assert unescape(r"\q 東京") == r"\q 東京"      # unknown escapes and unicode are kept

@@ -93,7 +93,11 @@ CHOICES = ["advertising", "shipping", "storage", "quality control"]
     ("Answer: Based on the text, quality control.", (3, "text")),
     ("The answer is option 3", (2, "index")),
     ("Reasoning...\nC", (2, "letter")),
-    ("It is about storage, not shipping", (1, "text")),   # last choice mentioned
+    ("Clearly this is about storage.", (2, "text")),     # one choice mentioned: unambiguous
+    ("It is about storage, not shipping", (None, "none")),  # two mentioned, no answer: ambiguous
+    ("B. shipping", (1, "letter")),                      # one option quoted
+    ("A. advertising\nB. shipping\nC. storage", (None, "none")),  # the option list echoed
+    ("The answer is storage, not shipping.", (2, "text")),  # after "answer": the first mentioned
     ("I cannot tell.", (None, "none")),
     ("Answer: E", (None, "none")),                        # out of range
 ])

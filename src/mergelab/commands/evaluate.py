@@ -27,6 +27,22 @@ class DType(str, Enum):
     float16 = "float16"
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on a command line → the characters (others kept)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
+            out.append(_ESCAPES[text[i + 1]])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -61,7 +77,8 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder applied to MODEL."),
         batch_size: int = typer.Option(16, "--batch-size", min=1, help="Rows per forward pass."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens generated per generation row."),
-        stop: List[str] = typer.Option([], "--stop", help="Stop string (cuts generated text); repeatable."),
+        stop: List[str] = typer.Option([], "--stop", help="Stop string (cuts generated text); repeatable; "
+                                                          "\\n, \\t, \\r escapes are read."),
         chat: bool = typer.Option(False, "--chat", help="Wrap inputs in the tokenizer's chat template."),
         few_shot: int = typer.Option(0, "--few-shot", min=0, help="Solved examples before each input."),
         shots: Optional[Path] = typer.Option(None, "--shots", help="Labelled CSV to draw few-shot examples from."),
@@ -82,7 +99,7 @@ def register(app: typer.Typer) -> None:
 
         try:
             options = EvalOptions(
-                batch_size=batch_size, max_new_tokens=max_new_tokens, stop=stop, chat=chat,
+                batch_size=batch_size, max_new_tokens=max_new_tokens, stop=[unescape(x) for x in stop], chat=chat,
                 few_shot=few_shot, shots=shots, cot=cot, length_norm=length_norm.value,
                 max_length=max_length, device=device.value, dtype=dtype.value, seed=seed)
         except ValidationError as exc:

@@ -129,11 +129,12 @@ def extract_choice(text: str, choices: Sequence[str]) -> tuple[int | None, str]:
     """The option a chain of thought chose: ``(index, how)``; ``how`` is ``letter``, ``text``,
     ``index`` or ``none`` (then ``index`` is ``None`` and the caller falls back to scoring).
 
-    The part after the last "answer" (any case) is read first: its first line being exactly a
-    choice's text, then a letter (``Answer: (B)``), then the text of a choice anywhere in it (the
-    longest one found), then a 1-based number (``Answer: option 2``).
-    Without an "answer" marker, or when that part gives nothing, a bare final letter on the
-    last line counts, then the choice whose text occurs last in the whole generation.
+    After the last "answer" (any case), in this order: its first line being exactly a choice's
+    text; a letter (``Answer: (B)``); the choice whose text starts earliest in it (whole words);
+    a 1-based number (``Answer: option 2``). Without such an answer, only unambiguous evidence
+    counts: a bare letter on the last line, or exactly one option named by letter at the start
+    of a line (``B. ...``), or exactly one choice's text mentioned. A model that echoes the
+    option list names several, and gets ``none``.
     """
     n = len(choices)
     letters = LETTERS[:n]
@@ -141,52 +142,49 @@ def extract_choice(text: str, choices: Sequence[str]) -> tuple[int | None, str]:
     if marks:
         tail = text[marks[-1].end():]
         first = _norm(re.sub(r"^\W*(?:is\b)?", "", tail.strip().split("\n")[0]).strip("*_ "))
-        exact = [i for i, c in enumerate(choices) if _norm(c) == first and first]
+        exact = [i for i, c in enumerate(choices) if first and _norm(c) == first]
         if exact:
             return exact[0], "text"
         m = _LETTER.match(tail)
         if m and m.group(1) in letters:
             return letters.index(m.group(1)), "letter"
-        found = _longest_choice_in(tail, choices)
+        found = _earliest_choice_in(tail, choices)
         if found is not None:
             return found, "text"
         m = _INDEX.match(tail)
         if m and 1 <= int(m.group(1)) <= n:
             return int(m.group(1)) - 1, "index"
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     if lines:
-        m = re.fullmatch(r"\W*([A-Z])\W*", lines[-1].strip())
+        m = re.fullmatch(r"\W*([A-Z])\W*", lines[-1])
         if m and m.group(1) in letters:
             return letters.index(m.group(1)), "letter"
-    found = _last_choice_in(text, choices)
-    if found is not None:
-        return found, "text"
+    named = {m.group(1) for m in _OPTION_LINE.finditer(text) if m.group(1) in letters}
+    if len(named) == 1:
+        return letters.index(named.pop()), "letter"
+    mentioned = {i for i, c in enumerate(choices) if len(_norm(c)) > 1 and _find_all(_norm(c), _norm(text))}
+    if len(mentioned) == 1 and not named:
+        return mentioned.pop(), "text"
     return None, "none"
 
 
+_OPTION_LINE = re.compile(r"^[ \t]*[\(\[]?([A-Z])[\)\].:][ \t]", re.MULTILINE)
+
+
 def _find_all(needle: str, hay: str) -> list[int]:
-    """End positions of ``needle`` in ``hay`` as whole words (not inside a longer word)."""
+    """Start positions of ``needle`` in ``hay`` as whole words (not inside a longer word)."""
     pattern = r"(?<!\w)" + re.escape(needle) + r"(?!\w)"
-    return [m.end() for m in re.finditer(pattern, hay)]
+    return [m.start() for m in re.finditer(pattern, hay)]
 
 
-def _longest_choice_in(segment: str, choices: Sequence[str]) -> int | None:
+def _earliest_choice_in(segment: str, choices: Sequence[str]) -> int | None:
+    """The choice whose text (longer than one character) starts first in ``segment``; on a tie
+    the longer one."""
     seg = _norm(segment)
-    hits = [(len(_norm(c)), -i) for i, c in enumerate(choices)
-            if len(_norm(c)) > 1 and _find_all(_norm(c), seg)]
-    return -max(hits)[1] if hits else None
-
-
-def _last_choice_in(text: str, choices: Sequence[str]) -> int | None:
-    low = _norm(text)
-    best = None
+    hits = []
     for i, c in enumerate(choices):
         c = _norm(c)
-        if len(c) <= 1:  # single letters/digits occur everywhere; the letter rules handle them
-            continue
-        ends = _find_all(c, low)
-        if ends:
-            key = (ends[-1], len(c))   # the latest mention wins; on a tie the longer choice
-            if best is None or key > best[0]:
-                best = (key, i)
-    return best[1] if best else None
+        starts = _find_all(c, seg) if len(c) > 1 else []
+        if starts:
+            hits.append((starts[0], -len(c), i))
+    return min(hits)[2] if hits else None
