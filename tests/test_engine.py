@@ -348,3 +348,108 @@ def test_device_choice():
             pick_device("cuda")
     with pytest.raises(MergelabError, match="unknown device"):
         pick_device("tpu:x")
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+
+def test_recipe_forms_relative_paths_and_hub_refs(tmp_path, monkeypatch):
+    import yaml
+
+    from mergelab.recipe import ModelRef
+
+    (tmp_path / "sub").mkdir()
+    f = tmp_path / "sub" / "r.yaml"
+    f.write_text(yaml.safe_dump({"base": {"path": "../base"},
+                                 "experts": [{"path": "e1", "density": [{"filter": "mlp", "value": 0.3}]},
+                                             {"model": "org/expert", "revision": "a" * 40, "weight": 0.5}],
+                                 "method": {"name": "ties", "params": {"lambda": 0.9}}, "seed": 4}))
+    r = load_recipe(f)
+    assert r.base.path == tmp_path / "sub" / ".." / "base" and r.experts[0].path == tmp_path / "sub" / "e1"
+    assert r.method.params == {"lambda": 0.9} and r.experts[1].params == {"weight": 0.5}
+    calls = []
+    monkeypatch.setattr("mergelab.sources.resolve_model", lambda ref: calls.append(ref) or tmp_path / "snap")
+    assert r.experts[1].resolve() == tmp_path / "snap" and calls[0].model == "org/expert"
+    assert load_recipe({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "linear"}).method.name == "linear"
+    with pytest.raises(ValueError, match="exactly one of `path`"):
+        ModelRef(path="x", model="a/b")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"experts": [{"path": "e"}], "method": "ties"}, "base: Field required"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {}}, "tune: unknown key; allowed here: base, experts"),
+    ({"base": {"path": "b", "revision": "x"}, "experts": [{"path": "e"}], "method": "ties"}, "`revision` goes with `model`"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e", "gamma": 0.1}], "method": "ties"},
+     "experts[0].gamma: not a per-expert parameter of ties"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": {"name": "ties", "normalize": "yes"}},
+     "method.normalize: expected true or false, got 'yes'"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": {"name": "ties", "density": []}},
+     "method.density: an empty list has no value"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "output": {"rank": 8}},
+     "`rank` and `energy` apply to `format: lora` only"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "output": {"dtype": "int8"}},
+     "output.dtype"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "model_stock"}, "model_stock takes at least 2 expert"),
+])
+def test_recipe_errors_name_the_key_the_value_and_the_expectation(data, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(data)
+    assert message in str(err.value)
+
+
+def test_recipe_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: {path: b}\nexperts: [\n  - oops: : :\n")
+    with pytest.raises(RecipeError, match=r"bad.yaml: not valid YAML \(line \d+, column \d+\)"):
+        load_recipe(bad)
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(RecipeError, match="a recipe is a mapping"):
+        load_recipe(tmp_path / "list.yaml")
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"merge_method": "passthrough", "models": [{"model": "a/b"}]}, "'passthrough' is not supported"),
+    ({"merge_method": "ties", "modules": {}, "base_model": "a/b"}, "modules: is not supported"),
+    ({"merge_method": "ties", "models": [{"model": "a/b+c/lora"}], "base_model": "a/b"}, "model+lora"),
+    ({"merge_method": "ties", "models": [{"model": "a/b"}]}, "ties needs a base_model"),
+    ({"merge_method": "slerp", "base_model": "a/b", "slices": [
+        {"sources": [{"model": "a/b", "layer_range": [0, 16]}, {"model": "c/d", "layer_range": [0, 16]}]},
+        {"sources": [{"model": "a/b", "layer_range": [16, 32]}, {"model": "c/d", "layer_range": [16, 32]}]}]},
+     "only one slice spanning all layers"),
+    ({"merge_method": "ties", "base_model": "a/b", "models": [{"model": "c/d"}], "tokenizer_source": "union"},
+     "only the base model's tokenizer"),
+])
+def test_mergekit_configs_that_cannot_be_translated_say_why(cfg, message):
+    with pytest.raises(RecipeError, match="mergekit config") as err:
+        load_recipe(cfg)
+    assert message in str(err.value)
+
+
+def test_mergekit_translation(zoo, tmp_path):
+    fz = zoo["llama"]
+    r = load_recipe({"merge_method": "dare_ties", "base_model": str(fz.base), "dtype": "bfloat16", "out_dtype": "float16",
+                     "models": [{"model": str(fz.base)}, {"model": str(fz.experts[0]), "parameters": {"weight": 0.5}},
+                                {"model": "org/name@" + "b" * 40}],
+                     "parameters": {"density": 0.5, "int8_mask": True}, "seed": 7})
+    assert r.base.path == fz.base and len(r.experts) == 2  # the base is not an expert
+    assert r.experts[0].params == {"weight": 0.5} and r.experts[1].model == "org/name"
+    assert r.experts[1].revision == "b" * 40
+    assert r.method.params == {"density": 0.5} and r.output.dtype == "float16" and r.seed == 7
+    # linear: every model is averaged, the first gives config and tokenizer
+    r = load_recipe({"merge_method": "linear", "models": [{"model": str(e)} for e in fz.experts[:2]]})
+    assert r.base.path == fz.experts[0] and [e.path for e in r.experts] == fz.experts[:2]
+
+
+def test_lora_output_goes_to_the_lora_merger(monkeypatch, tmp_path):
+    import types
+
+    seen = {}
+    fake = types.ModuleType("mergelab.lora_merge")
+    fake.merge_to_adapter = lambda recipe, out_dir, **kw: seen.update(recipe=recipe, out=out_dir, **kw) or "done"
+    monkeypatch.setitem(sys.modules, "mergelab.lora_merge", fake)
+    r = load_recipe({"base": {"path": "b"}, "experts": [{"path": "l"}], "method": "ties",
+                     "output": {"format": "lora", "rank": 8}})
+    assert merge(r, tmp_path / "o", device="cpu", force=True, progress=False) == "done"
+    assert seen["device"] == "cpu" and seen["force"] is True and seen["out"] == tmp_path / "o"
