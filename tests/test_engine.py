@@ -453,3 +453,11 @@ def test_lora_output_goes_to_the_lora_merger(monkeypatch, tmp_path):
                      "output": {"format": "lora", "rank": 8}})
     assert merge(r, tmp_path / "o", device="cpu", force=True, progress=False) == "done"
     assert seen["device"] == "cpu" and seen["force"] is True and seen["out"] == tmp_path / "o"
+
+
+def test_output_inside_an_input_is_refused(zoo, tmp_path):
+    fz = zoo["llama"]
+    for out in (fz.base, fz.base.parent):  # --force must never delete an input
+        with pytest.raises(MergelabError, match="holds an input"):
+            merge(_recipe(fz, "linear"), out, force=True, progress=False)
+    assert (fz.base / "config.json").is_file()

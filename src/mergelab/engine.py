@@ -266,21 +266,28 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     spec = get_method(recipe.method.name)
 
     base_path = recipe.base.resolve()
-    base = CheckpointReader(base_path)
     expert_paths = [e.resolve() for e in recipe.experts]
+    out_abs = out_dir.resolve()
     for p in [base_path, *expert_paths]:
-        if out_dir.absolute() == Path(p).absolute():
-            raise MergelabError(f"the output folder {out_dir} is one of the inputs",
+        p = Path(p).resolve()
+        if p == out_abs or out_abs in p.parents:
+            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
                                 hint="write the merge to a new folder")
-    experts = [open_expert(p, base) for p in expert_paths]
-    tasks = plan_merge(recipe, base, experts, spec)
-    t_plan = time.perf_counter()
-
-    n_workers = workers or (max(1, torch.get_num_threads()) if dev.type == "cpu" else 2)
-    max_work = max((t.work_bytes for t in tasks), default=0)
-    budget = max(int(1.25 * max_work), 256 << 20)
-    torch_threads = torch.get_num_threads()
+    opened: list = []
     try:
+        base = CheckpointReader(base_path)
+        opened.append(base)
+        experts = []
+        for p in expert_paths:
+            experts.append(open_expert(p, base))
+            opened.append(experts[-1])
+        tasks = plan_merge(recipe, base, experts, spec)
+        t_plan = time.perf_counter()
+
+        n_workers = workers or (max(1, torch.get_num_threads()) if dev.type == "cpu" else 2)
+        max_work = max((t.work_bytes for t in tasks), default=0)
+        budget = max(int(1.25 * max_work), 256 << 20)
+        torch_threads = torch.get_num_threads()
         with atomic_output_dir(out_dir, force) as tmp:
             writer = ShardedWriter(tmp, recipe.output.shard_size_bytes,
                                    layout=[(t.name, t.shape, t.out_dtype) for t in tasks])
@@ -297,10 +304,9 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
             copied = copy_model_files(base_path, tmp) if Path(base_path).is_dir() else []
             _set_config_dtype(tmp / "config.json", recipe.output.dtype)
     finally:
-        for e in experts:
-            if hasattr(e, "close"):
-                e.close()
-        base.close()
+        for src in opened:
+            if hasattr(src, "close"):
+                src.close()
     t_end = time.perf_counter()
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
                        device=str(dev), method=spec.name, workers=n_workers, copied_files=copied,
