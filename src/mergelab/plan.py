@@ -312,11 +312,10 @@ class Plan:
 
     @property
     def verdict(self) -> str:
-        gb = 1e9
         lines = []
         for s in self.over_memory:
-            lines.append(f"stage {s.name} needs {s.peak_memory / gb:.1f} GB of device memory; "
-                         f"the {self.hardware.name} has {self.hardware.memory / gb:.0f} GB")
+            lines.append(f"stage {s.name} needs {fmt_bytes(s.peak_memory)} of device memory; "
+                         f"the {self.hardware.name} has {fmt_bytes(self.hardware.memory)}")
         if self.total_s > self.budget_s:
             worst = max(self.stages, key=lambda s: s.seconds)
             lines.append(f"over budget: {_minutes(self.total_s)} estimated > {_minutes(self.budget_s)} budget; "
@@ -324,7 +323,7 @@ class Plan:
         if not lines:
             return (f"fits: {_minutes(self.total_s)} of {_minutes(self.budget_s)} on the {self.hardware.name}, "
                     f"{_minutes(self.budget_s - self.total_s)} to spare; peak memory "
-                    f"{self.peak_memory / gb:.1f} of {self.hardware.memory / gb:.0f} GB")
+                    f"{fmt_bytes(self.peak_memory)} of {fmt_bytes(self.hardware.memory)}")
         return "does not fit: " + "; ".join(lines)
 
     def to_dict(self) -> dict:
@@ -334,6 +333,13 @@ class Plan:
                 "stages": [asdict(s) for s in self.stages], "models": self.models,
                 "workload": self.workload, "probe": self.probe, "download_bytes": self.download_bytes,
                 "notes": self.notes}
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _minutes(seconds: float) -> str:
@@ -363,7 +369,7 @@ def estimate_merge(hw: Profile, base: ModelInfo, experts: list[ModelInfo], metho
     }
     peak = (len(experts) + 3) * base.largest * 4.0
     return StageEstimate("merge", sum(parts.values()), peak,
-                         f"{len(experts)} expert(s), {bytes_in / 1e9:.2f} GB read, {bytes_out / 1e9:.2f} GB written, "
+                         f"{len(experts)} expert(s), {fmt_bytes(bytes_in)} read, {fmt_bytes(bytes_out)} written, "
                          f"{passes} passes ({method})", parts)
 
 
@@ -588,6 +594,10 @@ def _forward_probe(base_dir: Path, info: ModelInfo, dev, dtype, flops: float) ->
 
     t = time.perf_counter()
     model, _ = load_model_and_tokenizer(base_dir, device=dev.type, dtype=dtype)
+    first_load_s = time.perf_counter() - t     # includes one-time imports and device set-up
+    del model
+    t = time.perf_counter()
+    model, _ = load_model_and_tokenizer(base_dir, device=dev.type, dtype=dtype)
     load_s = time.perf_counter() - t
     tokens = 8
     ids = torch.arange(1, tokens + 1, device=dev).unsqueeze(0) % max(info.vocab, 2)
@@ -607,7 +617,7 @@ def _forward_probe(base_dir: Path, info: ModelInfo, dev, dtype, flops: float) ->
     compute = 2.0 * info.matmul_params * tokens / flops
     del model
     return {"forward_s": call, "forward_tokens": tokens, "layer_overhead": max(call - compute, 0.0) / info.layers,
-            "load_s": load_s}
+            "load_s": load_s, "first_load_s": first_load_s}
 
 
 def calibrated_profile(hw: Profile, probe: dict) -> Profile:

@@ -9,6 +9,7 @@ import typer
 
 def _summary(result, title: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -16,11 +17,19 @@ def _summary(result, title: str) -> None:
     table.add_column("status")
     table.add_column("seconds", justify="right")
     table.add_column("detail")
-    colour = {"ran": "green", "skipped": "cyan", "off": "dim"}
+    colour = {"ran": "green", "skipped": "cyan", "off": "dim", "partial": "bold red"}
     for s in result.stages:
         table.add_row(s.name, f"[{colour.get(s.status, 'white')}]{s.status}[/]", f"{s.seconds:.1f}", s.detail)
     console = Console(stderr=True)
     console.print(table)
+    budget = result.manifest.get("budget")
+    if budget:
+        planned = "" if budget["planned_s"] is None else f", planned {budget['planned_s'] / 60:.1f} min"
+        line = (f"budget {budget['budget_s'] / 60:.1f} min on the {budget['hardware']}{planned}; "
+                f"used {budget['used_s'] / 60:.1f} min here")
+        console.print(line, highlight=False)
+    for w in result.warnings:
+        console.print(f"[bold red]WARNING:[/] {escape(w)}", highlight=False)
     console.print(f"manifest: {result.out_dir / 'manifest.json'}", highlight=False)
 
 
@@ -42,15 +51,22 @@ def register(app: typer.Typer) -> None:
                                       help="Skip the competition rule check (a run outside the competition)."),
         cutoff: Optional[str] = typer.Option(None, "--cutoff", help="Rule check cut-off date (default 2024-05-31)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        budget: Optional[str] = typer.Option(None, "--budget", help="Time budget (60m, 3600, 1h): refuse a "
+                                             "recipe whose plan does not fit; stop fine-tuning and evaluation "
+                                             "at the deadline (the submission stays complete)."),
+        hardware: str = typer.Option("a6000", "--hardware", help="Profile the plan is made for (with --budget)."),
+        force: bool = typer.Option(False, "--force", help="With --budget: run even when the plan does not fit "
+                                   "(the deadline is still enforced)."),
     ) -> None:
-        """Resolve → check rules → merge → evaluate → submission files, with a manifest.
+        """Resolve → check rules → (fine-tune) → merge → evaluate → submission files, with a manifest.
 
         A rerun into the same folder skips stages whose inputs and outputs match the manifest.
         """
         from mergelab.run import run_recipe
 
         result = run_recipe(recipe, out, device=device, rules=not no_rules, cutoff=cutoff,
-                            progress=_progress(quiet), quiet=quiet)
+                            progress=_progress(quiet), quiet=quiet, budget=budget, hardware=hardware,
+                            force=force, warn=lambda m: None)
         _summary(result, f"mergelab run → {out}")
 
     @app.command("reproduce")
