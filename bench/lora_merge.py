@@ -95,6 +95,12 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process (all threads): with the cores shared, wall time is not the work."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -> dict:
     from mergelab.lora_merge import merge_to_adapter
     from mergelab.recipe import load_recipe
@@ -104,11 +110,11 @@ def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -
                           "method": method, "output": {"format": "lora", **({"rank": rank} if rank else {})}})
     rss0 = peak_rss_mb()
     out = root / f"out-mergelab-{method['name']}-{int(exact_ties)}"
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu_s()
     res = merge_to_adapter(recipe, out, device="cpu", force=True, progress=False, exact_ties=exact_ties)
-    wall = time.perf_counter() - t
+    wall, cpu = time.perf_counter() - t, cpu_s() - c
     report = json.loads((out / "merge_report.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0,
+    return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0,
             "rank": res.max_rank, "max_rel_error": report["summary"]["max_rel_error"],
             "mean_rel_error": report["summary"]["mean_rel_error"], "routes": res.routes,
             "output_mb": (out / "adapter_model.safetensors").stat().st_size / 1e6}
@@ -165,6 +171,7 @@ def run_peft(root: Path, combination: str, layers: int) -> dict:
                 (d / "adapter_config.json").write_text((p / "adapter_config.json").read_text())
             src.append(d)
     rss0 = peak_rss_mb()
+    c0 = cpu_s()
     t0 = time.perf_counter()
     model = PeftModel.from_pretrained(_toy_model(layers), str(src[0]), adapter_name="a0")
     for j, p in enumerate(src[1:], start=1):
@@ -178,7 +185,7 @@ def run_peft(root: Path, combination: str, layers: int) -> dict:
     out = root / f"out-peft-{combination}"
     model.save_pretrained(str(out), selected_adapters=["merged"])
     t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "merge_s": t2 - t1, "save_s": t3 - t2, "wall_s": t3 - t0,
+    return {"load_s": t1 - t0, "merge_s": t2 - t1, "save_s": t3 - t2, "wall_s": t3 - t0, "cpu_s": cpu_s() - c0,
             "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0, "layers": layers}
 
 
@@ -251,13 +258,13 @@ def main() -> None:
         results[key] = res
         load = os.getloadavg()[0]
         if key.startswith("ml"):
-            print(f"{label:58s} {res['wall_s']:8.2f} s   peak RSS {res['peak_rss_mb']:6.0f} MB "
+            print(f"{label:58s} {res['wall_s']:8.2f} s (CPU {res['cpu_s']:.1f} s)   peak RSS {res['peak_rss_mb']:6.0f} MB "
                   f"(after imports {res['rss_after_imports_mb']:.0f})   rank {res['rank']}, "
                   f"relative error max {res['max_rel_error']:.3g} mean {res['mean_rel_error']:.3g}   load {load:.1f}")
         else:
             scale = LAYERS / res["layers"]
             est = f"  → ×{scale:.0f} = {res['merge_s'] * scale:.0f} s for 32 layers" if scale > 1 else ""
-            print(f"{label:58s} {res['wall_s']:8.2f} s   peak RSS {res['peak_rss_mb']:6.0f} MB "
+            print(f"{label:58s} {res['wall_s']:8.2f} s (CPU {res['cpu_s']:.1f} s)   peak RSS {res['peak_rss_mb']:6.0f} MB "
                   f"(after imports {res['rss_after_imports_mb']:.0f})   load {res['load_s']:.1f} s, "
                   f"merge {res['merge_s']:.2f} s, save {res['save_s']:.1f} s{est}   load {load:.1f}")
     print()

@@ -311,7 +311,7 @@ def test_dense_lowrank_approx_randomised_is_near_optimal_and_error_is_direct():
     assert err == pytest.approx(relative_error(m, lr), rel=1e-9)
     direct = float((m - lr.dense()).double().norm() / m.double().norm())
     assert err == pytest.approx(direct, rel=1e-4)
-    assert best <= err <= best * 1.01
+    assert best * (1 - 1e-6) <= err <= best * 1.01
     # the same generator seed gives the same factors
     lr2, _ = lowrank_approx(m, rank=10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(lr.B, lr2.B) and torch.equal(lr.A, lr2.A)

@@ -200,7 +200,7 @@ def truncate(lr: LowRank, rank: int | None = None, energy: float | None = None) 
 
 def lowrank_approx(m: torch.Tensor, rank: int | None = None, energy: float | None = None, *,
                    generator: torch.Generator | None = None, oversample: int = 10,
-                   power_iters: int = 3, exact_below: int = 512) -> tuple[LowRank, float]:
+                   power_iters: int = 2, exact_below: int = 512) -> tuple[LowRank, float]:
     """Rank-``rank`` (and/or ``energy``) approximation of a dense matrix and its relative error.
 
     Small matrices (min side ≤ ``exact_below``), and requests without a rank or near full rank,

@@ -302,11 +302,13 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
                 if d.numel():
                     y[i, d - r0 * n] = 0.0
         mixed = (coef @ y).view(-1)                              # Σ dᵢ
-        pos = (coef @ y.clamp(min=0)).view(-1)                   # Σ of positive dᵢ
+        if normalize:
+            diff = (w_sgn @ y.clamp(-1, 1)).view(-1)             # Σ wᵢ [dᵢ > 0] − Σ wᵢ [dᵢ < 0]
+        pos = (coef @ y.clamp_(min=0)).view(-1)                  # Σ of positive dᵢ
         neg = mixed - pos
         if normalize:
-            cp = (w_sgn @ y.clamp(0, 1)).view(-1)                # Σ wᵢ [dᵢ > 0]
-            cn = cp - (w_sgn @ y.clamp(-1, 1)).view(-1)          # Σ wᵢ [dᵢ < 0]
+            cp = (w_sgn @ y.clamp_(max=1)).view(-1)              # Σ wᵢ [dᵢ > 0]
+            cn = cp - diff                                       # Σ wᵢ [dᵢ < 0]
             pos.div_(cp.masked_fill_(cp == 0, 1.0))
             neg.div_(cn.masked_fill_(cn == 0, 1.0))
         torch.where(mixed >= 0, pos, neg, out=out[r0:r1].view(-1))
