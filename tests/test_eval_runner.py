@@ -82,8 +82,10 @@ def test_outputs_and_scores_by_hand(tmp_path, labelled, zoo):
     opts = EvalOptions(max_new_tokens=8, batch_size=3)
     scores = evaluate(zoo["llama"].base, [path, test_file], out, opts)
 
-    assert sorted(p.name for p in out.iterdir()) == ["labelled.csv", "predictions", "scores.json", "test.csv"]
-    assert json.loads((out / "scores.json").read_text()) == scores
+    assert sorted(p.name for p in out.iterdir()) == ["labelled.csv", "predictions", "scores.json", "test.csv",
+                                                     "timing.json"]
+    assert json.loads((out / "scores.json").read_text()) == {k: v for k, v in scores.items() if k != "timing"}
+    assert json.loads((out / "timing.json").read_text()) == scores["timing"]
     sub = _read_sub(out / "labelled.csv")
     assert sub[0] == ["id", "prediction", "dummy_field"]
     assert [r[0] for r in sub[1:]] == ORDER and all(r[2] == "0" for r in sub[1:])

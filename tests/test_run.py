@@ -167,3 +167,69 @@ def test_eval_section_errors_name_the_key(llama, tmp_path, section, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[").replace("]", r"\]")):
         run_recipe(recipe, tmp_path / "r", rules=False)
     assert not (tmp_path / "r" / "model").exists()
+
+
+def test_run_with_eval_writes_submissions_and_reproduces_byte_for_byte(llama, tmp_path):
+    base, experts = llama
+    (tmp_path / "mc.csv").write_text(
+        "id,input,target,answer_choices,eval_type\n"
+        "a,\"Question: two plus three?\nAnswer:\",1,\"['four', 'five']\",multiple_choice\n"
+        "b,Sentiment: I loved it. Label:,0,\"['positive', 'negative']\",multiple_choice\n"
+        "c,Dates: 2024-05-31 is,the thirty-first of May,,generation\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["mc.csv"], "max_new_tokens": 4,
+                                                         "batch_size": 2})
+    first = run_recipe(recipe, tmp_path / "one", rules=False)
+    sub = (tmp_path / "one" / "eval" / "mc.csv").read_text().splitlines()
+    assert sub[0] == "id,prediction,dummy_field" and [r.split(",")[0] for r in sub[1:]] == ["a", "b", "c"]
+    assert "eval/scores.json" in first.manifest["outputs"]
+    assert not any(k.endswith("timing.json") for k in first.manifest["outputs"])
+    again = run_recipe(recipe, tmp_path / "one", rules=False)
+    assert {s.name: s.status for s in again.stages} == {"resolve": "ran", "rules": "off", "merge": "skipped",
+                                                       "eval": "skipped"}
+    second = reproduce(tmp_path / "one" / "manifest.json", tmp_path / "two")
+    assert second.manifest["outputs"] == first.manifest["outputs"]
+
+
+def test_a_tiny_budget_ends_evaluation_early_with_a_complete_submission(llama, tmp_path, capsys):
+    """--force past a plan that does not fit: the deadline passes before evaluation, so every
+    row gets the documented fallback; the submission still has every row, and the run says so."""
+    import csv
+
+    from mergelab.evaluate import FALLBACK_CHOICE, FALLBACK_TEXT
+
+    base, experts = llama
+    rows = ["id,input,target,answer_choices,eval_type"]
+    for i in range(12):
+        rows.append(f'{i},Is {i} even?,0,"[""yes"", ""no""]",multiple_choice' if i % 2 else f"{i},Count to {i},1 2,,generation")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 4})
+    result = run_recipe(recipe, tmp_path / "r", rules=False, budget=0.01, hardware="cpu", force=True)
+    stages = {s.name: s for s in result.stages}
+    assert stages["eval"].status == "partial" and "DEADLINE: 12 of 12 rows not reached" in stages["eval"].detail
+    with open(tmp_path / "r" / "eval" / "t.csv", newline="") as fh:
+        sub = list(csv.DictReader(fh))
+    assert [r["id"] for r in sub] == [str(i) for i in range(12)]
+    assert {r["prediction"] for r in sub} == {str(FALLBACK_CHOICE), FALLBACK_TEXT}
+    b = result.manifest["budget"]
+    assert b["rows_not_reached"] == 12 and b["eval_complete"] is False and b["over_budget"] is True
+    assert b["planned_s"] > b["budget_s"] == 0.01 and set(b["planned"]) == {"merge", "eval"}
+    assert any("evaluation hit the deadline" in w for w in result.manifest["warnings"])
+    # an incomplete evaluation is redone by a rerun without a budget
+    again = run_recipe(recipe, tmp_path / "r", rules=False)
+    assert {s.name: s.status for s in again.stages}["eval"] == "ran"
+    assert again.manifest["stages"]["eval"]["complete"] is True and "budget" not in again.manifest
+    # the CLI prints it loudly
+    assert main(["run", str(recipe), "--out", str(tmp_path / "cli"), "--no-rules", "--quiet", "--budget", "0.01s",
+                 "--hardware", "cpu", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "not reached" in err and "budget 0.0 min on the cpu" in err
+
+
+def test_a_budget_that_fits_runs_everything(llama, tmp_path):
+    base, experts = llama
+    (tmp_path / "t.csv").write_text("id,input,target,answer_choices,eval_type\n0,hi,yes,,generation\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 2})
+    result = run_recipe(recipe, tmp_path / "r", rules=False, budget="60m")   # planned on the a6000
+    b = result.manifest["budget"]
+    assert b["hardware"] == "a6000" and b["plan_verdict"].startswith("fits") and not b["forced"]
+    assert b["eval_complete"] and b["rows_not_reached"] == 0 and b["used_s"] < 3600

@@ -466,10 +466,11 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             options = eval_section.eval_options(device)
             if recipe.output.format == "lora":
                 scores = evaluate(models[0]["local_path"], eval_section.data, eval_dir, options,
-                                  adapter=model_dir, force=True, deadline=deadline)
+                                  adapter=model_dir, force=True, deadline=deadline,
+                                  label="base + model/ (adapter)")
             else:
                 scores = evaluate(model_dir, eval_section.data, eval_dir, options, force=True,
-                                  deadline=deadline)
+                                  deadline=deadline, label="model/")
             timings["eval"] = time.perf_counter() - t0
             overall = scores.get("overall", {})
             missed = int(overall.get("not_reached", 0) or 0)

@@ -67,7 +67,7 @@ def _max_length(model, options: EvalOptions) -> int | None:
 def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str | Path | None,
              options: EvalOptions | None = None, *, adapter: str | Path | None = None,
              tokenizer=None, deadline: float | None = None, force: bool = False,
-             on_progress: ProgressFn | None = None) -> dict:
+             on_progress: ProgressFn | None = None, label: str | None = None) -> dict:
     """Evaluate ``model`` on competition CSV files; write outputs to ``out_dir``; return the scores.
 
     ``model`` is a local model folder (loaded with :func:`load_model_and_tokenizer` on
@@ -79,7 +79,10 @@ def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str 
     Outputs in ``out_dir`` (written to a temporary folder, renamed into place at the end; an
     existing folder is replaced only with ``force``; ``None`` writes nothing): ``X.csv`` in
     submission format for each input ``X.csv``, ``predictions/X.jsonl`` with per-row details,
-    and ``scores.json`` (the returned dict). ``on_progress(done, total)`` follows the work.
+    and ``scores.json`` (the returned dict less its ``timing``, which goes to ``timing.json`` so
+    that ``scores.json`` is the same bytes for the same model and data). ``on_progress(done,
+    total)`` follows the work. ``label`` names the model in the scores instead of its folder (and
+    the adapter by its folder name only), so that the scores do not depend on where folders lie.
     """
     options = options or EvalOptions()
     files = _as_paths(data_files)
@@ -117,7 +120,11 @@ def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str 
         if was_training:
             model.train()
 
-    scores = _scores(datasets, records, options, model_name, adapter, seconds)
+    if label is not None:   # stable names: the scores do not depend on where the folders lie
+        model_name, adapter_name = label, (Path(adapter).name if adapter is not None else None)
+    else:
+        adapter_name = str(adapter) if adapter is not None else None
+    scores = _scores(datasets, records, options, model_name, adapter_name, seconds)
     if out_path is not None:
         _write_outputs(out_path, datasets, records, scores, force)
     return scores
@@ -237,7 +244,8 @@ def _mark_not_reached(rec: dict, fallback) -> None:
     rec.update(prediction=fallback, method="not_reached", not_reached=True)
 
 
-def _scores(datasets, records, options: EvalOptions, model_name: str, adapter, seconds: float) -> dict:
+def _scores(datasets, records, options: EvalOptions, model_name: str, adapter: str | None,
+            seconds: float) -> dict:
     per_file = {path.name: aggregate(recs) for (path, _), recs in zip(datasets, records)}
     everything = [r for recs in records for r in recs]
     overall = aggregate(everything)
@@ -245,7 +253,7 @@ def _scores(datasets, records, options: EvalOptions, model_name: str, adapter, s
     done = len(everything) - overall["not_reached"]
     return {
         "model": model_name,
-        "adapter": str(adapter) if adapter is not None else None,
+        "adapter": adapter,
         "complete": overall["not_reached"] == 0 and cot_skipped == 0,
         "overall": overall,
         "files": per_file,
@@ -267,8 +275,10 @@ def _write_outputs(out_dir: Path, datasets, records, scores: dict, force: bool) 
             with (tmp / "predictions" / f"{path.stem}.jsonl").open("w", encoding="utf-8") as fh:
                 for rec in recs:
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        (tmp / "scores.json").write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n",
+        stable = {k: v for k, v in scores.items() if k != "timing"}
+        (tmp / "scores.json").write_text(json.dumps(stable, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
+        (tmp / "timing.json").write_text(json.dumps(scores["timing"], indent=2) + "\n", encoding="utf-8")
         check_output_folder(out_dir, force)
         old = None
         if out_dir.exists():
