@@ -233,3 +233,48 @@ def test_a_budget_that_fits_runs_everything(llama, tmp_path):
     b = result.manifest["budget"]
     assert b["hardware"] == "a6000" and b["plan_verdict"].startswith("fits") and not b["forced"]
     assert b["eval_complete"] and b["rows_not_reached"] == 0 and b["used_s"] < 3600
+
+
+def test_a_tiny_budget_ends_evaluation_early_with_a_complete_submission(llama, tmp_path, capsys):
+    """--force past a plan that does not fit: the deadline passes before evaluation, so every
+    row gets the documented fallback; the submission still has every row, and the run says so."""
+    import csv
+
+    from mergelab.evaluate import FALLBACK_CHOICE, FALLBACK_TEXT
+
+    base, experts = llama
+    rows = ["id,input,target,answer_choices,eval_type"]
+    for i in range(12):
+        rows.append(f'{i},Is {i} even?,0,"[""yes"", ""no""]",multiple_choice' if i % 2 else f"{i},Count to {i},1 2,,generation")
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 4})
+    result = run_recipe(recipe, tmp_path / "r", rules=False, budget=0.01, hardware="cpu", force=True)
+    stages = {s.name: s for s in result.stages}
+    assert stages["eval"].status == "partial" and "DEADLINE: 12 of 12 rows not reached" in stages["eval"].detail
+    with open(tmp_path / "r" / "eval" / "t.csv", newline="") as fh:
+        sub = list(csv.DictReader(fh))
+    assert [r["id"] for r in sub] == [str(i) for i in range(12)]
+    assert {r["prediction"] for r in sub} == {str(FALLBACK_CHOICE), FALLBACK_TEXT}
+    b = result.manifest["budget"]
+    assert b["rows_not_reached"] == 12 and b["eval_complete"] is False and b["over_budget"] is True
+    assert b["planned_s"] > b["budget_s"] == 0.01 and set(b["planned"]) == {"merge", "eval"}
+    assert any("evaluation hit the deadline" in w for w in result.manifest["warnings"])
+    # an incomplete evaluation is redone by a rerun without a budget
+    again = run_recipe(recipe, tmp_path / "r", rules=False)
+    assert {s.name: s.status for s in again.stages}["eval"] == "ran"
+    assert again.manifest["stages"]["eval"]["complete"] is True and "budget" not in again.manifest
+    # the CLI prints it loudly
+    assert main(["run", str(recipe), "--out", str(tmp_path / "cli"), "--no-rules", "--quiet", "--budget", "0.01s",
+                 "--hardware", "cpu", "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "not reached" in err and "budget 0.0 min on the cpu" in err
+
+
+def test_a_budget_that_fits_runs_everything(llama, tmp_path):
+    base, experts = llama
+    (tmp_path / "t.csv").write_text("id,input,target,answer_choices,eval_type\n0,hi,yes,,generation\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 2})
+    result = run_recipe(recipe, tmp_path / "r", rules=False, budget="60m")   # planned on the a6000
+    b = result.manifest["budget"]
+    assert b["hardware"] == "a6000" and b["plan_verdict"].startswith("fits") and not b["forced"]
+    assert b["eval_complete"] and b["rows_not_reached"] == 0 and b["used_s"] < 3600
