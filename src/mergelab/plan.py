@@ -638,3 +638,22 @@ def calibrated_profile(hw: Profile, probe: dict) -> Profile:
         sources[k] = f"measured by --calibrate on {probe['device']}"
     return replace(hw, name=f"{hw.name}+calibrated", label=f"{hw.label}, calibrated on {probe['device']}",
                    sources=sources, **changes)
+
+
+def model_info_from_config(cfg: Mapping[str, Any], dtype_bytes: int = 2, name: str = "(from config)") -> ModelInfo:
+    """Sizes of a Llama/Mistral-style decoder from its ``config.json`` alone (no weights at hand).
+
+    Per layer: q and o (h×h), k and v (h×kv), gate/up/down (h×inter), two norms; plus the
+    embedding, the final norm and an untied ``lm_head``. Used to plan models not downloaded yet.
+    """
+    h, inter, layers = int(cfg["hidden_size"]), int(cfg["intermediate_size"]), int(cfg["num_hidden_layers"])
+    vocab = int(cfg["vocab_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or h // heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    embed = vocab * h
+    params = layers * per_layer + embed + h + (0 if tied else embed)
+    return ModelInfo(name, params, params * dtype_bytes, layers * 9 + 2 + (0 if tied else 1),
+                     max(embed, h * inter), 0 if tied else embed, layers=layers, hidden=h,
+                     intermediate=inter, vocab=vocab, kv_dim=kv)
