@@ -239,3 +239,34 @@ def test_copy_model_files_copies_everything_but_weights(zoo):
                  "chat_template.jinja"):
         assert want in names
     assert not any(n.endswith(".safetensors") or n.endswith(".index.json") for n in names)
+
+
+def test_symlinked_shards_as_in_the_hub_cache_are_read_but_escaping_names_are_refused(zoo, tmp_path):
+    """The Hub cache keeps shards as links into a blob store; an index may not name ../ paths."""
+    import json as _json
+    import shutil as _shutil
+
+    from mergelab.checkpoint import CheckpointReader
+    from mergelab.errors import CheckpointError
+
+    src = zoo["llama"].base
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        blob = blobs / f"blob-{f.name}"
+        _shutil.copy(f, blob)
+        (snap / f.name).symlink_to(blob)
+    reader = CheckpointReader(snap)
+    plain = CheckpointReader(src)
+    name = sorted(plain.keys())[0]
+    assert reader.keys() == plain.keys() and reader.get(name).equal(plain.get(name))
+
+    bad = tmp_path / "bad"
+    _shutil.copytree(src, bad)
+    index = _json.loads((bad / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../elsewhere.safetensors"
+    (bad / "model.safetensors.index.json").write_text(_json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model folder"):
+        CheckpointReader(bad)

@@ -29,7 +29,7 @@ import shutil
 import struct
 import threading
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -216,10 +216,12 @@ class CheckpointReader:
         by_file: dict[str, list[str]] = {}
         for name, fname in weight_map.items():
             by_file.setdefault(str(fname), []).append(name)
-        root = index.parent.resolve()
         for fname, names in sorted(by_file.items()):
             f = (index.parent / fname)
-            if f.resolve().parent != root and root not in f.resolve().parents:
+            # Judge the name, not where it resolves to: the Hub cache keeps shards as symbolic
+            # links into its blob store, which is fine; an index naming "../x" or "/x" is not.
+            rel = PurePosixPath(fname.replace("\\", "/"))
+            if rel.is_absolute() or ".." in rel.parts:
                 raise CheckpointError(f"{index}: shard {fname!r} lies outside the model folder")
             if not f.is_file():
                 raise CheckpointError(f"{index}: lists shard {fname!r}, which is missing",
