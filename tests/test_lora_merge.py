@@ -335,3 +335,18 @@ def test_cli_merge_to_an_adapter(zoo, tmp_path, capsys):
     assert ad.modules and all(m.scale == 1.0 for m in ad.modules.values())
     report = _report(tmp_path / "a")
     assert all(e["rel_error"] ** 2 <= 0.05 + 1e-9 for e in report["modules"].values())
+
+
+def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
+    """The sample only brackets the cut: a sample that says nothing (all zeros, or all huge)
+    makes the bracket miss, and the cut found by the widened pass is still the exact one."""
+    from mergelab import lora_merge as lm
+
+    g = torch.Generator().manual_seed(4)
+    parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
+    ks = [84000, 300]
+    want = [float(q.dense().abs().view(-1).kthvalue(700 * 600 - k + 1).values) for q, k in zip(parts, ks)]
+    for fake in (0.0, 1e9):
+        monkeypatch.setattr(lm._Stack, "sample", lambda self, size, v=fake: torch.full((self.count, size), v))
+        cuts = lm.magnitude_cuts(lm._Stack(parts, [1.0, 1.0]), ks, rows=64)
+        assert [c.v for c in cuts] == want

@@ -141,7 +141,10 @@ class _Stack:
             self.A[i, : q.rank] = q.A
         self.count, self.m, self.n = len(parts), m, n
 
-    def block(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    def block(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
+        """Rows r0:r1 of every ``Bᵢ @ Aᵢ``, in ``buf`` (count × rows × in) or, for a shorter last
+        block, in a new contiguous tensor."""
+        out = buf if buf.shape[1] == r1 - r0 else buf.new_empty(self.count, r1 - r0, self.n)
         return torch.bmm(self.B[:, r0:r1], self.A, out=out)
 
     def sample(self, size: int) -> torch.Tensor:
@@ -205,35 +208,49 @@ def magnitude_cuts(stack: _Stack, ks: Sequence[int], rows: int, exact: bool = Tr
     todo = list(range(count))
     buf = torch.empty(count, min(rows, m), n, device=device)
     for _ in range(2):
-        s_lo, s_hi = lo.view(-1, 1), hi.view(-1, 1)
-        above = torch.zeros(count, dtype=torch.int64, device=device)
-        vals, pos, who = [], [], []
+        finite = bool(torch.isfinite(lo[todo]).all() and torch.isfinite(hi[todo]).all())
+        mid, half = ((lo + hi) / 2).view(-1, 1), ((hi - lo) / 2).view(-1, 1)
+        above = [0] * count
+        vals: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        where: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        edges = torch.arange(count + 1, device=device)
         for r0 in range(0, m, rows):
             r1 = min(m, r0 + rows)
-            a = stack.block(r0, r1, buf[:, : r1 - r0]).abs_().view(count, -1)
-            above += torch.count_nonzero(a > s_hi, dim=1)
-            e, f = ((a >= s_lo) & (a <= s_hi)).nonzero(as_tuple=True)
-            vals.append(a[e, f])
-            pos.append(f + r0 * n)
-            who.append(e)
-        vals, pos, who = torch.cat(vals), torch.cat(pos), torch.cat(who)
+            a = stack.block(r0, r1, buf).abs_().view(count, -1)
+            width = a.shape[1]
+            if len(todo) == count and finite:      # first pass, sampled brackets: vectorised
+                for i in todo:
+                    above[i] += int(torch.count_nonzero(a[i] > hi[i]))
+                f = ((a - mid).abs_() <= half).view(-1).nonzero().view(-1)   # lo ≤ |x| ≤ hi
+            elif len(todo) == count and not torch.isfinite(lo).any() and not torch.isfinite(hi).any():
+                f = torch.arange(a.numel(), device=device)                     # no sample: take all
+            else:                                   # a bracket that missed, redone as a half-line
+                fs = []
+                for i in todo:
+                    if hi[i] < math.inf:
+                        above[i] += int(torch.count_nonzero(a[i] > hi[i]))
+                    fs.append(((a[i] >= lo[i]) & (a[i] <= hi[i])).nonzero().view(-1) + i * width)
+                f = torch.cat(fs)
+            got = a.view(-1)[f]
+            cut = torch.searchsorted(f, edges * width).tolist()  # f is increasing: split by expert
+            for i in todo:
+                if cut[i + 1] > cut[i]:
+                    vals[i].append(got[cut[i]:cut[i + 1]])
+                    where[i].append(f[cut[i]:cut[i + 1]] - i * width + r0 * n)
         retry = []
         for i in todo:
-            sel = who == i
-            v_i, p_i = vals[sel], pos[sel]
-            need = ks[i] - int(above[i])
+            v_i = torch.cat(vals[i]) if vals[i] else torch.empty(0, device=device)
+            p_i = torch.cat(where[i]) if where[i] else torch.empty(0, dtype=torch.int64, device=device)
+            need = ks[i] - above[i]
             if not 1 <= need <= v_i.numel():
                 lo[i], hi[i] = (hi[i], math.inf) if need < 1 else (-math.inf, lo[i])
                 retry.append(i)
                 continue
             v = v_i.kthvalue(v_i.numel() - need + 1).values
             quota = need - int((v_i > v).sum())
-            cuts[i] = _Cut(float(v), p_i[v_i == v].sort().values[quota:])
+            cuts[i] = _Cut(float(v), p_i[v_i == v][quota:])   # positions in flat order
         if not retry:
             return cuts  # type: ignore[return-value]
-        # redo only the experts whose bracket missed (the others' windows collect nothing)
-        done = [i for i in range(count) if i not in retry]
-        lo[done], hi[done] = math.inf, math.inf
         todo = retry
     raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
 
@@ -293,8 +310,8 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
     kept = torch.empty_like(buf)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
-        x = stack.block(r0, r1, buf[:, : r1 - r0]).view(count, -1)
-        y = kept[:, : r1 - r0].view(count, -1)
+        x = stack.block(r0, r1, buf).view(count, -1)
+        y = kept.view(count, -1)[:, : x.shape[1]]
         for i, c in enumerate(cuts):
             torch.ops.aten.hardshrink.out(x[i], below[i], out=y[i])       # trim
             if c.drop.numel():  # equal values beyond the quota, by position
