@@ -477,3 +477,13 @@ def test_demo_rejects_an_unknown_method(tmp_path):
 
     assert main(["demo", "--methods", "linear,bogus", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_only_a_complete_default_zoo_can_be_shipped(tiny_zoo, tmp_path):
+    from mergelab.zoo.base import ZooError
+    from mergelab.zoo.build import package_zoo
+
+    built, _ = tiny_zoo
+    with pytest.raises(ZooError, match="default sizes"):
+        package_zoo(built, tmp_path / "shipped")
+    assert not (tmp_path / "shipped").exists()

@@ -44,6 +44,17 @@ def register(app: typer.Typer) -> None:
         console.print(f"zoo ready in {zoo.root} ({t.get('total', 0):.0f} s)")
         console.print(f"[dim]{NOT_COMPETITION_LEGAL}[/]")
 
+    @zoo_app.command("package")
+    def package(
+        directory: Optional[Path] = typer.Argument(
+            None, help="A built zoo folder (default: $MERGELAB_CACHE/zoo)."),
+    ) -> None:
+        """For maintainers: copy a built zoo's adapters into mergelab/zoo/adapters (shipped)."""
+        from mergelab.zoo.build import default_zoo_dir, load_zoo, package_zoo
+
+        dest = package_zoo(load_zoo(directory or default_zoo_dir()))
+        typer.echo(f"shipped adapters written to {dest}")
+
     @zoo_app.command("tasks")
     def list_tasks() -> None:
         """List the zoo's synthetic tasks."""

@@ -437,3 +437,34 @@ def load_zoo(root: str | Path) -> Zoo:
             raise ZooError(f"{root}: the expert or data of task {t!r} is missing",
                            hint=f"run: mergelab zoo build {root}")
     return zoo
+
+
+SHIPPED_FILES = ("adapter_config.json", "adapter_model.safetensors", "train.json")
+
+
+def package_zoo(zoo: Zoo, dest: Path = PACKAGED_ADAPTERS) -> Path:
+    """Copy a built zoo's adapters and its manifest (without local paths and timings) to ``dest``.
+
+    For maintainers: this is how the adapters shipped with mergelab are refreshed after a change
+    to a task or to the training. The zoo must have been built with the default sizes and with
+    its expert-vs-base table.
+    """
+    if zoo.manifest.get("sizes") or "scores" not in zoo.manifest:
+        raise ZooError(f"{zoo.root}: only a zoo built with the default sizes and its table can be shipped",
+                       hint="run: mergelab zoo build DIR (without --no-eval)")
+    if set(zoo.tasks) != set(TASKS):
+        raise ZooError(f"{zoo.root}: has tasks {', '.join(zoo.tasks)}; a shipped zoo has all of "
+                       f"{', '.join(TASKS)}")
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for t in zoo.tasks:
+        (tmp / t).mkdir(parents=True)
+        for f in SHIPPED_FILES:
+            shutil.copy2(zoo.adapter(t) / f, tmp / t / f)
+    manifest = {k: v for k, v in zoo.manifest.items() if k != "timings_s"}
+    manifest["base"] = {k: v for k, v in manifest["base"].items() if k != "path"}
+    (tmp / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
