@@ -17,6 +17,8 @@ Runs, each in a fresh subprocess (wall time of the merge call, and the process' 
 * ``mergelab ties``: TIES (density 0.2, weights 1) in ΔW space, adapter output of rank 64 —
   exact magnitude cuts (the default), and with cuts taken from a sample (``exact_ties=False``);
 * ``mergelab cat``: the exact linear/concatenation path (``cat``), adapter of rank 216;
+* ``mergelab task_arithmetic → rank 64``: the exact SVD of Σ ΔWᵢ from the stacked factors
+  (QR + a 216 × 216 SVD per module), truncated to rank 64 — the same ΔW PEFT's ``svd`` makes;
 * ``peft cat``: ``add_weighted_adapter(combination_type="cat")`` (loading included separately);
 * ``peft svd``: ``add_weighted_adapter(combination_type="svd", svd_rank=64)`` — it forms each
   ΔW and runs a full ``torch.linalg.svd`` per module, which on this CPU takes minutes per 4096²
@@ -149,6 +151,9 @@ def _toy_model(layers: int):
             super().__init__()
             self.model = Inner()
 
+        def prepare_inputs_for_generation(self, *args, **kwargs):  # PeftModelForCausalLM looks it up
+            raise NotImplementedError
+
     return Toy()
 
 
@@ -202,6 +207,8 @@ def child(args) -> None:
         res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=False)
     elif args.run == "ml-cat":
         res = run_mergelab(root, {"name": "cat"}, None, exact_ties=True)
+    elif args.run == "ml-ta64":
+        res = run_mergelab(root, {"name": "task_arithmetic"}, 64, exact_ties=True)
     elif args.run == "peft-cat":
         res = run_peft(root, "cat", LAYERS)
     elif args.run == "peft-svd":
@@ -218,6 +225,20 @@ def spawn(run: str, root: Path, extra: list[str]) -> dict:
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{run} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def adapter_delta(folder: Path, module: str):
+    """ΔW (float64) of one module of an adapter folder, from its files."""
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    t = load_file(str(folder / "adapter_model.safetensors"))
+    a = t[f"base_model.model.{module}.lora_A.weight"].double()
+    b = t[f"base_model.model.{module}.lora_B.weight"].double()
+    r = cfg.get("rank_pattern", {}).get(module, cfg["r"])
+    alpha = cfg.get("alpha_pattern", {}).get(module, cfg["lora_alpha"])
+    return (alpha / (r ** 0.5 if cfg.get("use_rslora") else r)) * (b @ a)
 
 
 def main() -> None:
@@ -246,6 +267,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, load average before {os.getloadavg()[0]:.2f}\n")
     extra = ["--peft-svd-layers", str(args.peft_svd_layers)]
     runs = [("ml-cat", "mergelab cat (exact, rank 216)"),
+            ("ml-ta64", "mergelab task_arithmetic → rank 64 (QR + small SVD)"),
             ("ml-ties", "mergelab ties → rank 64 (exact cuts)"),
             ("ml-ties-sampled", "mergelab ties → rank 64 (sampled cuts)")]
     if not args.quick:
@@ -272,16 +294,27 @@ def main() -> None:
     print(f"goal TIES ≤ 60 s: exact cuts {ml_ties['wall_s']:.1f} s, sampled cuts {results['ml-ties-sampled']['wall_s']:.1f} s; "
           f"goal cat ≤ 2 s: {ml_cat['wall_s']:.2f} s")
     if "peft-cat" in results:
+        module = "model.layers.7.self_attn.q_proj"
+        mine = adapter_delta(root / "out-mergelab-cat-1", module)
+        theirs = adapter_delta(root / "out-peft-cat" / "merged", module)
+        print(f"cat outputs agree: max |ΔW_mergelab − ΔW_PEFT| on {module} = "
+              f"{float((mine - theirs).abs().max()):.2e} (max |ΔW| {float(mine.abs().max()):.2e})")
         pc = results["peft-cat"]
         print(f"cat: mergelab (read + merge + write) {ml_cat['wall_s']:.2f} s vs PEFT load + merge + save "
               f"{pc['wall_s']:.2f} s (×{pc['wall_s'] / ml_cat['wall_s']:.1f}); peak RSS {ml_cat['peak_rss_mb']:.0f} vs "
               f"{pc['peak_rss_mb']:.0f} MB")
     if "peft-svd" in results:
-        ps = results["peft-svd"]
-        est = ps["merge_s"] * LAYERS / ps["layers"] + ps["load_s"] * LAYERS / ps["layers"]
-        print(f"rank-64 merge: mergelab ties {ml_ties['wall_s']:.1f} s vs PEFT svd (a linear merge, no TIES) "
-              f"≈ {est:.0f} s for 32 layers (×{est / ml_ties['wall_s']:.1f}); peak RSS {ml_ties['peak_rss_mb']:.0f} vs "
-              f"{ps['peak_rss_mb']:.0f} MB ({ps['layers']} layer(s))")
+        ps, ta = results["peft-svd"], results["ml-ta64"]
+        est = (ps["merge_s"] + ps["load_s"]) * LAYERS / ps["layers"]
+        module = "model.layers.0.self_attn.q_proj"
+        mine = adapter_delta(root / "out-mergelab-task_arithmetic-1", module)
+        theirs = adapter_delta(root / "out-peft-svd" / "merged", module)
+        print(f"rank-64 SVD of Σ ΔWᵢ: mergelab {ta['wall_s']:.1f} s vs PEFT svd ≈ {est:.0f} s for 32 layers "
+              f"(×{est / ta['wall_s']:.0f}; measured {ps['merge_s']:.1f} s on {ps['layers']} layer(s)); peak RSS "
+              f"{ta['peak_rss_mb']:.0f} vs {ps['peak_rss_mb']:.0f} MB; same ΔW: max difference on {module} "
+              f"{float((mine - theirs).abs().max()):.2e} (max |ΔW| {float(mine.abs().max()):.2e})")
+        print(f"TIES → rank 64 (no PEFT equivalent without a full SVD per module: ties_svd costs as svd): "
+              f"mergelab {ml_ties['wall_s']:.1f} s exact cuts, {results['ml-ties-sampled']['wall_s']:.1f} s sampled")
     print(f"load average after {os.getloadavg()[0]:.2f}")
     if tmp is not None:
         tmp.cleanup()

@@ -350,3 +350,29 @@ def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
         monkeypatch.setattr(lm._Stack, "sample", lambda self, size, v=fake: torch.full((self.count, size), v))
         cuts = lm.magnitude_cuts(lm._Stack(parts, [1.0, 1.0]), ks, rows=64)
         assert [c.v for c in cuts] == want
+
+
+def test_mostly_zero_experts_fall_back_to_the_dense_ties(zoo):
+    """A cut at magnitude 0 (an expert whose ΔW is mostly exact zeros) cannot use the scaled
+    indicators of the factor route: it goes dense, with the same result."""
+    from mergelab.lora_merge import merge_module
+    from mergelab.methods import MethodParams
+
+    g = torch.Generator().manual_seed(5)
+    b = torch.zeros(64, 2)
+    b[:3] = torch.randn(3, 2, generator=g)           # 3 non-zero rows of 64: 95 % zeros
+    parts = [LowRank(b, torch.randn(2, 48, generator=g)),
+             LowRank(torch.randn(64, 2, generator=g), torch.randn(2, 48, generator=g))]
+    p = MethodParams(globals={"density": 0.2}, experts=[{}, {}], generator=torch.Generator().manual_seed(0))
+    res = merge_module("x.weight", parts, get_method("ties"), p, (64, 48), rank=48)
+    assert res.route == "dense"
+    want = get_method("ties").fn(torch.zeros(64, 48), [q.dense() for q in parts], p)
+    torch.testing.assert_close(res.factors.dense(), want, rtol=0, atol=1e-5)
+
+
+def test_method_errors_name_the_tensor(zoo, tmp_path):
+    fz = zoo["llama"]
+    recipe = _recipe(fz, {"name": "slerp"}, experts=[{"path": str(fz.loras[0])}], output={"format": "lora"})
+    with pytest.raises(RecipeError, match=r"slerp on tensor 'model\.layers\.0\..*needs the parameter t"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

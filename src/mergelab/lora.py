@@ -214,7 +214,7 @@ def lowrank_approx(m: torch.Tensor, rank: int | None = None, energy: float | Non
     m = m.float()
     rows, cols = m.shape
     full = min(rows, cols)
-    total = float(m.double().square().sum())
+    total = _sq_norm(m)
     if total == 0:
         return LowRank.zeros(m.shape, device=m.device), 0.0
     want = full if rank is None else min(rank, full)
@@ -236,11 +236,16 @@ def lowrank_approx(m: torch.Tensor, rank: int | None = None, energy: float | Non
     return lr, relative_error(m, lr, total)
 
 
+def _sq_norm(t: torch.Tensor) -> float:
+    """‖t‖²_F accumulated in float64, without a float64 copy of ``t``."""
+    return float(torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float64)) ** 2
+
+
 def relative_error(m: torch.Tensor, lr: LowRank, total_sq: float | None = None,
                    block_rows: int = 1024) -> float:
     """``‖M − B A‖_F / ‖M‖_F``, computed in row blocks (no second full-size temporary)."""
     if total_sq is None:
-        total_sq = float(m.double().square().sum())
+        total_sq = _sq_norm(m)
     if total_sq == 0:
         return 0.0 if lr.rank == 0 or lr.norm() == 0 else math.inf
     acc = 0.0
@@ -248,7 +253,7 @@ def relative_error(m: torch.Tensor, lr: LowRank, total_sq: float | None = None,
         blk = m[i:i + block_rows].float()
         if lr.rank:
             blk = blk - lr.B[i:i + block_rows] @ lr.A
-        acc += float(blk.double().square().sum())
+        acc += _sq_norm(blk)
     return math.sqrt(acc / total_sq)
 
 

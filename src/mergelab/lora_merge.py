@@ -53,6 +53,7 @@ from mergelab.methods.lora_subspace import FACTOR_METHODS
 
 REPORT_NAME = "merge_report.json"
 _BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on the CPU (4 MB)
+_BLOCK_ELEMS_GPU = 1 << 27  # ... and on a GPU (512 MB)
 _SAMPLE = 1 << 15        # sampled entries that bracket (or estimate) a magnitude cut
 
 
@@ -120,9 +121,8 @@ def linear_coefficients(spec: MethodSpec, p: MethodParams, n: int) -> list[float
 
 
 def _rows_per_block(n_experts: int, cols: int, device: torch.device) -> int:
-    if device.type != "cpu":
-        return 1 << 30  # one block: the whole matrix
-    return max(1, _BLOCK_ELEMS // max(1, n_experts * cols))
+    budget = _BLOCK_ELEMS if device.type == "cpu" else _BLOCK_ELEMS_GPU
+    return max(1, budget // max(1, n_experts * cols))
 
 
 class _Stack:
@@ -179,8 +179,11 @@ def magnitude_cuts(stack: _Stack, ks: Sequence[int], rows: int, exact: bool = Tr
     speed, never the answer). Equal values at the cut are kept in flat order, as ``topk_mask``.
 
     Otherwise the cut is the same order statistic of that sample, scaled to the matrix: no pass
-    over the matrix, and a kept share within about ±1.5 % (relative, one standard deviation, at
-    density 0.2) of the density. Matrices of at most four samples' entries always get the exact cut.
+    over the matrix, and each kept share within about ±1.5 % (relative, one standard deviation,
+    at density 0.2) of the density — which is a different TIES result, not an approximation of
+    the exact one to rounding: on 27 random rank-8 adapters of a 4096² matrix it changed 4 % of
+    the entries of the merged ΔW and its norm-wise value by 15 %. Matrices of at most four
+    samples' entries always get the exact cut.
     """
     m, n, count = stack.m, stack.n, stack.count
     total = m * n
@@ -271,8 +274,8 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
     expert's cut lies in [1, 2) (by a power of two, ``±2^eᵢ``, which is exact): then a kept
     entry has ``|x| ≥ 1`` and ``clamp(x, 0, 1)`` is exactly the indicator ``[x > 0]``.
 
-    Returns None when the dense form must be used: ``rescale: true`` or a ``density`` of 1 or
-    more (no trimming).
+    Returns None when the dense form must be used: ``rescale: true``, a ``density`` of 1 or
+    more (no trimming), or a cut at magnitude 0 (an expert that is mostly exact zeros).
     """
     m, n = shape
     weights = [float(w) for w in p.per_expert("weight", 1.0)]
@@ -298,6 +301,8 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
     # sign(wᵢ) folded into Bᵢ (exact), so that dᵢ > 0 ⟺ xᵢ > 0 and dᵢ = |wᵢ| xᵢ
     stack = _Stack([q for q, _, _ in used], [1.0 if w > 0 else -1.0 for _, w, _ in used])
     cuts = magnitude_cuts(stack, [max(1, int(d * m * n)) for _, _, d in used], rows, exact=exact_cut)
+    if any(c.v <= 0 for c in cuts):
+        return None  # most entries are exactly 0: the cut keeps every non-zero, leave it to the dense form
     # rescale expert i by 2^eᵢ with 2^eᵢ · vᵢ ∈ [1, 2): exact, so the cut stays where it was
     exps = [(-math.frexp(c.v)[1] + 1) if c.v > 0 else 0 for c in cuts]
     stack = _Stack([q for q, _, _ in used], [math.ldexp(1.0 if w > 0 else -1.0, e)
@@ -353,7 +358,8 @@ def _limit(lr: LowRank, rank: int | None, energy: float | None) -> tuple[LowRank
     return truncate(lr, rank, energy)
 
 
-def svd_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+def svd_generator(seed: int, name: str) -> torch.Generator:
+    """The CPU generator of the randomised SVD of one tensor, from (recipe seed, tensor name)."""
     digest = hashlib.sha256(f"{int(seed)}\x00{name}\x00lora-svd".encode()).digest()
     g = torch.Generator(device="cpu")
     g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
@@ -365,6 +371,13 @@ def merge_module(name: str, parts: Sequence[LowRank | None], spec: MethodSpec, p
                  base_tensor: Callable[[], torch.Tensor] | None = None, seed: int = 0,
                  device: torch.device = torch.device("cpu"), exact_ties: bool = True) -> ModuleResult:
     """Merge one module's ΔWᵢ (``None``: the adapter lacks it) into factors; see the module doc."""
+    try:
+        return _merge_module(name, parts, spec, p, shape, rank, energy, base_tensor, seed, device, exact_ties)
+    except RecipeError as exc:
+        raise RecipeError(f"{spec.name} on tensor {name!r}: {exc.message}", hint=exc.hint) from None
+
+
+def _merge_module(name, parts, spec, p, shape, rank, energy, base_tensor, seed, device, exact_ties) -> ModuleResult:
     in_rank = sum(q.rank for q in parts if q is not None)
     if spec.name in FACTOR_METHODS:
         lr, err = _limit(FACTOR_METHODS[spec.name](parts, p, shape), rank, energy)
@@ -379,7 +392,7 @@ def merge_module(name: str, parts: Sequence[LowRank | None], spec: MethodSpec, p
     if merged is None:
         merged, route = _dense_merge(spec, p, parts, shape, base_tensor, device)
     target = rank if rank is not None else max(1, min(in_rank, min(shape)))
-    lr, err = lowrank_approx(merged, target, energy, generator=svd_generator(seed, name, device))
+    lr, err = lowrank_approx(merged, target, energy, generator=svd_generator(seed, name))
     return ModuleResult(name, lr, route, in_rank, err)
 
 
@@ -499,7 +512,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     inputs, and per module the route, ranks and relative reconstruction error) into a temporary
     folder that is renamed into place at the end. Every expert must be a LoRA adapter of the base.
     ``exact_ties=False`` takes TIES' magnitude cuts from a sample instead of a pass over every
-    ΔWᵢ (about twice as fast for many large adapters; kept shares within ~1.5 % of ``density``).
+    ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
+    share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
     from mergelab.checkpoint import CheckpointReader, atomic_output_dir, check_output_dir
     from mergelab.engine import pick_device
