@@ -114,9 +114,11 @@ def test_missing_model_and_existing_output(tmp_path, files, zoo, capsys):
     a, _ = files
     assert main(["eval", str(tmp_path / "nomodel"), "--data", str(a), "--out", str(tmp_path / "o")]) == 2
     assert "model folder not found" in _one_error(capsys)
-    (tmp_path / "o").mkdir()
+    (tmp_path / "o").mkdir()   # an empty folder loses nothing: it is simply used
+    (tmp_path / "o" / "mine.txt").write_text("keep")
     assert main(["eval", str(zoo["llama"].base), "--data", str(a), "--out", str(tmp_path / "o")]) == 2
     assert "--force" in _one_error(capsys)
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep"
 
 
 def test_unescape_stop_strings():

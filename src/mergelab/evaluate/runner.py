@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
+
+from mergelab.checkpoint import check_output_dir
 from typing import Callable, Sequence
 
-from mergelab.errors import DataError, OutputExistsError
+from mergelab.errors import DataError
 from mergelab.evaluate.data import read_competition_csv, write_submission
 from mergelab.evaluate.generate import generate_texts
 from mergelab.evaluate.metrics import aggregate, row_metrics
@@ -51,9 +52,9 @@ def _as_paths(data_files) -> list[Path]:
 
 
 def check_output_folder(out_dir: Path | None, force: bool) -> None:
-    if out_dir is not None and out_dir.exists() and not force:
-        raise OutputExistsError(f"{out_dir}: the output folder exists",
-                                hint="choose another --out folder, or pass --force to replace it")
+    """Refuse an existing output folder before any work is done (unless ``force``)."""
+    if out_dir is not None:
+        check_output_dir(out_dir, force)
 
 
 def _max_length(model, options: EvalOptions) -> int | None:
@@ -264,12 +265,10 @@ def _scores(datasets, records, options: EvalOptions, model_name: str, adapter: s
 
 
 def _write_outputs(out_dir: Path, datasets, records, scores: dict, force: bool) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        (tmp / "predictions").mkdir(parents=True)
+    from mergelab.checkpoint import atomic_output_dir
+
+    with atomic_output_dir(out_dir, force) as tmp:
+        (tmp / "predictions").mkdir()
         for (path, rows), recs in zip(datasets, records):
             write_submission(tmp / path.name, [r.id for r in rows], [rec["prediction"] for rec in recs])
             with (tmp / "predictions" / f"{path.stem}.jsonl").open("w", encoding="utf-8") as fh:
@@ -279,17 +278,6 @@ def _write_outputs(out_dir: Path, datasets, records, scores: dict, force: bool) 
         (tmp / "scores.json").write_text(json.dumps(stable, indent=2, ensure_ascii=False) + "\n",
                                          encoding="utf-8")
         (tmp / "timing.json").write_text(json.dumps(scores["timing"], indent=2) + "\n", encoding="utf-8")
-        check_output_folder(out_dir, force)
-        old = None
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-            out_dir.rename(old)
-        tmp.rename(out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 __all__ = ["evaluate", "FALLBACK_CHOICE", "FALLBACK_TEXT"]
