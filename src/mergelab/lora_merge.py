@@ -50,6 +50,7 @@ from mergelab.lora import (LowRank, LoraExpertSource, OutputModule, concat, is_a
                            lowrank_approx, open_lora_expert, truncate, write_adapter)
 from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.methods.lora_subspace import FACTOR_METHODS
+from mergelab.recipe import layer_depths
 
 REPORT_NAME = "merge_report.json"
 _BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on the CPU (4 MB)
@@ -412,16 +413,6 @@ def _dense_merge(spec, p, parts, shape, base_tensor, device) -> tuple[torch.Tens
 # ------------------------------------------------------------------------------- the pipeline
 
 
-def _layer_depths(names: Sequence[str]) -> dict[str, int]:
-    from mergelab.recipe import layer_of
-
-    depth: dict[str, int] = {}
-    for n in names:
-        loc = layer_of(n)
-        if loc is not None:
-            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
-    return depth
-
 
 def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -540,7 +531,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     experts = [open_lora_expert(p, base) for p in expert_paths]
     try:
         base_names = base.keys()
-        depth = _layer_depths(base_names)
+        depth = layer_depths(base_names)
         deepest = max(depth.values(), default=0)
 
         def params_for(name: str) -> MethodParams:

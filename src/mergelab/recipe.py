@@ -325,6 +325,16 @@ def layer_of(tensor_name: str) -> tuple[str, int] | None:
     return tensor_name[: m.start()], int(m.group(1))
 
 
+def layer_depths(names) -> dict[str, int]:
+    """``{layer-stack prefix: number of layers}`` over tensor names (see :func:`layer_of`)."""
+    depth: dict[str, int] = {}
+    for n in names:
+        loc = layer_of(n)
+        if loc is not None:
+            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
+    return depth
+
+
 def layer_position(tensor_name: str, num_layers: int) -> float:
     """``t`` for layer-list interpolation: layer ``i`` of ``L`` → ``i/(L−1)`` (1 if ``L`` = 1).
 

@@ -143,7 +143,8 @@ def _score_batch_decoder(model, batch, pad: int) -> list[list[float]]:
     return result
 
 
-def _decoder_start(model) -> int:
+def decoder_start_token(model) -> int:
+    """The first decoder token of an encoder–decoder model (generation config, else config, else pad)."""
     for src in (getattr(model, "generation_config", None), model.config):
         tid = getattr(src, "decoder_start_token_id", None)
         if isinstance(tid, int):
@@ -165,7 +166,7 @@ def _score_batch_seq2seq(model, batch, pad: int) -> list[list[float]]:
     width = max(len(c) for c in flat)
     if width > 0:
         owner_t = torch.tensor(owners, dtype=torch.long, device=device)
-        start = _decoder_start(model)
+        start = decoder_start_token(model)
         feed, _ = right_pad([[start] + c[:-1] for c in flat], pad, device, width)
         target, target_mask = right_pad(flat, pad, device, width)
         out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden[owner_t]),
@@ -243,7 +244,7 @@ def score_multiple_choice_reference(model, tokenizer, prompts: Sequence[str],
                 logprobs.append(0.0)
                 continue
             if enc_dec:
-                dec = torch.tensor([[_decoder_start(model)] + c[:-1]], device=device)
+                dec = torch.tensor([[decoder_start_token(model)] + c[:-1]], device=device)
                 logits = model(input_ids=torch.tensor([p], device=device), decoder_input_ids=dec).logits[0]
             else:
                 ids = torch.tensor([p + c], device=device)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.recipe import layer_depths
 
 
 class InPlaceError(MergelabError):
@@ -48,15 +49,6 @@ class _Target:
     base_dtype: torch.dtype   # the base checkpoint's dtype: the output's unless the recipe sets one
 
 
-def _depths(names) -> dict[str, int]:
-    from mergelab.recipe import layer_of
-
-    depth: dict[str, int] = {}
-    for n in names:
-        loc = layer_of(n)
-        if loc is not None:
-            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
-    return depth
 
 
 def _num_layers(name: str, depth: dict[str, int]) -> int:
@@ -116,7 +108,7 @@ class InPlaceMerger:
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
             names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
-            depth = _depths(self.base.keys())
+            depth = layer_depths(self.base.keys())
             self.kinds: dict[str, str] = {}
             self.parts: dict[str, list] = {}
             for name in names:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mergelab.evaluate.scoring import decoder_start_token
 from mergelab.tune.config import TuneError
 
 DIRECTIONS = {"score": "maximize", "entropy": "minimize"}
@@ -172,7 +173,7 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_
             chunk = ids[start:start + batch_size]
             x, mask = right_pad(chunk, pad, device)
             if enc_dec:
-                dec = torch.full((len(chunk), 1), _decoder_start(model), dtype=torch.long, device=device)
+                dec = torch.full((len(chunk), 1), decoder_start_token(model), dtype=torch.long, device=device)
                 logits = model(input_ids=x, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
             else:
                 last = torch.tensor([len(s) - 1 for s in chunk], device=device)
@@ -183,9 +184,3 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_
     return out
 
 
-def _decoder_start(model) -> int:
-    for src in (getattr(model, "generation_config", None), model.config):
-        tid = getattr(src, "decoder_start_token_id", None)
-        if isinstance(tid, int):
-            return tid
-    return model.config.pad_token_id or 0
