@@ -11,6 +11,18 @@ def _task_list(tasks: Optional[str]) -> Optional[list[str]]:
     return [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
 
 
+def _quiet() -> None:
+    """Keep the demo's output readable: no transformers/PEFT progress bars or known warnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Could not find a config file", category=UserWarning)
+
+
 def register(app: typer.Typer) -> None:
     zoo_app = typer.Typer(
         help="The offline demo zoo: LoRA experts of SmolLM2-135M-Instruct on synthetic tasks.",
@@ -37,6 +49,7 @@ def register(app: typer.Typer) -> None:
         from mergelab.zoo.base import NOT_COMPETITION_LEGAL
         from mergelab.zoo.build import build_zoo
 
+        _quiet()
         console = Console()
         zoo = build_zoo(directory, seed=seed, tasks=_task_list(tasks), device=device,
                         use_packaged=from_package, evaluate=not no_eval, console=console)
@@ -89,5 +102,6 @@ def register(app: typer.Typer) -> None:
         test file, and writes report.md and chart.png."""
         from mergelab.zoo.demo import run_demo
 
+        _quiet()
         run_demo(out, zoo_dir=zoo_dir, methods=_task_list(methods), use_packaged=not retrain,
                  device=device)
