@@ -14,10 +14,13 @@ on a 2-core CPU once the zoo exists (the demo builds it; the adapters ship with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # PEFT would look the base up on the Hub when saving
 
 # (label, combination_type, weight per expert or None for 1/T, extra kwargs, the mergelab merge it matches)
 PEFT_PEERS = [
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             peft_model.add_weighted_adapter(names, weights, f"peer{i}", combination_type=kind, **kwargs)
             seconds = time.perf_counter() - t0
-            peft_model.save_pretrained(str(tmp / "peft"), selected_adapters=[f"peer{i}"])
+            peft_model.save_pretrained(str(tmp / "peft"), selected_adapters=[f"peer{i}"],
+                                       save_embedding_layers=False)
             peft_model.delete_adapter(f"peer{i}")
             adapters.append(("peft", label, tmp / "peft" / f"peer{i}", seconds))
         model = peft_model.unload()
