@@ -461,3 +461,22 @@ def test_output_inside_an_input_is_refused(zoo, tmp_path):
         with pytest.raises(MergelabError, match="holds an input"):
             merge(_recipe(fz, "linear"), out, force=True, progress=False)
     assert (fz.base / "config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["ties", "model_stock", "slerp"])
+def test_tensors_no_expert_changes_come_out_as_the_base(zoo, tmp_path, method):
+    """A LoRA expert leaves most tensors as they are: those must be the base's exact bytes, for
+    every method (model stock's angle of two zero task vectors must not turn into NaN)."""
+    fz = zoo["llama"]
+    n = 1 if method == "slerp" else 2
+    params = {"ties": {"density": 0.5}, "slerp": {"t": 0.5}, "model_stock": {}}[method]
+    recipe = {"base": {"path": str(fz.base)},
+              "experts": [{"path": str(p)} for p in fz.loras[:n]],
+              "method": {"name": method, **params}}
+    merge(load_recipe(recipe), tmp_path / "out", progress=False)
+    out, base = _state(tmp_path / "out"), _state(fz.base)
+    adapted = {k for k in base if any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj"))}
+    untouched = [k for k in base if k not in adapted]
+    assert untouched and all(torch.equal(out[k], base[k]) for k in untouched)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert any(not torch.equal(out[k], base[k]) for k in adapted)

@@ -392,10 +392,15 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
             base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
         experts = [_read_float32(src, n, dev, pool, held) for src, n in expert_inputs]
         params = resolve_params(recipe, task.name, task.num_layers)
-        try:
-            out = spec.fn(base, experts, params)
-        except RecipeError as exc:
-            raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
+        if spec.needs_base and all(torch.equal(e, base) for e in experts):
+            # Every task vector is zero (e.g. a tensor no LoRA expert adapts): every method gives
+            # the base back, and skipping it avoids slow work such as TIES's top-k on zeros.
+            out = base
+        else:
+            try:
+                out = spec.fn(base, experts, params)
+            except RecipeError as exc:
+                raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
         del base, experts
         if tuple(out.shape) != task.shape:
             raise RuntimeError(f"merge method {spec.name} returned shape {tuple(out.shape)} for "
