@@ -22,14 +22,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # PEFT would look the base up on the Hub when saving
 
-# (label, combination_type, weight per expert or None for 1/T, extra kwargs, the mergelab merge it matches)
+# (label, combination_type, weight per expert or None for 1/T, extra kwargs, the mergelab merge it
+# matches); the weights are the demo's scales (task arithmetic λ 0.3, DARE-TIES λ 0.5).
 PEFT_PEERS = [
-    ("peft linear (A, B averaged)", "linear", None, {}, "linear"),
+    ("peft linear (A, B avg)", "linear", None, {}, "linear"),
     ("peft cat (exact mean)", "cat", None, {}, "linear"),
-    ("peft cat (exact sum)", "cat", 1.0, {}, "task_arithmetic"),
+    ("peft cat (sum × 0.3)", "cat", 0.3, {}, "task_arithmetic"),
     ("peft ties (on A, B)", "ties", 1.0, {"density": 0.2}, "ties"),
     ("peft ties_svd r64", "ties_svd", 1.0, {"density": 0.2, "svd_rank": 64}, "ties"),
-    ("peft dare_ties_svd r64", "dare_ties_svd", 1.0, {"density": 0.5, "svd_rank": 64}, "dare_ties"),
+    ("peft dare_ties_svd ×0.5 r64", "dare_ties_svd", 0.5, {"density": 0.5, "svd_rank": 64}, "dare_ties"),
 ]
 QUICK = {"linear", "ties", "dare_ties"}
 
@@ -105,14 +106,19 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"  {who:8} {label:28} normalised {rows[-1]['mean_norm']:.0%}  "
                           f"(merge {seconds:.1f} s, eval {rows[-1]['eval_s']:.0f} s)")
 
-    table = Table(title="Merge quality on the SmolLM2-135M zoo: normalised score (merged ÷ expert)",
+    table = Table(title="Merge quality, SmolLM2-135M zoo: normalised score (merged ÷ expert)",
                   title_justify="left")
-    for col in ["", "merge"] + names + ["mean", "merge s"]:
-        table.add_column(col, justify="left" if col in ("", "merge") else "right")
-    table.add_row("", "experts (own task)", *[f"{expert[t]:.2f}" for t in names], "100%", "", end_section=True)
+    table.add_column("merge", no_wrap=True, min_width=24)
+    for t in names:
+        table.add_column(t[:5], justify="right")
+    table.add_column("mean", justify="right")
+    table.add_column("merge s", justify="right")
+    table.add_row("experts (own task score)", *[f"{expert[t]:.2f}" for t in names], "100%", "",
+                  end_section=True)
     for r in rows:
-        table.add_row(r["who"], r["label"], *[f"{r['norm'][t]:.0%}" if t in r["norm"] else "–" for t in names],
-                      f"[bold]{r['mean_norm']:.0%}[/]", f"{r['merge_s']:.2f}",
+        label = r["label"] if r["who"] == "peft" else f"mergelab {r['label']}"
+        table.add_row(label, *[f"{r['norm'][t]:.0%}" if t in r["norm"] else "–" for t in names],
+                      f"[bold]{r['mean_norm']:.0%}[/]", f"{r['merge_s']:.1f}",
                       end_section=(r is rows[len(ours) - 1]))
     console.print(table)
     best_ml = max((r for r in rows if r["who"] == "mergelab"), key=lambda r: r["mean_norm"])
