@@ -146,15 +146,17 @@ def test_calibrated_estimate_tracks_measured_time_on_this_cpu(zoo, tmp_path):
 
     data = yaml.safe_load(recipe.read_text())
     data.pop("eval")
-    measured = {}
-    for i in range(2):   # the first round warms imports up
-        t = time.perf_counter()
+    measured = {"merge": float("inf"), "eval": float("inf")}
+    for i in range(4):   # the first round warms imports up; the fastest of the others is kept, since
+        t = time.perf_counter()   # other load on the machine can only slow a round down
         merge(data, tmp_path / "m", device="cpu", force=True, progress=False)
-        measured["merge"] = time.perf_counter() - t
+        if i:
+            measured["merge"] = min(measured["merge"], time.perf_counter() - t)
         t = time.perf_counter()
         evaluate(tmp_path / "m", [csv], tmp_path / "ev", EvalOptions(max_new_tokens=8, batch_size=8, device="cpu"),
                  force=True)
-        measured["eval"] = time.perf_counter() - t
+        if i:
+            measured["eval"] = min(measured["eval"], time.perf_counter() - t)
     ratios = {name: plan.stage(name).seconds / measured[name] for name in measured}
     total = sum(plan.stage(n).seconds for n in measured) / sum(measured.values())
     print("estimate/measured:", {k: round(v, 2) for k, v in ratios.items()}, "total", round(total, 2))
