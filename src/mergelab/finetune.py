@@ -251,7 +251,7 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
     from peft import LoraConfig, get_peft_model
 
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.zoo.train import answer_loss
+    from mergelab.zoo.train import answer_loss, batch_indices
 
     t_start = time.perf_counter()
     examples = training_examples([d.path for d in section.data])
@@ -273,15 +273,11 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=section.lr, weight_decay=0.0)
     rng = random.Random(section.seed)
-    order: list[int] = []
+    draws = batch_indices(len(encoded), section.batch_size, rng)
     result = FinetuneResult(Path(out_dir), steps=section.steps)
     peft_model.train()
     for step in range(section.steps):
-        if len(order) < section.batch_size:
-            fresh = list(range(len(encoded)))
-            rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[: section.batch_size], order[section.batch_size:]
+        idx = next(draws)
         batch = _collate([encoded[i] for i in idx], pad_id, dev)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, section)

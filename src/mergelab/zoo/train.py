@@ -97,6 +97,18 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def batch_indices(n: int, batch_size: int, rng):
+    """Row indices of successive batches: shuffled passes over ``n`` rows, drawn with ``rng``."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:  # a fresh shuffled pass over the rows
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
 def train_lora(model, tokenizer, examples: Sequence[tuple[str, str, bool]], out_dir: str | Path,
                cfg: TrainConfig = TrainConfig(), *, base_model_name_or_path: str | None = None,
                on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -124,16 +136,12 @@ def train_lora(model, tokenizer, examples: Sequence[tuple[str, str, bool]], out_
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_rng = random.Random(cfg.seed)
-    order: list[int] = []
     losses: list[float] = []
     peft_model.train()
     try:
+        draws = batch_indices(len(encoded), cfg.batch_size, order_rng)
         for step in range(cfg.steps):
-            if len(order) < cfg.batch_size:  # a fresh shuffled pass over the rows
-                fresh = list(range(len(encoded)))
-                order_rng.shuffle(fresh)
-                order += fresh
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size:]
+            idx = next(draws)
             batch = _collate([encoded[i] for i in idx], pad_id, device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
