@@ -282,6 +282,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
             experts.append(open_expert(p, base))
             opened.append(experts[-1])
         tasks = plan_merge(recipe, base, experts, spec)
+        grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         t_plan = time.perf_counter()
 
         n_workers = workers or (max(1, torch.get_num_threads()) if dev.type == "cpu" else 2)
@@ -294,7 +295,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
             if dev.type == "cpu":  # parallel over tensors, not inside each small operation
                 torch.set_num_threads(1)
             try:
-                _run(tasks, recipe, spec, dev, writer, n_workers, budget, progress)
+                _run(tasks, recipe, spec, dev, writer, n_workers, budget, progress, grams)
             except BaseException:
                 writer.abort()
                 raise
@@ -311,6 +312,23 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
                        device=str(dev), method=spec.name, workers=n_workers, copied_files=copied,
                        seconds={"plan": t_plan - t_start, "merge": t_end - t_plan, "total": t_end - t_start})
+
+
+def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
+                    dev: torch.device, progress: bool) -> list | None:
+    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
+
+    Only the tensors the experts change are measured when every expert is a LoRA adapter."""
+    from mergelab.gram import changed_names, recipe_grams
+
+    say = None
+    if progress:
+        from rich.console import Console
+
+        console = Console(stderr=True)
+        say = console.print
+    return recipe_grams(recipe, Path(base_path), [Path(p) for p in expert_paths],
+                        names=changed_names(experts), device=dev, say=say)
 
 
 def _set_config_dtype(config_file: Path, dtype: str | None) -> None:
@@ -378,7 +396,7 @@ def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _Buffer
 
 
 def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.device,
-               writer: ShardedWriter, pool: _BufferPool) -> None:
+               writer: ShardedWriter, pool: _BufferPool, grams: list | None = None) -> None:
     """Read the inputs of one tensor, run the method, write the output."""
     (base_src, base_name), expert_inputs = task.inputs[0], task.inputs[1:]
     if not task.floating:  # integer/bool buffers: the base's, unchanged
@@ -392,6 +410,8 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
             base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
         experts = [_read_float32(src, n, dev, pool, held) for src, n in expert_inputs]
         params = resolve_params(recipe, task.name, task.num_layers)
+        if grams is not None:
+            params.stats = [g.get(task.name, dev) for g in grams]
         if spec.needs_base and all(torch.equal(e, base) for e in experts):
             # Every task vector is zero (e.g. a tensor no LoRA expert adapts): every method gives
             # the base back, and skipping it avoids slow work such as TIES's top-k on zeros.
@@ -417,12 +437,12 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
 
 
 def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.device,
-         writer: ShardedWriter, n_workers: int, budget: int, show: bool) -> None:
+         writer: ShardedWriter, n_workers: int, budget: int, show: bool, grams: list | None = None) -> None:
     """Merge every task with ``n_workers`` threads, keeping the work in flight under ``budget``."""
     pool = _BufferPool()
 
     def work(task: TensorTask) -> None:
-        _merge_one(task, recipe, spec, dev, writer, pool)
+        _merge_one(task, recipe, spec, dev, writer, pool, grams)
 
     bar = _Progress(len(tasks), sum(t.numel for t in tasks), show)
     pending = deque(tasks)

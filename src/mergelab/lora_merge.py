@@ -530,6 +530,9 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     base = CheckpointReader(base_path)
     experts = [open_lora_expert(p, base) for p in expert_paths]
     try:
+        from mergelab.engine import data_statistics
+
+        grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         base_names = base.keys()
         depth = layer_depths(base_names)
         deepest = max(depth.values(), default=0)
@@ -538,7 +541,10 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
             from mergelab.recipe import layer_of
 
             loc = layer_of(name)
-            return resolve_params(recipe, name, depth.get(loc[0], 0) if loc else deepest)
+            p = resolve_params(recipe, name, depth.get(loc[0], 0) if loc else deepest)
+            if grams is not None:
+                p.stats = [g.get(name, dev) for g in grams]
+            return p
 
         n_modules = len({n for e in experts for n in e.modules})
         with _Progress(n_modules, progress) as bar:

@@ -44,6 +44,7 @@ PARAM_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "eps": (_NUMBER, 0.0, None), "tol": (_NUMBER, 0.0, None), "max_iter": (_INT, 1, None),
     "normalize": (_BOOL, None, None), "rescale": (_BOOL, None, None),
     "filter_wise": (_BOOL, None, None), "int8_mask": (_BOOL, None, None),
+    "alpha": (_NUMBER, 0.0, 1.0), "ridge": (_NUMBER, 0.0, None), "rows": (_INT, 1, None),
 }
 _MODEL_KEYS = ("path", "model", "revision")
 
@@ -94,9 +95,25 @@ class ModelRef(BaseModel):
 
 
 class ExpertRef(ModelRef):
-    """An expert: a :class:`ModelRef` plus its own method parameters (``weight``, ``density``, ...)."""
+    """An expert: a :class:`ModelRef` plus its own method parameters (``weight``, ``density``, ...).
+
+    ``data`` (data-aware methods such as ``regmean`` only): CSV file(s) of unlabelled inputs of the
+    expert's task (competition format, only the ``input`` column is read), from which the input
+    statistics of its linear layers are computed.
+    """
 
     model_config = ConfigDict(frozen=True, extra="allow")
+
+    data: list[Path] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        if isinstance(v, (str, os.PathLike)):
+            return [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list names no data file")
+        return v
 
     @property
     def params(self) -> dict[str, Any]:
@@ -201,6 +218,17 @@ class Recipe(BaseModel):
             want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
             raise RecipeError(f"experts: {spec.name} takes {want} expert(s), got {n}")
         problems: list[str] = []
+        for i, e in enumerate(self.experts):
+            if spec.needs_gram and not e.data:
+                problems.append(f"experts[{i}].data: {spec.name} needs unlabelled inputs of each expert's "
+                                "task (a CSV with an `input` column, e.g. its validation file) to compute "
+                                "the input statistics of the linear layers")
+            elif not spec.needs_gram and e.data:
+                problems.append(f"experts[{i}].data: {spec.name} does not use data (only data-aware "
+                                "methods such as regmean do); remove the key")
+            for j, f in enumerate(e.data or []):
+                if not Path(f).is_file():
+                    problems.append(f"experts[{i}].data[{j}]: file {f} does not exist")
         method_keys = set(spec.global_params) | set(spec.expert_params)
         for key, value in self.method.params.items():
             if key not in method_keys:
@@ -211,7 +239,8 @@ class Recipe(BaseModel):
         for i, e in enumerate(self.experts):
             for key, value in e.params.items():
                 if key not in spec.expert_params:
-                    known = ", ".join(list(_MODEL_KEYS) + sorted(spec.expert_params))
+                    known = ", ".join(list(_MODEL_KEYS) + (["data"] if spec.needs_gram else [])
+                                      + sorted(spec.expert_params))
                     problems.append(f"experts[{i}].{key}: not a per-expert parameter of {spec.name} "
                                     f"(got {value!r}); allowed keys: {known}")
                 else:
@@ -455,10 +484,19 @@ def _absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
             return {**ref, "path": p if p.is_absolute() else (root / p)}
         return ref
 
+    def fix_data(ref: Any) -> Any:
+        files = ref.get("data") if isinstance(ref, Mapping) else None
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        if not isinstance(files, list):
+            return ref
+        out = [Path(os.path.expanduser(str(f))) if isinstance(f, (str, os.PathLike)) else f for f in files]
+        return {**ref, "data": [f if not isinstance(f, Path) or f.is_absolute() else root / f for f in out]}
+
     if "base" in data:
         data["base"] = fix(data["base"])
     if isinstance(data.get("experts"), list):
-        data["experts"] = [fix(e) for e in data["experts"]]
+        data["experts"] = [fix_data(fix(e)) for e in data["experts"]]
     return data
 
 

@@ -135,6 +135,8 @@ def _resolve(recipe, progress: Callable[[str], None]) -> tuple[Any, list[dict]]:
         rec = res.to_dict()
         rec["role"] = role
         rec["files"] = _input_files(res.local_path, res.files)
+        for f in getattr(ref, "data", None) or []:   # a data-aware method's inputs (regmean)
+            rec["files"][f"data:{f}"] = sha256_file(f)
         records.append(rec)
         if res.source == "hub":   # pin: the normalised recipe names the commit, not a branch
             entry.pop("path", None)

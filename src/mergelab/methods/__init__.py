@@ -8,6 +8,9 @@ The contract (shared by the full-model engine and the LoRA path):
   weights, *not* task vectors: a method that wants task vectors computes ``e - base``), and ``p``
   is a :class:`MethodParams` giving the hyper-parameters for this one tensor (already resolved
   for its layer and module) and a ``torch.Generator`` seeded from (recipe seed, tensor name).
+  A data-aware method (``needs_gram=True``, e.g. RegMean) also finds in ``p.stats`` one input
+  Gram matrix per expert for a linear layer's weight (None for other tensors); the callers get
+  them from :mod:`mergelab.gram`.
 * Inputs arrive in float32 on the compute device; the method returns float32 of the same shape.
 * No I/O, no globals, no device moves. The docstring states the formula and the paper.
 * Register with :func:`register`; adding a method = one function + one decorator + one test.
@@ -31,6 +34,9 @@ class MethodParams:
     globals: dict[str, Any] = field(default_factory=dict)
     experts: list[dict[str, Any]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    #: per-expert data statistics of this tensor (input Gram matrices, float32 on the compute
+    #: device) for methods registered with ``needs_gram``; None when the tensor has none
+    stats: list[torch.Tensor | None] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """A global parameter (``lambda``, ``normalize``, ``t``, ...)."""
@@ -50,6 +56,7 @@ class MethodSpec:
     linear_in_delta: bool = False   # result - base is a fixed linear combination of task vectors
     needs_base: bool = True         # False when the base takes no part (linear, as in mergekit)
     n_experts: tuple[int, int | None] = (1, None)  # min, max number of experts
+    needs_gram: bool = False        # reads each expert's input Gram matrices from p.stats (RegMean)
     expert_params: tuple[str, ...] = ()
     global_params: tuple[str, ...] = ()
 

@@ -250,6 +250,9 @@ class SearchSpace:
             if key not in known:
                 raise TuneError(f"{where}: {spec.name} has no parameter {key!r}; its parameters: "
                                 f"{', '.join(sorted(known)) or 'none'}")
+            if key == "rows":
+                raise TuneError(f"{where}: rows sets how much data the statistics pass reads, once per "
+                                "search; it is not searched", hint="set method.rows in the recipe")
             problems = check_param(f"{where}.low", key, rng.low) + check_param(f"{where}.high", key, rng.high)
             if problems:
                 raise TuneError("; ".join(problems))

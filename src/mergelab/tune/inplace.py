@@ -93,6 +93,14 @@ class InPlaceMerger:
                 self._init_dense(expert_paths, memory_fraction)
         finally:
             self.base.close()
+        self.stats: dict[str, list] | None = None
+        if self.spec.needs_gram:   # data-aware method: each expert's input statistics, held on the device
+            from mergelab.gram import recipe_grams
+
+            names = [t.name for t in self.targets]
+            grams = recipe_grams(recipe, base_path, expert_paths,
+                                 names=names if self.mode == "lora" else None, device=self.device)
+            self.stats = {n: [g.get(n, self.device) for g in grams] for n in names}
 
     # --- setup
     def _param(self, name: str) -> torch.Tensor:
@@ -160,6 +168,8 @@ class InPlaceMerger:
             raise ValueError("InPlaceMerger.apply: the recipe must keep the base, experts and method")
         for t in self.targets:
             params = resolve_params(recipe, t.name, t.num_layers)
+            if self.stats is not None:
+                params.stats = self.stats[t.name]
             merged = self._merge_lora(recipe, t, params) if self.mode == "lora" else self._merge_dense(recipe, t, params)
             t.param.copy_(merged.to(t.param.dtype))
 
