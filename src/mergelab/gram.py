@@ -64,6 +64,7 @@ class GramSet:
         self.aliases = aliases
         self.tokens = tokens
         self.path = path
+        self._moved: dict[tuple[str, str], torch.Tensor] = {}
 
     @property
     def names(self) -> list[str]:
@@ -74,7 +75,12 @@ class GramSet:
         if key is None:
             return None
         g = self.tensors[key]
-        return g if device is None else g.to(device)
+        if device is None or g.device == torch.device(device):
+            return g
+        moved = self._moved.get((key, str(device)))
+        if moved is None:   # one copy per device, shared by the layers that share the input
+            moved = self._moved[(key, str(device))] = g.to(device)
+        return moved
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file

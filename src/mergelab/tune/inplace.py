@@ -209,6 +209,9 @@ class InPlaceMerger:
             held += sum(q.B.numel() + q.A.numel() for parts in self.parts.values() for q in parts if q is not None) * 4
         else:
             held += sum(x.numel() for xs in self.inputs.values() for x in xs) * 4
+        if self.stats is not None:   # distinct Gram matrices (shared ones are held once)
+            held += sum(g.numel() for g in {id(g): g for gs in self.stats.values() for g in gs
+                                             if g is not None}.values()) * 4
         return {"mode": self.mode, "tensors": len(self.targets), "held_bytes": held}
 
 
