@@ -200,3 +200,27 @@ def test_a_run_over_budget_is_refused_before_writing_unless_forced(zoo, tmp_path
     assert b["forced"] and b["budget_s"] == 0.001 and b["over_budget"] and b["planned_s"] > 0.001
     assert any("--force" in w for w in result.manifest["warnings"])
     assert (tmp_path / "r" / "model" / "config.json").is_file()
+
+
+def test_regmean_adds_a_statistics_stage_counted_by_hand(zoo, tmp_path):
+    from mergelab.evaluate import read_competition_csv
+    from mergelab.evaluate.loading import load_tokenizer
+
+    fz = zoo["llama"]
+    data = [eval_csv(tmp_path / f"d{i}.csv", n=6 + i) for i in range(2)]
+    recipe = {"base": {"path": str(fz.base)},
+              "experts": [{"path": str(e), "data": str(d)} for e, d in zip(fz.loras[:2], data)],
+              "method": {"name": "regmean", "rows": 5}}
+    path = tmp_path / "regmean.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    plan = plan_recipe(path, hardware="a6000", budget="60m")
+    stats = plan.stage("statistics")
+    assert [s.name for s in plan.stages][:2] == ["statistics", "merge"]
+    tok = load_tokenizer(fz.base)
+    tokens = sum(len(tok(r.input)["input_ids"]) for d in data for r in read_competition_csv(d)[:5])
+    assert f"{tokens} tokens" in stats.detail
+    base = inspect_model(fz.base)
+    hw = get_profile("a6000")
+    assert stats.parts["prefill"] == pytest.approx(2.0 * base.matmul_params * tokens / hw.flops)
+    assert stats.parts["gram"] == pytest.approx(2.0 * tokens * 2 * base.hidden ** 2 * base.layers / hw.flops)
+    assert stats.parts["overhead"] == pytest.approx(2 * base.layers * hw.layer_overhead)   # 1 batch each

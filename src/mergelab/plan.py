@@ -420,6 +420,56 @@ def estimate_eval(hw: Profile, model: ModelInfo, w: EvalWorkload) -> StageEstima
     return StageEstimate("eval", sum(parts.values()), peak, detail, parts)
 
 
+def estimate_statistics(hw: Profile, model: ModelInfo, experts: list[ModelInfo], tokens: list[int],
+                        batches: list[int]) -> StageEstimate:
+    """RegMean's statistics pass: each expert's model runs over its data rows (prefill compute)
+    while every measured layer input adds ``2·in²`` FLOPs per token to its Gram matrix.
+
+    LoRA experts reuse the loaded base (their layers: the attention and MLP inputs, ``2·hidden²``
+    per layer as a bound); full experts are loaded one by one and every linear input is measured
+    (q/k/v and gate/up share theirs: ``3·hidden² + intermediate²`` per layer)."""
+    P = model.matmul_params
+    hidden, inter = max(model.hidden, 1), max(model.intermediate, 1)
+    loads = _load_seconds(hw, model.params * hw.weight_bytes)
+    gram_flops = 0.0
+    for e, n in zip(experts, tokens):
+        per_token = (2 * hidden ** 2 if e.adapter else 3 * hidden ** 2 + inter ** 2) * model.layers
+        gram_flops += 2.0 * n * per_token
+        if not e.adapter:
+            loads += _load_seconds(hw, model.params * hw.weight_bytes)
+    parts = {
+        "load": loads,
+        "prefill": 2.0 * P * sum(tokens) / hw.flops,
+        "gram": gram_flops / hw.flops,
+        "overhead": sum(batches) * model.layers * hw.layer_overhead,
+    }
+    grams = (2 * hidden ** 2 if all(e.adapter for e in experts) else 3 * hidden ** 2 + inter ** 2) * model.layers * 8.0
+    peak = model.params * hw.weight_bytes * 2 + grams
+    return StageEstimate("statistics", sum(parts.values()), peak,
+                         f"{len(experts)} expert(s), {sum(tokens)} tokens through the experts' models, "
+                         "input Gram matrices of the merged linear layers", parts)
+
+
+def _statistics_workload(tokenizer_dir: Path, recipe, options) -> tuple[list[int], list[int]]:
+    """Prompt tokens and batches of each expert's statistics rows (see :mod:`mergelab.gram`)."""
+    from mergelab.evaluate.batching import encode_prompt
+    from mergelab.evaluate.loading import load_tokenizer
+    from mergelab.evaluate.prompting import build_prompt
+    from mergelab.gram import DEFAULT_MAX_LENGTH, DEFAULT_ROWS, GramOptions, read_inputs
+
+    tok = load_tokenizer(tokenizer_dir)
+    rows_wanted = int(recipe.method.params.get("rows", DEFAULT_ROWS))
+    batch = GramOptions().batch_size
+    tokens, batches = [], []
+    for e in recipe.experts:
+        rows = read_inputs(list(e.data or []), rows_wanted)
+        n = sum(min(len(encode_prompt(tok, build_prompt(r, tok, options), add_special_tokens=not options.chat,
+                                      encoder_decoder=False)), DEFAULT_MAX_LENGTH) for r in rows)
+        tokens.append(n)
+        batches.append(math.ceil(len(rows) / batch))
+    return tokens, batches
+
+
 def _dtype_bytes(name: str | None) -> float | None:
     return {"float32": 4, "float16": 2, "bfloat16": 2}.get(name) if name else None
 
@@ -457,6 +507,15 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
             stages.append(ft_stage)
             lora_bytes = len(finetune.target_modules) * base.layers * finetune.rank * 2 * base.hidden * 4
             experts = experts + [replace(base, bytes=lora_bytes, adapter=True, path="(fine-tuned adapter)")]
+    from mergelab.methods import get_method
+
+    if get_method(recipe.method.name).needs_gram:
+        from mergelab.evaluate import EvalOptions
+
+        options = eval_section.eval_options("auto") if eval_section is not None else EvalOptions()
+        tokens, batches = _statistics_workload(base_dir, recipe, options)
+        stages.append(estimate_statistics(hw, base, experts[:len(recipe.experts)], tokens, batches))
+        notes.append("statistics are cached (~/.cache/mergelab/gram): a repeated merge skips that stage")
     stages.append(estimate_merge(hw, base, experts, recipe.method.name, out_bytes))
     if recipe.output.format == "lora":
         notes.append("format: lora: the merge re-factors ΔW by SVD; its cost is estimated as a dense merge")
