@@ -67,3 +67,15 @@ def test_exit_status_of_a_command_is_kept():
         raise typer.Exit(3)
 
     assert main(["_exit3"]) == 3
+
+
+def test_usage_errors_are_one_message_with_exit_2():
+    """Unknown commands, unknown options and missing arguments: click's usage message, no traceback
+    (typer ≥ 0.24 raises them from its own copy of click)."""
+    for args, expected in ((["nosuchcommand"], "No such command 'nosuchcommand'"),
+                           (["merge", "--bogus"], "No such option: --bogus"),
+                           (["merge"], "Missing argument")):
+        r = _run(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert expected in r.stderr and "Usage: mergelab" in r.stderr
+        assert "Traceback" not in r.stderr

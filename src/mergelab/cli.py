@@ -17,6 +17,14 @@ from rich.markup import escape
 from mergelab import __version__
 from mergelab.errors import MergelabError
 
+try:  # newer typer raises the exceptions of its own copy of click
+    from typer._click import ClickException as _TyperClickException
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _TyperClickException = click.ClickException
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_USAGE = (click.ClickException, _TyperClickException)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+
 app = typer.Typer(
     name="mergelab",
     help="Merge language models and LoRA adapters; check competition rules; evaluate; reproduce.",
@@ -74,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             err_console.print_exception()
         err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except _USAGE as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("aborted")
         return 130
     except KeyboardInterrupt:
