@@ -302,6 +302,29 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
 
 
+def test_recipe_key_ties_cuts_chooses_the_cut(zoo, tmp_path, monkeypatch):
+    """`output.ties_cuts: sampled` reaches the magnitude cut (exact by default); refused for full output."""
+    import mergelab.lora_merge as lm
+
+    seen = []
+    real = lm.magnitude_cuts
+
+    def spy(*args, exact=True, **kw):
+        seen.append(exact)
+        return real(*args, exact=exact, **kw)
+
+    monkeypatch.setattr(lm, "magnitude_cuts", spy)
+    fz = zoo["llama"]
+    for cuts, want in (("exact", True), ("sampled", False)):
+        seen.clear()
+        recipe = _recipe(fz, {"name": "ties", "density": 0.3},
+                         output={"format": "lora", "rank": 6, "ties_cuts": cuts})
+        merge_to_adapter(recipe, tmp_path / cuts, progress=False)
+        assert seen and set(seen) == {want}
+    with pytest.raises(RecipeError, match="ties_cuts: sampled` applies to `format: lora` only"):
+        _recipe(fz, {"name": "ties"}, output={"ties_cuts": "sampled"})
+
+
 def test_errors_leave_no_output(zoo, tmp_path):
     fz = zoo["llama"]
     out = tmp_path / "out"

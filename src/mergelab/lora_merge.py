@@ -502,7 +502,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``merge_report.json`` (method,
     inputs, and per module the route, ranks and relative reconstruction error) into a temporary
     folder that is renamed into place at the end. Every expert must be a LoRA adapter of the base.
-    ``exact_ties=False`` takes TIES' magnitude cuts from a sample instead of a pass over every
+    ``exact_ties=False`` (or the recipe's ``output.ties_cuts: sampled``) takes TIES' magnitude
+    cuts from a sample instead of a pass over every
     ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
@@ -550,7 +551,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
         with _Progress(n_modules, progress) as bar:
             results = merge_lora_experts(base, experts, spec, params_for, rank=recipe.output.rank,
                                          energy=recipe.output.energy, device=dev, seed=recipe.seed,
-                                         workers=workers, exact_ties=exact_ties, on_module=bar.advance)
+                                         workers=workers, exact_ties=exact_ties and recipe.output.ties_cuts == "exact",
+                                         on_module=bar.advance)
         t_merge = time.perf_counter()
         kinds = {}
         for e in experts:

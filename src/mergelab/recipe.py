@@ -156,6 +156,7 @@ class OutputConfig(BaseModel):
     format: Literal["full", "lora"] = "full"
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    ties_cuts: Literal["exact", "sampled"] = "exact"   # TIES → LoRA: magnitude cuts from every entry or a sample
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -177,6 +178,9 @@ class OutputConfig(BaseModel):
     def _lora_only(self):
         if self.format == "full" and (self.rank is not None or self.energy is not None):
             raise ValueError("`rank` and `energy` apply to `format: lora` only")
+        if self.format == "full" and self.ties_cuts != "exact":
+            raise ValueError("`ties_cuts: sampled` applies to `format: lora` only (a full merge always "
+                             "cuts exactly)")
         return self
 
     @property

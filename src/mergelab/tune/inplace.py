@@ -185,7 +185,8 @@ class InPlaceMerger:
         # what merge_to_adapter writes: the same route and rank limit, factors in the adapter dtype
         res = merge_module(t.name, self.parts[t.name], self.spec, params, tuple(t.original.shape),
                            rank=recipe.output.rank, energy=recipe.output.energy,
-                           base_tensor=lambda: t.original, seed=recipe.seed, device=self.device)
+                           base_tensor=lambda: t.original, seed=recipe.seed, device=self.device,
+                           exact_ties=recipe.output.ties_cuts == "exact")
         lr = res.factors
         if not lr.rank:
             return t.original.clone()
