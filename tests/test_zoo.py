@@ -168,10 +168,10 @@ def llama(zoo):
 
 
 def test_answer_loss_equals_the_transformers_loss(llama):
-    from mergelab.zoo.train import _collate, answer_loss, encode_example
+    from mergelab.zoo.train import answer_loss, collate, encode_example
 
     _, model, tok = llama
-    batch = _collate([encode_example(tok, "Question: what is two plus three?\n", "five", add_eos=True),
+    batch = collate([encode_example(tok, "Question: what is two plus three?\n", "five", add_eos=True),
                       encode_example(tok, "Sentiment: I loved it\n", "positive", add_eos=False),
                       encode_example(tok, "Q\n", "a much longer answer than the others", add_eos=True)],
                      tok.pad_token_id, "cpu")

@@ -40,6 +40,7 @@ from mergelab.checkpoint import (CheckpointReader, ShardedWriter, TensorSource, 
                                  check_output_dir, copy_model_files)
 from mergelab.errors import MergelabError, RecipeError, ShapeMismatchError
 from mergelab.methods import MethodSpec, get_method
+from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
 __all__ = ["merge", "open_expert", "resolve_params", "MergeResult", "MissingTensorError", "plan_merge"]
@@ -467,34 +468,21 @@ def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.d
             raise
 
 
-class _Progress:
-    """A rich progress bar over tensors (weighted by size), or nothing."""
+def _merge_columns() -> tuple:
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return (TextColumn("[bold]merging[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[done]}/{task.fields[n]} tensors"), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}[/]"))
+
+
+class _Progress(ProgressBar):
+    """A progress bar over tensors (weighted by size), or nothing."""
 
     def __init__(self, n_tensors: int, n_elements: int, show: bool):
-        self.show = show and n_tensors > 0
-        self._lock = threading.Lock()
-        if self.show:
-            from rich.console import Console
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            columns = (TextColumn("[bold]merging[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                       TextColumn("{task.fields[done]}/{task.fields[n]} tensors"), TimeElapsedColumn(),
-                       TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}[/]"))
-            self.progress = Progress(*columns, console=Console(stderr=True))
-            self.bar = self.progress.add_task("merge", total=n_elements, done=0, n=n_tensors, current="")
-            self.count = 0
-
-    def __enter__(self):
-        if self.show:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.progress.__exit__(*exc)
+        super().__init__(show and n_tensors > 0, _merge_columns, n_elements, done=0, n=n_tensors, current="")
+        self.count = 0
 
     def advance(self, task: TensorTask) -> None:
-        if self.show:
-            with self._lock:
-                self.count += 1
-                self.progress.update(self.bar, advance=task.numel, done=self.count, current=task.name)
+        self.count += 1
+        self.update(advance=task.numel, done=self.count, current=task.name)

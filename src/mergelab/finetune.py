@@ -218,20 +218,6 @@ def _encode(tokenizer, prompt: str, answer: str, add_eos: bool, max_length: int)
     return ids, labels
 
 
-def _collate(batch, pad_id: int, device):
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
-        mask[i, : len(x)] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
-
-
 def _lr_at(step: int, section: FinetuneSection) -> float:
     """Linear warm-up over ``warmup`` steps, then constant."""
     if step < section.warmup:
@@ -251,7 +237,7 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
     from peft import LoraConfig, get_peft_model
 
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.zoo.train import answer_loss, batch_indices
+    from mergelab.zoo.train import run_steps
 
     t_start = time.perf_counter()
     examples = training_examples([d.path for d in section.data])
@@ -272,26 +258,14 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
                               hint="name linear layers of this model, e.g. q_proj, v_proj") from None
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=section.lr, weight_decay=0.0)
-    rng = random.Random(section.seed)
-    draws = batch_indices(len(encoded), section.batch_size, rng)
     result = FinetuneResult(Path(out_dir), steps=section.steps)
     peft_model.train()
-    for step in range(section.steps):
-        idx = next(draws)
-        batch = _collate([encoded[i] for i in idx], pad_id, dev)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, section)
-        loss = answer_loss(peft_model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        result.losses.append(float(loss.detach()))
-        result.steps_done = step + 1
-        if on_step is not None:
-            on_step(step, result.losses[-1])
-        if deadline is not None and time.monotonic() >= deadline and step + 1 < section.steps:
-            result.stopped_by_deadline = True
-            break
+    result.losses = run_steps(peft_model, opt, encoded, steps=section.steps, batch_size=section.batch_size,
+                              rng=random.Random(section.seed), lr_at=lambda step: _lr_at(step, section),
+                              pad_id=pad_id, device=dev, on_step=on_step,
+                              stop=lambda: deadline is not None and time.monotonic() >= deadline)
+    result.steps_done = len(result.losses)
+    result.stopped_by_deadline = result.steps_done < section.steps
     peft_model.eval()
     peft_model.peft_config["default"].base_model_name_or_path = None
     out = Path(out_dir)

@@ -49,6 +49,7 @@ from mergelab.errors import RecipeError
 from mergelab.lora import (LowRank, LoraExpertSource, OutputModule, concat, is_adapter_dir,
                            lowrank_approx, open_lora_expert, truncate, write_adapter)
 from mergelab.methods import MethodParams, MethodSpec, get_method
+from mergelab.progress import ProgressBar
 from mergelab.methods.lora_subspace import FACTOR_METHODS
 from mergelab.recipe import layer_depths
 
@@ -604,28 +605,19 @@ def _report(recipe, spec: MethodSpec, experts: Sequence[LoraExpertSource], resul
     }
 
 
-class _Progress:
-    """A rich progress bar over modules, or nothing."""
+def _module_columns() -> tuple:
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+
+    return (TextColumn("[bold]merging adapters[/]"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} modules"), TimeElapsedColumn(),
+            TextColumn("[dim]{task.fields[current]}[/]"))
+
+
+class _Progress(ProgressBar):
+    """A progress bar over modules, or nothing."""
 
     def __init__(self, total: int, show: bool):
-        self.show = show and total > 0
-        if self.show:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("[bold]merging adapters[/]"), BarColumn(),
-                                     TextColumn("{task.completed}/{task.total} modules"), TimeElapsedColumn(),
-                                     TextColumn("[dim]{task.fields[current]}[/]"))
-            self.task = self.progress.add_task("merge", total=total, current="")
-
-    def __enter__(self):
-        if self.show:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.progress.__exit__(*exc)
+        super().__init__(show, _module_columns, total, current="")
 
     def advance(self, res: ModuleResult) -> None:
-        if self.show:
-            self.progress.update(self.task, advance=1, current=f"{res.name} ({res.route}, rank {res.factors.rank})")
+        self.update(advance=1, current=f"{res.name} ({res.route}, rank {res.factors.rank})")

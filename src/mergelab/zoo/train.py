@@ -56,7 +56,9 @@ def encode_example(tokenizer, prompt: str, answer: str, *, add_eos: bool) -> tup
     return p + a, [-100] * len(p) + a
 
 
-def _collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def collate(batch: Sequence[tuple[list[int], list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-pad ``(ids, labels)`` pairs into ``input_ids``, ``labels`` (-100 on padding) and
+    ``attention_mask`` on ``device``."""
     width = max(len(ids) for ids, _ in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -109,6 +111,34 @@ def batch_indices(n: int, batch_size: int, rng):
         yield idx
 
 
+def run_steps(model, opt, encoded: Sequence[tuple[list[int], list[int]]], *, steps: int, batch_size: int, rng,
+              lr_at: Callable[[int], float], pad_id: int, device,
+              on_step: Callable[[int, float], None] | None = None,
+              stop: Callable[[], bool] | None = None) -> list[float]:
+    """The training loop of every mergelab trainer; returns the loss of each step taken.
+
+    Each step draws a batch (:func:`batch_indices`), sets the learning rate ``lr_at(step)``, and
+    takes one optimiser step on the answer loss (:func:`answer_loss`). ``stop()`` is asked after
+    each step but the last; True ends the loop early.
+    """
+    losses: list[float] = []
+    draws = batch_indices(len(encoded), batch_size, rng)
+    for step in range(steps):
+        batch = collate([encoded[i] for i in next(draws)], pad_id, device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = answer_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if stop is not None and step + 1 < steps and stop():
+            break
+    return losses
+
+
 def train_lora(model, tokenizer, examples: Sequence[tuple[str, str, bool]], out_dir: str | Path,
                cfg: TrainConfig = TrainConfig(), *, base_model_name_or_path: str | None = None,
                on_step: Callable[[int, float], None] | None = None) -> list[float]:
@@ -136,22 +166,10 @@ def train_lora(model, tokenizer, examples: Sequence[tuple[str, str, bool]], out_
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order_rng = random.Random(cfg.seed)
-    losses: list[float] = []
     peft_model.train()
     try:
-        draws = batch_indices(len(encoded), cfg.batch_size, order_rng)
-        for step in range(cfg.steps):
-            idx = next(draws)
-            batch = _collate([encoded[i] for i in idx], pad_id, device)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, cfg)
-            loss = answer_loss(peft_model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if on_step is not None:
-                on_step(step, losses[-1])
+        losses = run_steps(peft_model, opt, encoded, steps=cfg.steps, batch_size=cfg.batch_size, rng=order_rng,
+                           lr_at=lambda step: _lr_at(step, cfg), pad_id=pad_id, device=device, on_step=on_step)
         peft_model.eval()
         if base_model_name_or_path is not None:
             peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path
