@@ -314,3 +314,50 @@ def test_tune_trial_with_regmean_equals_the_written_merge(zoo, tmp_path):
             torch.testing.assert_close(got[name], r.get(name), rtol=0, atol=2e-6, msg=lambda m: f"{name}: {m}")
     finally:
         r.close()
+
+
+def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
+    """A tune study on a regmean recipe: its first trial is the recipe's own RegMean, the search
+    finds the λ of a target RegMean merge, and the tuned recipe keeps each expert's data and
+    merges to the best trial's weights."""
+    from mergelab.engine import merge
+    from mergelab.checkpoint import CheckpointReader
+    from mergelab.recipe import load_recipe
+    from mergelab.testing import load_model
+    from mergelab.tune import run_tune
+    from mergelab.tune.inplace import InPlaceMerger
+
+    fz = zoo["llama"]
+    data = [_data_csv(tmp_path / f"d{i}.csv", 6, i) for i in range(2)]
+    rec = _regmean_recipe(fz, data, rows=6, alpha=0.5)
+    model = load_model(fz.base)
+    target_rec = load_recipe({**rec, "method": {**rec["method"], "lambda": 1.6}})
+    InPlaceMerger(target_rec, model).apply(target_rec)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    target = {n: model.state_dict()[n].clone() for n in names}
+
+    def objective(m, part):
+        dist = sum(float((m.state_dict()[n] - target[n]).norm()) for n in names)
+        return -dist, {"synthetic": -dist}
+
+    val = tmp_path / "val.csv"
+    val.write_text("id,input,target,answer_choices,eval_type\n"
+                   + "".join(f'r{i},q {i},0,"[""a"", ""b""]",multiple_choice\n' for i in range(4)))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**rec, "method": {**rec["method"], "lambda": 1.0},
+                                    "tune": {"params": {"lambda": {"low": 0.5, "high": 2.5}},
+                                             "data": [str(val)], "trials": 20, "seed": 1}}))
+    res = run_tune(path, tmp_path / "out", objective=objective, direction="maximize")
+    start = next(t for t in res.trials if t.start)
+    assert start.values == {"lambda": 1.0}
+    assert abs(res.best.values["lambda"] - 1.6) < 0.05
+    tuned = load_recipe(tmp_path / "out" / "recipe.tuned.yaml")
+    assert [e.data for e in tuned.experts] == [[d] for d in data]
+    assert tuned.method.params["lambda"] == res.best.values["lambda"]
+    merge(tuned, tmp_path / "merged", progress=False)
+    r = CheckpointReader(tmp_path / "merged")
+    try:
+        for n in names:
+            assert float((r.get(n) - target[n]).norm()) <= float(target[n].norm()) * 0.05
+    finally:
+        r.close()
