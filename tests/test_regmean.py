@@ -152,17 +152,18 @@ def test_measured_gram_equals_a_row_by_row_sum(zoo, tmp_path):
     assert gs.aliases["model.layers.1.self_attn.k_proj.weight"] == "model.layers.1.self_attn.q_proj.weight"
     assert gs.aliases["model.layers.1.mlp.up_proj.weight"] == "model.layers.1.mlp.gate_proj.weight"
     assert gs.aliases["model.layers.1.self_attn.o_proj.weight"] == "model.layers.1.self_attn.o_proj.weight"
-    assert "lm_head.weight" not in gs.aliases or not model.config.tie_word_embeddings
 
     seen = {}
-    for mod_name, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)):
+    for mod_name, mod in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj), ("head", model.lm_head)):
         mod.register_forward_pre_hook(lambda m, a, k=mod_name: seen.setdefault(k, []).append(a[0][0].double()))
     for r in rows:
         ids = tok(r.input, return_tensors="pt")
         model(**ids)
     n = sum(x.shape[0] for x in seen["q"])
     assert gs.tokens == n
-    for key, name in (("q", "model.layers.1.self_attn.q_proj.weight"), ("down", "model.layers.1.mlp.down_proj.weight")):
+    assert not model.config.tie_word_embeddings   # the untied head is measured on every token too
+    for key, name in (("q", "model.layers.1.self_attn.q_proj.weight"), ("down", "model.layers.1.mlp.down_proj.weight"),
+                      ("head", "lm_head.weight")):
         want = sum(x.T @ x for x in seen[key]) / n
         torch.testing.assert_close(gs.get(name).double(), want, rtol=1e-4, atol=1e-6)
 

@@ -201,6 +201,7 @@ def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None,
     from mergelab.evaluate import EvalOptions
     from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, \
         right_pad, truncate_left
+    from mergelab.evaluate.prefill import accepts
     from mergelab.evaluate.prompting import ShotPool, build_prompt
     from mergelab.evaluate.scoring import decoder_start_token
 
@@ -221,6 +222,10 @@ def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None,
         text = build_prompt(r, tokenizer, eval_options, shots)
         ids.append(truncate_left(encode_prompt(tokenizer, text, add_special_tokens=special, encoder_decoder=enc_dec),
                                  max_length, tokenizer.bos_token_id)[0])
+    # the statistics need the layers' inputs, not the vocabulary logits: compute one position's
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    measured_head = head is not None and any(m is head for m in targets.values())
+    extra = {"logits_to_keep": 1} if not (enc_dec or measured_head) and accepts(model, "logits_to_keep") else {}
     acc = _Accumulator(targets)
     try:
         for start in range(0, len(ids), options.batch_size):
@@ -230,7 +235,7 @@ def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None,
                 dec = torch.full((x.shape[0], 1), decoder_start_token(model), dtype=torch.long, device=device)
                 model(input_ids=x, attention_mask=mask, decoder_input_ids=dec)
             else:
-                model(input_ids=x, attention_mask=mask)
+                model(input_ids=x, attention_mask=mask, **extra)
     finally:
         acc.close()
     return acc.result()
