@@ -31,9 +31,10 @@ each study's folder with its ``report.md`` and the merged adapters).
                              [--time-limit 10m] [--rows-per-task 16] [--configs a,b] [--fixed a,b]
                              [--fixed-from DEMO_OUT/scores.json] [--seed 0] [--quick]
 
-The default run takes about 40 minutes on a 2-core CPU (a trial scores 96 validation rows,
-~25 s there); ``--quick`` is a smoke test of a few minutes (few trials on few rows: its figures
-mean nothing). Seeds are fixed, so a rerun on the same machine repeats the same trials.
+The default run took 25 minutes on the project's 2-core CPU shared with another job (load ≈ 2; a
+trial scores 96 validation rows in ~20 s; docs/tune-bench.md has the figures); ``--quick`` is a
+smoke test of a few minutes (few trials on few rows: its figures mean nothing). Seeds are fixed,
+so a rerun on the same machine repeats the same trials.
 """
 from __future__ import annotations
 
@@ -66,10 +67,12 @@ class TuneConfig:
     data_aware: bool = False                     # each expert gets `data:` (its task's inputs)
 
 
-#: The peer: task arithmetic with one searched λ, started from the demo's λ.
+#: The peer: task arithmetic with one searched λ, started from the demo's λ. On a log scale: the
+#: good values are small (0.3 beats 0.5 and 1.0 on validation), and a uniform draw in [0.05, 1]
+#: rarely lands below 0.3 in the sampler's first, random trials.
 TA_LAMBDA = TuneConfig(
-    "ta_lambda", {"name": "task_arithmetic", "lambda": 0.3}, {"lambda": {"low": 0.05, "high": 1.0}},
-    "task arithmetic, one λ in [0.05, 1]")
+    "ta_lambda", {"name": "task_arithmetic", "lambda": 0.3},
+    {"lambda": {"low": 0.05, "high": 1.0, "log": True}}, "task arithmetic, one λ in [0.05, 1] (log scale)")
 
 #: The tuned configurations this benchmark knows; ``DEFAULT_CONFIGS`` are run unless ``--configs``.
 CONFIGS: dict[str, TuneConfig] = {c.label: c for c in (
