@@ -22,14 +22,16 @@ together), never the one that scores best on the test files.
 
 Per study: normalised test score and per-task scores, the winner's search/check scores, trials,
 wall time, trials per minute, time to the best trial (from the ``run_tune`` call, so the base
-loading and RegMean's statistics count), and the difference in points to the best fixed merge
-and to tuned-λ task arithmetic; then whether the issue's goals (≥ 90 % normalised, ≥ 10 points
-above the best fixed merge) are met. Results go to ``--out`` (``results.json``, ``results.md``,
+loading and RegMean's statistics count), and the difference in points to the best fixed merge,
+to the best data-free fixed merge (all but RegMean, which reads unlabelled task inputs) and to
+tuned-λ task arithmetic; then whether the issue's goals (≥ 90 % normalised, ≥ 10 points above
+the best fixed merge) are met. Results go to ``--out`` (``results.json``, ``results.md``,
 each study's folder with its ``report.md`` and the merged adapters).
 
     python bench/tune_zoo.py [--zoo DIR] [--device cpu] [--out DIR] [--trials N] [--ta-trials N]
                              [--time-limit 10m] [--rows-per-task 16] [--configs a,b] [--fixed a,b]
-                             [--fixed-from DEMO_OUT/scores.json] [--seed 0] [--quick]
+                             [--fixed-from DEMO_OUT/scores.json] [--gram-split validation]
+                             [--seed 0] [--threads N] [--quick]
 
 The default run took 25 minutes on the project's 2-core CPU shared with another job (load ≈ 2; a
 trial scores 96 validation rows in ~20 s; docs/tune-bench.md has the figures); ``--quick`` is a
