@@ -487,3 +487,17 @@ def test_only_a_complete_default_zoo_can_be_shipped(tiny_zoo, tmp_path):
     with pytest.raises(ZooError, match="default sizes"):
         package_zoo(built, tmp_path / "shipped")
     assert not (tmp_path / "shipped").exists()
+
+
+def test_score_cache_key_follows_the_device_that_runs():
+    """`device: auto` on a CPU-only machine is the CPU: both share cached scores; dtype counts."""
+    import torch
+
+    from mergelab.evaluate import EvalOptions
+    from mergelab.zoo.build import ScoreCache
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine auto means cuda")
+    k = lambda **o: ScoreCache.key("b", None, "d", EvalOptions(**o))  # noqa: E731
+    assert k(device="auto") == k(device="cpu") == k(device="cpu", dtype="float32")
+    assert k(device="cpu", dtype="bfloat16") != k(device="cpu")

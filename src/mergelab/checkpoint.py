@@ -300,8 +300,10 @@ class CheckpointReader:
         self.close()
 
     def __del__(self) -> None:  # pragma: no cover - best effort
-        with contextlib.suppress(Exception):
+        try:  # no module globals here: at interpreter exit they may already be gone
             self.close()
+        except Exception:
+            pass
 
     def __repr__(self) -> str:
         return f"CheckpointReader({str(self.path)!r}, {len(self._infos)} tensors)"

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -178,8 +179,16 @@ def make_sampler(name: str, seed: int, start: Mapping[str, float] | None = None)
     except ImportError:
         raise TuneError("tune.sampler: cmaes needs the cmaes package",
                         hint="pip install cmaes, or use sampler: tpe") from None
-    return optuna.samplers.CmaEsSampler(seed=seed, x0=dict(start) if start else None,
-                                        warn_independent_sampling=False)
+    if not start:
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    # x0 (CMA-ES's initial mean = the recipe's own values) is deprecated since optuna 4.9 with no
+    # replacement yet; the start trial is enqueued either way, so without x0 only the mean differs
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*x0.*deprecated", category=FutureWarning)
+            return optuna.samplers.CmaEsSampler(seed=seed, x0=dict(start), warn_independent_sampling=False)
+    except TypeError:  # an optuna that no longer takes x0
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
 
 
 # ------------------------------------------------------------------------------------ the study

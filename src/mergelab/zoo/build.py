@@ -107,8 +107,14 @@ class ScoreCache:
 
     @staticmethod
     def key(base_sha: str, adapter_sha: str | None, data_sha: str, options) -> str:
+        # `device: auto` and the device it picks give the same scores: key on what actually runs
+        from mergelab.evaluate.loading import resolve_device, resolve_dtype
+
+        opts = options.model_dump(mode="json")
+        dev = resolve_device(options.device)
+        opts["device"], opts["dtype"] = dev.type, str(resolve_dtype(options.dtype, dev))
         return _digest({"base": base_sha, "adapter": adapter_sha, "data": data_sha,
-                        "options": options.model_dump(mode="json"), "format": ZOO_FORMAT})
+                        "options": opts, "format": ZOO_FORMAT})
 
     def get(self, key: str):
         return self.entries.get(key)
