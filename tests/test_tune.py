@@ -419,6 +419,7 @@ def test_divergence_warning_names_the_threshold(zoo, tmp_path):
     ({"params": {"weight": {"low": 0, "high": 1}}, "time_limit": "soon"}, r"tune\.time_limit: .*duration"),
     ({"params": {"weight": {"low": 0, "high": 1}}, "sampler": "grid"}, r"tune\.sampler"),
     ({"params": {"weight": {"low": 0, "high": 1}}, "eval": {"batch": 3}}, r"tune\.eval\.batch: unknown key"),
+    ({"params": {"weight": {"low": 0, "high": 1}}, "metric": "bleu"}, r"tune\.metric: .*exact_match"),
 ])
 def test_tune_section_errors_name_the_key_path(zoo, tmp_path, tune, expected):
     from mergelab.tune import run_tune
@@ -500,3 +501,41 @@ def test_entropy_objective_runs_without_labels(zoo, tmp_path):
     assert all(0 < t.search <= 1 and 0 < t.check <= 1 for t in res.trials)
     tuned = yaml.safe_load((tmp_path / "out/recipe.tuned.yaml").read_text())
     assert tuned["method"]["lambda"] == [res.best.values["lambda#0"], res.best.values["lambda#1"]]
+
+
+def test_objective_metric_for_generation_rows(zoo, tmp_path):
+    """`metric` picks the generation rows' metric of the `score` objective; multiple-choice rows
+    count accuracy; rows are weighted equally across the two kinds."""
+    from mergelab.evaluate import EvalOptions, evaluate
+    from mergelab.evaluate.loading import load_tokenizer
+    from mergelab.testing import load_model
+    from mergelab.tune.objective import Objective, file_score
+
+    fs = {"score": 0.55, "multiple_choice": {"scored": 2, "accuracy": 0.5},
+          "generation": {"scored": 3, "exact_match": 1 / 3, "rouge1": 0.6, "rouge2": 0.2, "rougeL": 0.6}}
+    assert file_score(fs) == 0.55
+    assert file_score(fs, "exact_match") == pytest.approx((0.5 * 2 + 1 / 3 * 3) / 5)
+    assert file_score(fs, "rouge2") == pytest.approx((0.5 * 2 + 0.2 * 3) / 5)
+
+    base = zoo["llama"].base
+    model, tok = load_model(base), load_tokenizer(base)
+    opts = EvalOptions(max_new_tokens=3)
+    # generation targets: what the model itself answers for half the rows (exact match 1), junk for the rest
+    rows = [{"id": f"g{i}", "input": f"count {i} {i + 1}"} for i in range(4)]
+    path = tmp_path / "gen.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+        for r in rows:
+            w.writerow([r["id"], r["input"], "x", "", "generation"])
+    evaluate(model, [path], tmp_path / "own", opts, tokenizer=tok)
+    preds = [json.loads(line)["prediction"] for line in (tmp_path / "own/predictions/gen.jsonl").open()]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+        for i, (r, p) in enumerate(zip(rows, preds)):
+            w.writerow([r["id"], r["input"], p if i % 2 == 0 else "zzz qqq", "", "generation"])
+    em = Objective("score", {"search": [path]}, opts, tok, metric="exact_match")(model, "search")[0]
+    rl = Objective("score", {"search": [path]}, opts, tok)(model, "search")[0]
+    assert em == pytest.approx(0.5)
+    assert rl == pytest.approx(evaluate(model, [path], None, opts, tokenizer=tok)["overall"]["score"])

@@ -10,6 +10,7 @@
         lambda: {low: 0.5, high: 1.5, groups: [self_attn, mlp]}   # one value per module filter
         weight: {low: 0.0, high: 1.0, layers: 3}           # 3 anchors across the depth
       objective: score            # or entropy (unlabelled inputs)
+      metric: rougeL              # generation rows in `score`: rougeL, exact_match, rouge1, rouge2
       data: [val/a.csv, val/b.csv]
       check_fraction: 0.5         # share of each file's rows held out as the check part
       trials: 30
@@ -103,6 +104,7 @@ class TuneSection(BaseModel):
 
     params: dict[str, ParamRange] = Field(min_length=1)
     objective: Literal["score", "entropy"] = "score"
+    metric: Literal["rougeL", "exact_match", "rouge1", "rouge2"] = "rougeL"
     data: list[Path] = Field(min_length=1)
     check_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     rows_per_task: int | None = Field(None, ge=2)
@@ -331,6 +333,7 @@ def fingerprint(recipe_data: Mapping[str, Any], section: TuneSection) -> str:
         "recipe": json.loads(json.dumps(recipe_data, sort_keys=True, default=str)),
         "params": {k: v.model_dump() for k, v in section.params.items()},
         "objective": section.objective,
+        "metric": section.metric,
         "data": [sha256_file(f) for f in section.data],
         "split": [section.check_fraction, section.rows_per_task, section.split_seed],
         "eval": section.eval,

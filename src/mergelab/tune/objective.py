@@ -11,8 +11,9 @@ recorded beside each trial for the report and never returned as the objective.
 same however many rows it has):
 
 ``score`` (maximised)
-    :func:`mergelab.evaluate.evaluate` on the part's files: accuracy on multiple-choice rows,
-    ROUGE-L F on generation rows (the evaluation's ``score``). Needs targets.
+    :func:`mergelab.evaluate.evaluate` on the part's files: accuracy on multiple-choice rows and,
+    on generation rows, ``metric``: ROUGE-L F by default (the evaluation's ``score``), or exact
+    match, ROUGE-1 or ROUGE-2 F — use the metric the task is judged by. Needs targets.
 ``entropy`` (minimised; AdaMerging-style, no labels needed)
     the mean normalised prediction entropy: for a multiple-choice row the entropy of the softmax
     over the choices' (length-normalised, if the options say so) log-probabilities, divided by
@@ -91,14 +92,27 @@ def load_splits(files: Sequence[Path], check_fraction: float, seed: int, rows_pe
     return out
 
 
+def file_score(file_scores: dict, metric: str = "rougeL") -> float:
+    """One file's value for the ``score`` objective: the row mean of accuracy (multiple choice)
+    and ``metric`` (generation), from :func:`mergelab.evaluate.evaluate`'s per-file scores."""
+    if metric == "rougeL":
+        return float(file_scores["score"])
+    mc = file_scores.get("multiple_choice") or {}
+    gen = file_scores.get("generation") or {}
+    n_mc, n_gen = mc.get("scored", 0) or 0, gen.get("scored", 0) or 0
+    total = (mc.get("accuracy") or 0.0) * n_mc + (gen.get(metric) or 0.0) * n_gen
+    return float(total / (n_mc + n_gen)) if n_mc + n_gen else 0.0
+
+
 class Objective:
     """Scores the loaded (merged) model on one part of the split: ``part`` is ``search`` or ``check``.
 
     ``files[part]`` are the written CSVs of that part; calling returns ``(value, per-task values)``.
     """
 
-    def __init__(self, kind: str, files: dict[str, list[Path]], options, tokenizer):
+    def __init__(self, kind: str, files: dict[str, list[Path]], options, tokenizer, metric: str = "rougeL"):
         self.kind = kind
+        self.metric = metric
         self.direction = DIRECTIONS[kind]
         self.files = files
         self.options = options
@@ -110,7 +124,7 @@ class Objective:
             from mergelab.evaluate import evaluate
 
             scores = evaluate(model, files, None, self.options, tokenizer=self.tokenizer)
-            per_task = {f.stem: float(scores["files"][f.name]["score"]) for f in files}
+            per_task = {f.stem: file_score(scores["files"][f.name], self.metric) for f in files}
         else:
             per_task = {f.stem: mean_entropy(model, self.tokenizer, f, self.options) for f in files}
         return sum(per_task.values()) / len(per_task), per_task

@@ -284,7 +284,7 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
                                                 dtype=options.dtype)
     merger = InPlaceMerger(base_recipe, model)
-    score = objective or Objective(section.objective, files, options, tokenizer)
+    score = objective or Objective(section.objective, files, options, tokenizer, metric=section.metric)
     say(f"study {study_name} ({len(space.dims)} parameters, {section.sampler}, {direction}) in {storage_url}; "
         f"{n_before} earlier trial(s); in-place merge: {merger.describe()['mode']}, "
         f"{merger.describe()['tensors']} tensors")
