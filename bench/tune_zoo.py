@@ -4,10 +4,10 @@ On the demo zoo (SmolLM2-135M-Instruct, one rank-8 q/v LoRA expert per synthetic
 topic, grammar (multiple choice), json, sql, dates (generation)) one run measures, side by side:
 
 1. **fixed merges** — the demo's methods with their published form and the one scale each that
-   was chosen once on the validation split (``mergelab.zoo.demo.DEMO_MERGES``), plus plain
-   ``regmean`` when this mergelab has it; merged into one adapter and scored on the **test**
-   files exactly as ``mergelab demo`` does (``merge_to_adapter``, ``evaluate_cached``,
-   normalised score = merged ÷ expert per task, averaged over the tasks);
+   was chosen once on the validation split (``mergelab.zoo.demo.DEMO_MERGES``, plain ``regmean``
+   among them, its Gram matrices from each task's validation inputs); merged into one adapter and
+   scored on the **test** files exactly as ``mergelab demo`` does (``merge_to_adapter``,
+   ``evaluate_cached``, normalised score = merged ÷ expert per task, averaged over the tasks);
 2. **tuned-λ task arithmetic** — the peer: a ``mergelab tune`` study over the single λ of task
    arithmetic;
 3. **tuned merges** — ``mergelab tune`` studies over richer spaces (per-expert weights, per-group
@@ -31,7 +31,7 @@ each study's folder with its ``report.md`` and the merged adapters).
     python bench/tune_zoo.py [--zoo DIR] [--device cpu] [--out DIR] [--trials N] [--ta-trials N]
                              [--time-limit 10m] [--rows-per-task 16] [--configs a,b] [--fixed a,b]
                              [--fixed-from DEMO_OUT/scores.json] [--gram-split validation]
-                             [--seed 0] [--threads N] [--quick]
+                             [--metric rougeL] [--seed 0] [--threads N] [--quick]
 
 The default run took 25 minutes on the project's 2-core CPU shared with another job (load ≈ 2; a
 trial scores 96 validation rows in ~20 s; docs/tune-bench.md has the figures); ``--quick`` is a
@@ -99,9 +99,6 @@ CONFIGS: dict[str, TuneConfig] = {c.label: c for c in (
                expert={"weight": 1.0}, sampler="cmaes", data_aware=True),
 )}
 DEFAULT_CONFIGS = ["iso_c_weights", "regmean"]
-#: A fixed merge that is not one of the demo's: plain RegMean (Gram matrices of each task's inputs).
-REGMEAN_FIXED = ("regmean", {"name": "regmean", "alpha": 0.9, "lambda": 1.0},
-                 "RegMean (α 0.9), Gram matrices of each task's validation inputs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation rows per task used by a study, half search / half check (16)")
     ap.add_argument("--configs", default=None, help=f"tuned configurations (default {','.join(DEFAULT_CONFIGS)}; "
                                                     f"known: {', '.join(CONFIGS)})")
-    ap.add_argument("--fixed", default=None, help="fixed merges to score (default: all the demo's, + regmean)")
+    ap.add_argument("--fixed", default=None, help="fixed merges to score (default: all the demo's)")
     ap.add_argument("--fixed-from", type=Path, default=None,
                     help="take the demo merges' test scores from a `mergelab demo` scores.json of this zoo")
     ap.add_argument("--gram-split", default="validation", choices=["validation", "train"],
                     help="whose inputs give RegMean's Gram matrices (validation)")
+    ap.add_argument("--metric", default="rougeL", choices=["rougeL", "exact_match", "rouge1", "rouge2"],
+                    help="the studies' metric on generation rows (rougeL; the test files are judged by exact match)")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true",
@@ -164,9 +163,6 @@ class Bench:
         self.out.mkdir(parents=True)
 
         self.zoo = self._zoo()
-        self.has_regmean = _has_method("regmean")
-        if not self.has_regmean:
-            self._note("this mergelab has no `regmean` method: the RegMean fixed merge and search are skipped")
         self.model, self.tok = load_model_and_tokenizer(self.zoo.base, device=args.device, dtype="float32")
         self.options = eval_options(args.device)
         self.files = {t: self.zoo.data(t, "test") for t in self.zoo.tasks}
@@ -227,12 +223,7 @@ class Bench:
         unknown = [n for n in names if n not in CONFIGS]
         if unknown:
             raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
-        out = []
-        for n in names:
-            if CONFIGS[n].data_aware and not self.has_regmean:
-                continue
-            out.append(CONFIGS[n])
-        return out
+        return [CONFIGS[n] for n in names]
 
     # ------------------------------------------------------------------------------- scoring
     def _merge_and_score(self, recipe, dest: Path) -> dict:
@@ -267,7 +258,7 @@ class Bench:
         from mergelab.zoo.demo import DEMO_MERGES, demo_recipe
 
         args, console = self.args, self.console
-        known = [m.label for m in DEMO_MERGES] + [REGMEAN_FIXED[0]]
+        known = [m.label for m in DEMO_MERGES]
         wanted = args.fixed.split(",") if args.fixed else known
         unknown = [w for w in wanted if w not in known]
         if unknown:
@@ -284,14 +275,6 @@ class Bench:
                 r = self._merge_and_score(demo_recipe(self.zoo, m), self.out / "fixed" / m.label)
                 results[m.label] = {"method": m.method, "output": m.output, "source": "this run", **r}
             self._say_fixed(m.label, results[m.label])
-        label, method, about = REGMEAN_FIXED
-        if label in wanted and self.has_regmean:
-            recipe = {"base": {"path": str(self.zoo.base)}, "experts": self._expert_entries(data=True),
-                      "method": method, "output": {"format": "lora"}, "seed": self.zoo.seed}
-            r = self._merge_and_score(recipe, self.out / "fixed" / label)
-            results[label] = {"method": method, "output": {"format": "lora"}, "source": "this run",
-                              "about": about, **r}
-            self._say_fixed(label, results[label])
         return results
 
     def _say_fixed(self, label: str, r: dict) -> None:
@@ -319,7 +302,7 @@ class Bench:
     def tune_recipe(self, cfg: TuneConfig, trials: int) -> dict:
         """The recipe with its ``tune:`` section for one configuration (validation files only)."""
         o = self.options
-        tune = {"params": cfg.params, "objective": "score",
+        tune = {"params": cfg.params, "objective": "score", "metric": self.args.metric,
                 "data": [str(self.zoo.data(t, "validation")) for t in self.zoo.tasks],
                 "check_fraction": 0.5, "rows_per_task": self.args.rows_per_task, "split_seed": 0,
                 "trials": trials, "sampler": cfg.sampler, "seed": self.args.seed,
@@ -373,7 +356,7 @@ class Bench:
         best_fixed = _best(fixed)
         bf = fixed[best_fixed]["normalised"]["mean"] if best_fixed else None
         # RegMean reads unlabelled inputs; the demo's merges read nothing but the weights
-        free = {k: r for k, r in fixed.items() if k != REGMEAN_FIXED[0]}
+        free = {k: r for k, r in fixed.items() if not _data_aware(r["method"]["name"])}
         best_free = _best(free)
         bff = free[best_free]["normalised"]["mean"] if best_free else None
         ta = tuned.get(TA_LAMBDA.label, {})
@@ -393,7 +376,9 @@ class Bench:
         headline = max(candidates, key=lambda k: ok[k]["winner"]["validation"]) if candidates else None
         return {"tasks": list(self.zoo.tasks), "expert_scores": self.expert,
                 "metric": "accuracy (multiple choice), exact match (generation); normalised = merged ÷ expert",
-                "tune_objective": "validation score: accuracy (MC), ROUGE-L F (generation), mean over tasks",
+                "tune_objective": "validation score: accuracy (MC), "
+                                  + {"rougeL": "ROUGE-L F", "exact_match": "exact match", "rouge1": "ROUGE-1 F",
+                                     "rouge2": "ROUGE-2 F"}[self.args.metric] + " (generation), mean over tasks",
                 "fixed": fixed, "best_fixed": best_fixed, "best_data_free": best_free, "tuned": tuned,
                 "headline": headline,
                 "goals": {"normalised": GOAL_NORMALISED, "points_over_best_fixed": GOAL_POINTS_OVER_FIXED}}
@@ -447,15 +432,11 @@ def _best(merges: dict) -> str | None:
     return max(merges, key=lambda k: merges[k]["normalised"]["mean"]) if merges else None
 
 
-def _has_method(name: str) -> bool:
-    from mergelab.errors import RecipeError
+def _data_aware(method: str) -> bool:
+    """Whether a method reads unlabelled task inputs (RegMean) rather than the weights alone."""
     from mergelab.methods import get_method
 
-    try:
-        get_method(name)
-    except RecipeError:
-        return False
-    return True
+    return get_method(method).needs_gram
 
 
 def study_timing(result, called: datetime) -> dict:

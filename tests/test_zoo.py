@@ -443,8 +443,11 @@ def test_second_build_reuses_adapters_and_scores(tiny_zoo, zoo):
     assert again.manifest["scores"] == built.manifest["scores"]
 
 
-def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path):
+def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
+    import yaml
+
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))   # RegMean's statistics
     from rich.console import Console
 
     from mergelab.zoo.demo import run_demo
@@ -454,11 +457,13 @@ def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("from an earlier run")
     console = Console(record=True, width=160)
-    payload = run_demo(out, zoo_dir=built.root, methods=["linear", "ties", "tsv"], console=console)
+    payload = run_demo(out, zoo_dir=built.root, methods=["linear", "ties", "regmean"], console=console)
     assert not (out / "stale.txt").exists()           # the output folder is replaced as a whole
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     scores = json.loads((out / "scores.json").read_text())
-    assert set(scores["merges"]) == {"linear", "ties", "tsv"}
+    assert set(scores["merges"]) == {"linear", "ties", "regmean"}
+    regmean = yaml.safe_load((out / "recipes" / "regmean.yaml").read_text())
+    assert [e["data"] for e in regmean["experts"]] == [str(built.data(t, "validation")) for t in built.tasks]
     for label, r in scores["merges"].items():
         assert set(r["scores"]) == {"sentiment", "dates"}
         assert (out / "merges" / label / "adapter_config.json").is_file()

@@ -57,6 +57,9 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
     DemoMerge("tsv", {"name": "tsv"}, about="task singular vectors, orthogonalised (TSV-M)"),
     DemoMerge("iso_c", {"name": "iso_c", "lambda": 1.5},
               about="flat spectrum of the summed ΔW × 1.5 (Iso-C)"),
+    DemoMerge("regmean", {"name": "regmean", "alpha": 0.9},
+              about="data-aware: per layer, the least-squares fit to every expert's outputs on "
+                    "its task's validation inputs (RegMean; exact, rank Σr)"),
 )
 
 
@@ -72,9 +75,16 @@ def _merge_api():
 
 
 def demo_recipe(zoo: Zoo, merge: DemoMerge) -> dict:
-    """The recipe (as a dict, ready for YAML) that merges every expert of ``zoo`` with ``merge``."""
+    """The recipe (as a dict, ready for YAML) that merges every expert of ``zoo`` with ``merge``.
+
+    A data-aware method (RegMean) gets each expert's unlabelled inputs: its task's validation
+    file (never the test file)."""
+    from mergelab.methods import get_method
+
+    data_aware = get_method(merge.method["name"]).needs_gram
     return {"base": {"path": str(zoo.base)},
-            "experts": [{"path": str(zoo.adapter(t))} for t in zoo.tasks],
+            "experts": [{"path": str(zoo.adapter(t)), **({"data": str(zoo.data(t, "validation"))} if data_aware else {})}
+                        for t in zoo.tasks],
             "method": dict(merge.method), "output": dict(merge.output), "seed": zoo.seed}
 
 
