@@ -170,7 +170,9 @@ def test_dare_gives_the_same_bytes_whatever_the_tensor_order(zoo, tmp_path):
 
 def test_streaming_memory_follows_the_largest_tensor_not_the_model(tmp_path):
     """Peak RSS of a TIES merge of 3 × 144 MiB of inputs stays far below their total (on the CPU:
-    a CUDA context alone adds hundreds of MiB of host memory)."""
+    a CUDA context alone adds hundreds of MiB of host memory). Loading the models would grow it by
+    ≥ 576 MiB (inputs + output); streaming measured 100–150 MiB here (allocator arenas and the
+    buffer pool vary between runs), so the bound is half the inputs."""
     g = torch.Generator().manual_seed(0)
     state = {f"model.layers.{i}.mlp.w.weight": torch.randn(1024, 1024, generator=g) for i in range(36)}
     for name, scale in (("base", 0.0), ("e0", 0.01), ("e1", -0.01)):
@@ -196,7 +198,7 @@ def test_streaming_memory_follows_the_largest_tensor_not_the_model(tmp_path):
     assert run.returncode == 0, run.stderr
     grew = int(run.stdout.strip().splitlines()[-1])
     total_inputs = 3 * 36 * 4 * 2**20
-    assert grew < total_inputs / 3, f"peak RSS grew by {grew / 2**20:.0f} MiB for {total_inputs / 2**20:.0f} MiB of inputs"
+    assert grew < total_inputs / 2, f"peak RSS grew by {grew / 2**20:.0f} MiB for {total_inputs / 2**20:.0f} MiB of inputs"
 
 
 # ---------------------------------------------------------------------------- tied embeddings
