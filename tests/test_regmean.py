@@ -362,3 +362,25 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
             assert float((r.get(n) - target[n]).norm()) <= float(target[n].norm()) * 0.05
     finally:
         r.close()
+
+
+def test_run_records_the_data_and_reruns_when_it_changes(zoo, tmp_path):
+    """`mergelab run` hashes each expert's data with its inputs; a rerun with unchanged data skips
+    the merge, changed data merges again (and `reproduce` would name the file)."""
+    from mergelab.manifest import sha256_file
+    from mergelab.run import run_recipe
+
+    fz = zoo["llama"]
+    data = [_data_csv(tmp_path / f"d{i}.csv", 5, i) for i in range(2)]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(_regmean_recipe(fz, data, rows=5)))
+    out = tmp_path / "run"
+    first = run_recipe(path, out, rules=False)
+    experts = [m for m in first.manifest["models"] if m["role"].startswith("expert")]
+    assert [m["files"][f"data:{d}"] for m, d in zip(experts, data)] == [sha256_file(d) for d in data]
+    again = run_recipe(path, out, rules=False)
+    assert {s.name: s.status for s in again.stages}["merge"] == "skipped"
+    data[0].write_text(data[0].read_text().replace("r1,", "r1,more words "))
+    third = run_recipe(path, out, rules=False)
+    assert {s.name: s.status for s in third.stages}["merge"] == "ran"
+    assert third.manifest["outputs"] != first.manifest["outputs"]
