@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import sys
@@ -178,8 +179,6 @@ def main() -> int:
     ours_s = time.perf_counter() - t0
     ours_mc_s = marks.get("mc", t0) - t0
     ours_gen_s = ours_s - ours_mc_s
-    import json
-
     preds = {p["id"]: p for p in map(json.loads, (tmp / "ours" / "predictions" / "bench.jsonl").open())}
 
     # 2. one row at a time, starter-kit style, in file order

@@ -131,7 +131,9 @@ def _run(model, suffixes: list[list[int]], pad: int, prefix_cache=None, prefix_l
     return returned_cache(out), mask, out.logits[:, -1, :]
 
 
+@lru_cache(maxsize=1)
 def _joinable() -> bool:
+    """Whether this transformers' caches keep per-layer objects (checked once, not per batch)."""
     from transformers import DynamicCache
 
     return hasattr(DynamicCache(), "layers")

@@ -17,10 +17,9 @@ import json
 import os
 import time
 from pathlib import Path
-
-from mergelab.checkpoint import check_output_dir
 from typing import Callable, Sequence
 
+from mergelab.checkpoint import atomic_output_dir, check_output_dir
 from mergelab.errors import DataError
 from mergelab.evaluate.data import read_competition_csv, write_submission
 from mergelab.evaluate.generate import generate_texts
@@ -265,8 +264,6 @@ def _scores(datasets, records, options: EvalOptions, model_name: str, adapter: s
 
 
 def _write_outputs(out_dir: Path, datasets, records, scores: dict, force: bool) -> None:
-    from mergelab.checkpoint import atomic_output_dir
-
     with atomic_output_dir(out_dir, force) as tmp:
         (tmp / "predictions").mkdir()
         for (path, rows), recs in zip(datasets, records):
