@@ -11,19 +11,12 @@ from mergelab.errors import RecipeError
 from mergelab.finetune import (DataLicenceError, check_data_licences, classify_data_licence,
                                parse_finetune_section, train_adapter)
 from mergelab.run import run_recipe
-
-CSV_HEADER = "id,input,target,answer_choices,eval_type\n"
+from mergelab.testing import write_mixed_csv
 
 
 def train_csv(path: Path, n: int = 16) -> Path:
-    rows = []
-    for i in range(n):
-        if i % 2:
-            rows.append(f'{i},Is {i} odd?,0,"[""yes"", ""no""]",multiple_choice\n')
-        else:
-            rows.append(f"{i},Say hello {i},hello world,,generation\n")
-    path.write_text(CSV_HEADER + "".join(rows))
-    return path
+    return write_mixed_csv(path, n, choice_input="Is {i} odd?", choices=["yes", "no"],
+                           gen_input="Say hello {i}", gen_target="hello world")
 
 
 def section(tmp_path: Path, **over) -> dict:

@@ -14,19 +14,12 @@ from mergelab.cli import main
 from mergelab.errors import BudgetError
 from mergelab.plan import (EvalWorkload, ModelInfo, calibrate, calibrated_profile, estimate_eval, eval_workload,
                            get_profile, inspect_model, load_profiles, plan_recipe)
-
-CSV_HEADER = "id,input,target,answer_choices,eval_type\n"
+from mergelab.testing import write_mixed_csv
 
 
 def eval_csv(path: Path, n: int = 24) -> Path:
-    rows = []
-    for i in range(n):
-        if i % 2:
-            rows.append(f'{i},Question {i}: is the sky blue?,0,"[""yes"", ""no"", ""maybe""]",multiple_choice\n')
-        else:
-            rows.append(f"{i},Write the number {i} in words,{i},,generation\n")
-    path.write_text(CSV_HEADER + "".join(rows))
-    return path
+    return write_mixed_csv(path, n, choice_input="Question {i}: is the sky blue?", choices=["yes", "no", "maybe"],
+                           gen_input="Write the number {i} in words", gen_target="{i}")
 
 
 def recipe_file(folder: Path, fz, **extra) -> Path:

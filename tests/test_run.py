@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from mergelab.cli import main
 from mergelab.errors import RecipeError
 from mergelab.run import OutputsDifferError, reproduce, run_recipe
+from mergelab.testing import write_mixed_csv
 
 
 def write_recipe(folder: Path, base: Path, experts: list[Path], **extra) -> Path:
@@ -198,10 +199,8 @@ def test_a_tiny_budget_ends_evaluation_early_with_a_complete_submission(llama, t
     from mergelab.evaluate import FALLBACK_CHOICE, FALLBACK_TEXT
 
     base, experts = llama
-    rows = ["id,input,target,answer_choices,eval_type"]
-    for i in range(12):
-        rows.append(f'{i},Is {i} even?,0,"[""yes"", ""no""]",multiple_choice' if i % 2 else f"{i},Count to {i},1 2,,generation")
-    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    write_mixed_csv(tmp_path / "t.csv", 12, choice_input="Is {i} even?", choices=["yes", "no"],
+                    gen_input="Count to {i}", gen_target="1 2")
     recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 4})
     result = run_recipe(recipe, tmp_path / "r", rules=False, budget=0.01, hardware="cpu", force=True)
     stages = {s.name: s for s in result.stages}

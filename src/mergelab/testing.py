@@ -231,3 +231,21 @@ def build_zoo(root: str | Path, families: tuple[str, ...] = FAMILIES, n_experts:
             fz.loras.append(make_lora(fz.base, root / fam / f"lora{j}", seed=100 * i + j, **spec))
         zoo[fam] = fz
     return zoo
+
+
+def write_mixed_csv(path: str | Path, n: int, *, choice_input: str, choices: list[str],
+                    gen_input: str, gen_target: str) -> Path:
+    """Write ``n`` competition-format rows to ``path``: odd ids multiple choice (answer 0 of
+    ``choices``), even ids generation. ``choice_input``, ``gen_input`` and ``gen_target`` are
+    format strings of the row number ``{i}``."""
+    from mergelab.zoo.tasks import write_csv
+
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append({"id": str(i), "input": choice_input.format(i=i), "target": "0",
+                         "answer_choices": json.dumps(choices), "eval_type": "multiple_choice"})
+        else:
+            rows.append({"id": str(i), "input": gen_input.format(i=i), "target": gen_target.format(i=i),
+                         "answer_choices": "", "eval_type": "generation"})
+    return write_csv(path, rows)
