@@ -34,7 +34,6 @@ torch version the same section writes the same adapter bytes.
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 import warnings
@@ -201,12 +200,16 @@ class FinetuneResult:
     losses: list[float] = field(default_factory=list)
     steps_done: int = 0
     steps: int = 0
-    stopped_by_deadline: bool = False
     seconds: float = 0.0
 
     @property
     def complete(self) -> bool:
         return self.steps_done == self.steps
+
+    @property
+    def stopped_by_deadline(self) -> bool:
+        """Only the deadline ends training before ``steps``."""
+        return not self.complete
 
 
 def _encode(tokenizer, prompt: str, answer: str, add_eos: bool, max_length: int) -> tuple[list[int], list[int]]:
@@ -265,7 +268,6 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
                               pad_id=pad_id, device=dev, on_step=on_step,
                               stop=lambda: deadline is not None and time.monotonic() >= deadline)
     result.steps_done = len(result.losses)
-    result.stopped_by_deadline = result.steps_done < section.steps
     peft_model.eval()
     peft_model.peft_config["default"].base_model_name_or_path = None
     out = Path(out_dir)
@@ -281,13 +283,6 @@ def _strip_readme(out: Path) -> None:
     card = out / "README.md"
     if card.is_file():
         card.unlink()
-
-
-def data_fingerprint(records: list[dict]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(f"{r['path']}\0{r['sha256']}\0{r['licence']}\n".encode())
-    return h.hexdigest()
 
 
 __all__ = ["FinetuneSection", "DataLicenceError", "parse_finetune_section", "check_data_licences",

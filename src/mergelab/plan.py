@@ -475,16 +475,12 @@ def _dtype_bytes(name: str | None) -> float | None:
 
 
 def _mean_example_tokens(tokenizer_dir: Path, files: list[Path], max_length: int) -> tuple[float, int]:
-    from mergelab.evaluate import read_competition_csv
     from mergelab.evaluate.loading import load_tokenizer
+    from mergelab.finetune import training_examples
 
     tok = load_tokenizer(tokenizer_dir)
-    lengths = []
-    for f in files:
-        for row in read_competition_csv(f):
-            answer = row.choices[int(row.target)] if row.is_mc else str(row.target)
-            n = len(tok(row.input + answer, add_special_tokens=False)["input_ids"]) + 1
-            lengths.append(min(n, max_length))
+    lengths = [min(len(tok(prompt + answer, add_special_tokens=False)["input_ids"]) + 1, max_length)
+               for prompt, answer, _ in training_examples(files)]
     return (sum(lengths) / len(lengths) if lengths else 0.0), max(lengths, default=0)
 
 

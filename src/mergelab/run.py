@@ -108,10 +108,6 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _recipe_root(recipe_path: str | os.PathLike | None) -> Path:
-    return Path(recipe_path).resolve().parent if recipe_path is not None else Path.cwd()
-
-
 def _input_files(folder: Path, listed: tuple[str, ...]) -> dict[str, str]:
     """sha256 of the files of a model folder that mergelab reads (weights, config, tokenizer, adapter)."""
     from mergelab.sources import select_files
