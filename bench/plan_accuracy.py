@@ -33,6 +33,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mergelab.zoo.demo import DEMO_MERGES
+
 COMPETITION_TEST = Path("/work/shared/data/test.csv")
 
 # Mistral-7B-v0.1 config.json (the fields the planner reads).
@@ -41,8 +43,8 @@ MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layer
 # predibase/* Mistral-7B LoRA adapters: r = 8 on q_proj and v_proj, float32 safetensors.
 PREDIBASE = {"count": 27, "rank": 8, "modules": {"q_proj": (4096, 4096), "v_proj": (4096, 1024)}, "dtype_bytes": 4}
 
-METHODS = {"task_arithmetic": {"name": "task_arithmetic", "lambda": 0.3},
-           "ties": {"name": "ties", "density": 0.2, "lambda": 1.0}}
+# the demo's method sections (its scales: task arithmetic λ = 0.3, TIES density 0.2)
+METHODS = {m.label: m.method for m in DEMO_MERGES if m.label in ("task_arithmetic", "ties")}
 
 
 def demo_recipe(base: Path, adapters: list[Path], method: str, test_files: list[Path]) -> dict:
