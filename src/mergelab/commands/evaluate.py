@@ -1,6 +1,7 @@
 """``mergelab eval``: evaluate a model on competition CSV files and write submission files."""
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -32,15 +33,7 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
 
 def unescape(text: str) -> str:
     """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on a command line → the characters (others kept)."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in _ESCAPES:
-            out.append(_ESCAPES[text[i + 1]])
-            i += 2
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
+    return re.sub(r"\\([ntr\\])", lambda m: _ESCAPES[m.group(1)], text)
 
 
 def _fmt(v) -> str:

@@ -32,6 +32,7 @@ from mergelab.evaluate.batching import (
     truncate_left,
 )
 from mergelab.evaluate.prefill import batch_order, cache_kwarg, prefill, returned_cache
+from mergelab.evaluate.scoring import decoder_start_token
 
 
 @dataclass
@@ -83,8 +84,7 @@ def _generation_config(model, tokenizer, max_new_tokens: int):
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            eos_token_id=eos or None, pad_token_id=pad_id_of(tokenizer, model))
     if is_encoder_decoder(model):
-        start = getattr(model.generation_config, "decoder_start_token_id", None)
-        cfg.decoder_start_token_id = start if start is not None else model.config.decoder_start_token_id
+        cfg.decoder_start_token_id = decoder_start_token(model)   # the start token scoring uses
     return cfg
 
 

@@ -93,18 +93,16 @@ def prefix_groups(prompts: list[list[int]], min_shared: int) -> list[tuple[int, 
     token of its own (its last token's logits are needed). Singletons have prefix length 0.
     """
     order = sorted(range(len(prompts)), key=lambda i: (prompts[i], i))
-    groups: list[tuple[int, list[int]]] = []
+    groups: list[tuple[int, list[int]]] = []   # (prefix every member shares, leaving each a token)
     for i in order:
         if groups:
             shared, members = groups[-1]
-            head = prompts[members[0]]
-            candidate = _common_prefix(head, prompts[i]) if len(members) == 1 else \
-                min(shared, _common_prefix(head, prompts[i]))
-            candidate = min(candidate, min(len(prompts[j]) for j in members) - 1, len(prompts[i]) - 1)
+            candidate = min(shared, _common_prefix(prompts[members[0]], prompts[i]), len(prompts[i]) - 1)
             if candidate >= min_shared:
-                groups[-1] = (candidate, members + [i])
+                members.append(i)
+                groups[-1] = (candidate, members)
                 continue
-        groups.append((0, [i]))
+        groups.append((len(prompts[i]) - 1, [i]))
     return [(shared if len(members) > 1 else 0, members) for shared, members in groups]
 
 
@@ -180,13 +178,10 @@ def prefill(model, prompts: list[list[int]], pad: int, *, slack: float = 0.1,
                 parts.append(_run(model, [prompts[i][shared:] for i in rows], pad, prefix_cache, shared))
                 row_order += rows
         simple = not has_layer_tensors(parts[0][0])
-    if simple or len(parts) == 1:
-        if simple:
-            row_order = list(range(len(prompts)))
-            parts = [_run(model, prompts, pad)]
-        cache, mask, logits = parts[0]
-    else:
-        cache, mask, logits = _join(parts, width)
+    if simple:
+        row_order = list(range(len(prompts)))
+        parts = [_run(model, prompts, pad)]
+    cache, mask, logits = parts[0] if len(parts) == 1 else _join(parts, width)
     if row_order != list(range(len(prompts))):   # back to input order
         inverse = torch.empty(len(row_order), dtype=torch.long)
         inverse[torch.tensor(row_order)] = torch.arange(len(row_order))
