@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 from mergelab.checkpoint import CheckpointReader
 from mergelab.engine import merge
-from mergelab.errors import AdapterError, OutputExistsError, RecipeError
+from mergelab.errors import AdapterError, MergelabError, OutputExistsError, RecipeError
 from mergelab.lora import LowRank, load_adapter, open_lora_expert
 from mergelab.lora_merge import merge_to_adapter
 from mergelab.methods import get_method
@@ -339,6 +340,14 @@ def test_errors_leave_no_output(zoo, tmp_path):
         merge(bad, tmp_path / "new", progress=False)
     assert not (tmp_path / "new").exists()
     assert not [p for p in tmp_path.iterdir() if "mergelab-tmp" in p.name]
+    # an output folder holding an input is refused, even with force (it would be deleted)
+    outer = tmp_path / "outer"
+    shutil.copytree(fz.loras[1], outer / "adapter")
+    inside = _recipe(fz, {"name": "cat"}, experts=[{"path": str(fz.loras[0])}, {"path": str(outer / "adapter")}],
+                     output={"format": "lora"})
+    with pytest.raises(MergelabError, match="holds an input"):
+        merge(inside, outer, force=True, progress=False)
+    assert (outer / "adapter" / "adapter_config.json").is_file()
 
 
 def test_cli_merge_to_an_adapter(zoo, tmp_path, capsys):

@@ -268,12 +268,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
 
     base_path = recipe.base.resolve()
     expert_paths = [e.resolve() for e in recipe.experts]
-    out_abs = out_dir.resolve()
-    for p in [base_path, *expert_paths]:
-        p = Path(p).resolve()
-        if p == out_abs or out_abs in p.parents:
-            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
-                                hint="write the merge to a new folder")
+    check_not_an_input(out_dir, [base_path, *expert_paths])
     opened: list = []
     try:
         base = CheckpointReader(base_path)
@@ -315,6 +310,16 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
                        seconds={"plan": t_plan - t_start, "merge": t_end - t_plan, "total": t_end - t_start})
 
 
+def check_not_an_input(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs (``--force`` would delete it)."""
+    out_abs = out_dir.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == out_abs or out_abs in p.parents:
+            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
+                                hint="write the merge to a new folder")
+
+
 def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
                     dev: torch.device, progress: bool) -> list | None:
     """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
@@ -326,8 +331,7 @@ def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[T
     if progress:
         from rich.console import Console
 
-        console = Console(stderr=True)
-        say = console.print
+        say = Console(stderr=True).print
     return recipe_grams(recipe, Path(base_path), [Path(p) for p in expert_paths],
                         names=changed_names(experts), device=dev, say=say)
 

@@ -509,8 +509,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
     from mergelab.checkpoint import CheckpointReader, atomic_output_dir, check_output_dir
-    from mergelab.engine import pick_device
-    from mergelab.recipe import Recipe, load_recipe, resolve_params
+    from mergelab.engine import check_not_an_input, data_statistics, pick_device
+    from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
@@ -527,53 +527,51 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
                 f"experts[{i}] ({path}): output format lora needs every expert to be a LoRA adapter, "
                 "and this is not one (no adapter_config.json)",
                 hint="use output format full to merge full fine-tunes, alone or mixed with LoRA adapters")
-        if out_dir.absolute() == path.absolute():
-            raise RecipeError(f"the output folder {out_dir} is one of the inputs", hint="write to a new folder")
-    base = CheckpointReader(base_path)
-    experts = [open_lora_expert(p, base) for p in expert_paths]
+    check_not_an_input(out_dir, [base_path, *expert_paths])
+    opened: list = []
     try:
-        from mergelab.engine import data_statistics
-
-        grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
-        base_names = base.keys()
-        depth = layer_depths(base_names)
-        deepest = max(depth.values(), default=0)
-
-        def params_for(name: str) -> MethodParams:
-            from mergelab.recipe import layer_of
-
-            loc = layer_of(name)
-            p = resolve_params(recipe, name, depth.get(loc[0], 0) if loc else deepest)
-            if grams is not None:
-                p.stats = [g.get(name, dev) for g in grams]
-            return p
-
-        n_modules = len({n for e in experts for n in e.modules})
-        with _Progress(n_modules, progress) as bar:
-            results = merge_lora_experts(base, experts, spec, params_for, rank=recipe.output.rank,
-                                         energy=recipe.output.energy, device=dev, seed=recipe.seed,
-                                         workers=workers, exact_ties=exact_ties and recipe.output.ties_cuts == "exact",
-                                         on_module=bar.advance)
-        t_merge = time.perf_counter()
+        base = CheckpointReader(base_path)
+        opened.append(base)
+        experts = []
+        for path in expert_paths:
+            experts.append(open_lora_expert(path, base))
+            opened.append(experts[-1])
         kinds = {}
         for e in experts:
             for name, mod in e.modules.items():
                 if kinds.setdefault(name, mod.kind) != mod.kind:
                     raise RecipeError(f"tensor {name!r} is adapted as {kinds[name]} by one expert and "
                                       f"as {mod.kind} by {e.path}")
+        grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
+        base_names = base.keys()
+        depth = layer_depths(base_names)
+        deepest = max(depth.values(), default=0)
+
+        def params_for(name: str) -> MethodParams:
+            loc = layer_of(name)
+            p = resolve_params(recipe, name, depth.get(loc[0], 0) if loc else deepest)
+            if grams is not None:
+                p.stats = [g.get(name, dev) for g in grams]
+            return p
+
+        with _Progress(len(kinds), progress) as bar:
+            results = merge_lora_experts(base, experts, spec, params_for, rank=recipe.output.rank,
+                                         energy=recipe.output.energy, device=dev, seed=recipe.seed,
+                                         workers=workers, exact_ties=exact_ties and recipe.output.ties_cuts == "exact",
+                                         on_module=bar.advance)
+        t_merge = time.perf_counter()
         modules = {r.name: OutputModule(r.factors, kinds[r.name]) for r in results}
         dtype = recipe.output.torch_dtype or _common((e.adapter.dtype for e in experts), torch.float32)
         base_id = recipe.base.model if recipe.base.model is not None else str(Path(base_path).absolute())
         report = _report(recipe, spec, experts, results, dtype)
         with atomic_output_dir(out_dir, force) as tmp:
             write_adapter(tmp, modules, base_model_name_or_path=base_id,
-                                   task_type=_common(e.adapter.task_type for e in experts),
-                                   dtype=dtype, base_keys=base_names, revision=recipe.base.revision)
+                          task_type=_common(e.adapter.task_type for e in experts),
+                          dtype=dtype, base_keys=base_names, revision=recipe.base.revision)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     finally:
-        for e in experts:
-            e.close()
-        base.close()
+        for src in opened:
+            src.close()
     t_end = time.perf_counter()
     written = [r for r in results if r.factors.rank > 0]
     routes: dict[str, int] = {}
