@@ -221,7 +221,8 @@ def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
     out = model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
     m2, _ = load_model_and_tokenizer(fz.base, adapter=tmp_path / "adapter", device="cpu", dtype="float32")
-    assert m2 is not None
+    torch.testing.assert_close(m2.state_dict()[name], model.state_dict()[name], rtol=1e-5, atol=1e-6)
+    assert torch.equal(m2.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False), out)
 
 
 def test_full_experts_and_t5(zoo, tmp_path):
@@ -358,8 +359,9 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
     merge(tuned, tmp_path / "merged", progress=False)
     r = CheckpointReader(tmp_path / "merged")
     try:
-        for n in names:
-            assert float((r.get(n) - target[n]).norm()) <= float(target[n].norm()) * 0.05
+        base = load_model(fz.base).state_dict()
+        for n in names:   # within 5 % of the target's change from the base (λ off by < 0.05 of 1.6)
+            assert float((r.get(n) - target[n]).norm()) <= 0.05 * float((target[n] - base[n]).norm())
     finally:
         r.close()
 

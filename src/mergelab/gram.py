@@ -58,17 +58,11 @@ class GramOptions:
 class GramSet:
     """One expert's Gram matrices: ``get(weight name)`` → float32 (in × in) tensor or None."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], aliases: dict[str, str], tokens: int,
-                 path: Path | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], aliases: dict[str, str], tokens: int):
         self.tensors = tensors
         self.aliases = aliases
         self.tokens = tokens
-        self.path = path
         self._moved: dict[tuple[str, str], torch.Tensor] = {}
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.aliases)
 
     def get(self, name: str, device: torch.device | str | None = None) -> torch.Tensor | None:
         key = self.aliases.get(name)
@@ -90,7 +84,6 @@ class GramSet:
         meta = {"format": str(GRAM_FORMAT), "tokens": str(self.tokens), "aliases": json.dumps(self.aliases)}
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
-        self.path = path
 
     @classmethod
     def load(cls, path: Path) -> "GramSet":
@@ -102,7 +95,7 @@ class GramSet:
         if meta.get("format") != str(GRAM_FORMAT):
             raise GramError(f"{path}: not a mergelab statistics file of format {GRAM_FORMAT}",
                             hint="delete it; it is recomputed")
-        return cls(tensors, json.loads(meta["aliases"]), int(meta["tokens"]), path)
+        return cls(tensors, json.loads(meta["aliases"]), int(meta["tokens"]))
 
 
 # ------------------------------------------------------------------------------- measuring

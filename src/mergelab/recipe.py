@@ -497,6 +497,9 @@ def _absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
         out = [Path(os.path.expanduser(str(f))) if isinstance(f, (str, os.PathLike)) else f for f in files]
         return {**ref, "data": [f if not isinstance(f, Path) or f.is_absolute() else root / f for f in out]}
 
+    if isinstance(data.get("eval"), Mapping) and isinstance(data["eval"].get("shots"), (str, os.PathLike)):
+        shots = Path(os.path.expanduser(str(data["eval"]["shots"])))
+        data["eval"] = {**data["eval"], "shots": str(shots if shots.is_absolute() else root / shots)}
     if "base" in data:
         data["base"] = fix(data["base"])
     if isinstance(data.get("experts"), list):

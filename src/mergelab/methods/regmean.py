@@ -136,13 +136,14 @@ def regmean_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tup
         total = sum(weights)
         return concat(parts, [lam * w / total for w in weights], shape)
     reduced, m = _system(grams, weights, alpha, ridge)
-    new_parts: list[LowRank | None] = []
-    for q, g in zip(parts, reduced):
-        if q is None or not q.rank:
-            new_parts.append(None)
-            continue
-        a = _right_solve(q.A.double() @ g, m).to(q.A.dtype)
-        new_parts.append(LowRank(q.B, a))
+    used = [i for i, q in enumerate(parts) if q is not None and q.rank]
+    if not used:
+        return LowRank.zeros(shape, device=grams[0].device)
+    # one solve for every expert's rows: [A₁G̃₁; …; A_TG̃_T] M⁻¹
+    solved = _right_solve(torch.cat([parts[i].A.double() @ reduced[i] for i in used]), m)
+    new_parts: list[LowRank | None] = [None] * len(parts)
+    for i, a in zip(used, solved.split([parts[i].rank for i in used])):
+        new_parts[i] = LowRank(parts[i].B, a.to(parts[i].A.dtype))
     return concat(new_parts, [lam * w for w in weights], shape)
 
 

@@ -111,13 +111,13 @@ class InPlaceMerger:
         return t
 
     def _init_lora(self, paths: list[Path]) -> None:
+        from mergelab.engine import _natural_key
         from mergelab.lora import open_lora_expert
 
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
             names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
             depth = layer_depths(self.base.keys())
-            self.kinds: dict[str, str] = {}
             self.parts: dict[str, list] = {}
             for name in names:
                 parts = [e.factors(name) for e in experts]
@@ -214,9 +214,3 @@ class InPlaceMerger:
             held += sum(g.numel() for g in {id(g): g for gs in self.stats.values() for g in gs
                                              if g is not None}.values()) * 4
         return {"mode": self.mode, "tensors": len(self.targets), "held_bytes": held}
-
-
-def _natural_key(name: str) -> list:
-    import re
-
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
