@@ -499,9 +499,10 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
         mean, longest = _mean_example_tokens(base_dir, [d.path for d in finetune.data], finetune.max_length)
         ft_stage = estimate_finetune(hw, base, finetune.steps, finetune.batch_size, mean, longest,
                                      finetune.rank, len(finetune.target_modules))
+        # the trained adapter: A and B per target module and layer, counted as rank × hidden each, float32
+        lora_bytes = len(finetune.target_modules) * base.layers * finetune.rank * 2 * base.hidden * 4
         if finetune.when == "before_merge":
             stages.append(ft_stage)
-            lora_bytes = len(finetune.target_modules) * base.layers * finetune.rank * 2 * base.hidden * 4
             experts = experts + [replace(base, bytes=lora_bytes, adapter=True, path="(fine-tuned adapter)")]
     from mergelab.methods import get_method
 
@@ -517,7 +518,7 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
         notes.append("format: lora: the merge re-factors ΔW by SVD; its cost is estimated as a dense merge")
     if ft_stage is not None and finetune.when == "after_merge":
         stages.append(ft_stage)
-        adapter = replace(base, bytes=len(finetune.target_modules) * base.layers * finetune.rank * 2 * base.hidden * 4)
+        adapter = replace(base, bytes=lora_bytes)
         fold = estimate_merge(hw, base, [adapter], "task_arithmetic", out_bytes)
         stages.append(replace(fold, name="fold", detail="trained adapter folded into the merged model"))
     workload = None

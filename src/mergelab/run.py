@@ -332,10 +332,8 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
 
     def time_left_for(stage: str) -> float | None:
         """The deadline of ``stage``: the run's, less the planned time of the stages after it."""
-        if deadline is None:
+        if deadline is None:   # no budget (with one, there is always a plan)
             return None
-        if plan is None:
-            return deadline
         names = [s.name for s in plan.stages]
         later = names[names.index(stage) + 1:] if stage in names else []
         return deadline - sum(plan.stage(n).seconds for n in later)
@@ -347,7 +345,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     if finetune is not None:
         normalised["finetune"] = finetune.model_dump(mode="json")
     stage_records: dict[str, dict] = {}
-    budget_record: dict[str, Any] = {}
 
     def finetune_stage(model_path: Path, model_hashes: Any) -> None:
         ft_dir = out_dir / FINETUNE_DIR
@@ -371,7 +368,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         if res.stopped_by_deadline:
             detail = "DEADLINE: stopped early, " + detail
             loud(f"fine-tuning stopped by the deadline after {res.steps_done} of {res.steps} steps")
-            budget_record["finetune_steps_done"] = res.steps_done
         stages.append(StageReport("finetune", "partial" if res.stopped_by_deadline else "ran", res.seconds, detail))
         stage_records["finetune"] = {"key": key, "outputs": hash_tree(ft_dir, skip=VOLATILE_FILES),
                                      "seconds": res.seconds, "data": data_records, "seed": finetune.seed,
@@ -488,16 +484,16 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     if budget_s is not None:
         used = time.monotonic() - t_run
         budget_record = {
-            "budget_s": budget_s, "hardware": profile.name, "forced": bool(force and plan is not None
-                                                                        and not plan.fits),
-            "planned_s": plan.total_s if plan else None,
-            "planned": {s.name: s.seconds for s in plan.stages} if plan else {},
-            "plan_verdict": plan.verdict if plan else None,
+            "budget_s": budget_s, "hardware": profile.name, "forced": bool(force) and not plan.fits,
+            "planned_s": plan.total_s, "planned": {s.name: s.seconds for s in plan.stages},
+            "plan_verdict": plan.verdict,
             "used_s": used, "used": dict(timings), "over_budget": used > budget_s,
             "eval_complete": stage_records.get("eval", {}).get("complete", True),
             "rows_not_reached": stage_records.get("eval", {}).get("rows_not_reached", 0),
-            **{k: v for k, v in budget_record.items() if k == "finetune_steps_done"},
         }
+        finetuned = stage_records.get("finetune", {})
+        if not finetuned.get("complete", True):
+            budget_record["finetune_steps_done"] = finetuned["steps_done"]
         if used > budget_s:
             loud(f"the run took {used / 60:.1f} min, over the budget of {budget_s / 60:.1f} min")
 

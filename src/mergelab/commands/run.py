@@ -24,8 +24,8 @@ def _summary(result, title: str) -> None:
     console.print(table)
     budget = result.manifest.get("budget")
     if budget:
-        planned = "" if budget["planned_s"] is None else f", planned {budget['planned_s'] / 60:.1f} min"
-        line = (f"budget {budget['budget_s'] / 60:.1f} min on the {budget['hardware']}{planned}; "
+        line = (f"budget {budget['budget_s'] / 60:.1f} min on the {budget['hardware']}, "
+                f"planned {budget['planned_s'] / 60:.1f} min; "
                 f"used {budget['used_s'] / 60:.1f} min here")
         console.print(line, highlight=False)
     for w in result.warnings:
