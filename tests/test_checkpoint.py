@@ -243,19 +243,13 @@ def test_copy_model_files_copies_everything_but_weights(zoo):
 
 def test_symlinked_shards_as_in_the_hub_cache_are_read_but_escaping_names_are_refused(zoo, tmp_path):
     """The Hub cache keeps shards as links into a blob store; an index may not name ../ paths."""
-    import json as _json
-    import shutil as _shutil
-
-    from mergelab.checkpoint import CheckpointReader
-    from mergelab.errors import CheckpointError
-
     src = zoo["llama"].base
     blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
     blobs.mkdir()
     snap.mkdir(parents=True)
     for f in src.iterdir():
         blob = blobs / f"blob-{f.name}"
-        _shutil.copy(f, blob)
+        shutil.copy(f, blob)
         (snap / f.name).symlink_to(blob)
     reader = CheckpointReader(snap)
     plain = CheckpointReader(src)
@@ -263,10 +257,10 @@ def test_symlinked_shards_as_in_the_hub_cache_are_read_but_escaping_names_are_re
     assert reader.keys() == plain.keys() and reader.get(name).equal(plain.get(name))
 
     bad = tmp_path / "bad"
-    _shutil.copytree(src, bad)
-    index = _json.loads((bad / "model.safetensors.index.json").read_text())
+    shutil.copytree(src, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
     first = next(iter(index["weight_map"]))
     index["weight_map"][first] = "../elsewhere.safetensors"
-    (bad / "model.safetensors.index.json").write_text(_json.dumps(index))
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="outside the model folder"):
         CheckpointReader(bad)
