@@ -158,7 +158,9 @@ def test_before_merge_adapter_joins_the_merge_as_an_expert(zoo, tmp_path):
     data.pop("finetune")
     data["experts"].append({"path": str(tmp_path / "run" / "finetune"), "weight": 0.7})
     merge(data, tmp_path / "by_hand", device="cpu", progress=False)
-    for f in sorted((tmp_path / "by_hand").glob("*.safetensors")):
+    by_hand = sorted((tmp_path / "by_hand").glob("*.safetensors"))
+    assert by_hand and len(by_hand) == len(list((tmp_path / "run" / "model").glob("*.safetensors")))
+    for f in by_hand:
         assert f.read_bytes() == (tmp_path / "run" / "model" / f.name).read_bytes()
     assert load_model(tmp_path / "run" / "model") is not None
     # a format: lora output cannot be fine-tuned after merging
