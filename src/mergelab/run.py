@@ -200,8 +200,7 @@ def load_run_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: 
             raise RecipeError(f"{label}: {exc.message}", hint=exc.hint) from None
         recipe = load_recipe(data, base_dir=root)
     else:
-        recipe = load_recipe(source, base_dir=base_dir) if not isinstance(source, Mapping) \
-            else load_recipe(data, base_dir=root)
+        recipe = load_recipe(source, base_dir=base_dir)
     if finetune is not None and finetune.when == "after_merge" and recipe.output.format == "lora":
         raise RecipeError(f"{label}: finetune.when: after_merge trains on the merged model, which needs "
                           "output.format: full (got lora)",
