@@ -194,11 +194,19 @@ def main() -> None:
     cfg_file.write_text(yaml.safe_dump(config))
     input_bytes = sum(f.stat().st_size for f in wd.glob("*/*.safetensors") if f.parent.name in
                       ("base", "expert0", "expert1", "expert2"))
+    cpus = len(os.sched_getaffinity(0))
     print(f"inputs: base + 3 experts, {params / 1e6:.0f}M parameters each, bfloat16, "
           f"{input_bytes / 1e9:.2f} GB in total; TIES density {args.density}; "
-          f"{len(os.sched_getaffinity(0))} CPUs", flush=True)
+          f"{cpus} CPUs", flush=True)
 
     results = {}
+
+    def save(**extra) -> None:  # after every run, so that an interrupted run keeps its figures
+        if args.json:
+            runs = {k: {kk: vv for kk, vv in v.items() if kk != "stdout"} for k, v in results.items()}
+            args.json.write_text(json.dumps({"params": params, "input_bytes": input_bytes, "cpus": cpus,
+                                             **runs, **extra}, indent=2))
+
     _measure([sys.executable, str(HERE), "_read", str(wd)])  # warm the page cache
     results["read once"] = _measure([sys.executable, str(HERE), "_read", str(wd)])
     out_ml, out_mk = wd / "out-mergelab", wd / "out-mergekit"
@@ -215,11 +223,7 @@ def main() -> None:
         print(f"running {tool} (load average {load:.1f}) ...", flush=True)
         results[tool] = _measure(cmd)
         results[tool]["load"] = load
-        if args.json:
-            args.json.write_text(json.dumps({"params": params, "input_bytes": input_bytes,
-                                             "cpus": len(os.sched_getaffinity(0)),
-                                             **{k: {kk: vv for kk, vv in v.items() if kk != "stdout"}
-                                                for k, v in results.items()}}, indent=2))
+        save()
 
     print()
     print(f"{'':<10} {'wall':>9} {'CPU (user+sys)':>15} {'peak RSS':>11}")
@@ -236,10 +240,7 @@ def main() -> None:
         agree = json.loads(_measure([sys.executable, str(HERE), "_compare", str(out_ml), str(out_mk)])["stdout"])
         print(f"outputs: {100 * agree['close']:.2f}% of entries within bf16 rounding of mergekit's; "
               f"relative L2 difference {agree['rel_l2']:.2e}")
-        if args.json:
-            data = json.loads(args.json.read_text())
-            data["agreement"] = agree
-            args.json.write_text(json.dumps(data, indent=2))
+        save(agreement=agree)
     print(f"\nrerun: python {os.path.relpath(HERE)} --layers {args.layers}")
     if args.cleanup:
         shutil.rmtree(wd, ignore_errors=True)
