@@ -153,7 +153,7 @@ class Bench:
         from mergelab.evaluate import load_model_and_tokenizer
         from mergelab.zoo.build import eval_options
 
-        args, console = self.args, self.console
+        args = self.args
         if args.threads:
             torch.set_num_threads(args.threads)
         t_all = time.perf_counter()

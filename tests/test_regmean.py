@@ -289,8 +289,10 @@ def test_recipe_errors_name_the_key(zoo, tmp_path):
     # relative data paths count from the recipe file
     path = tmp_path / "r.yaml"
     rec = _regmean_recipe(fz, ["d.csv", "d.csv"])
-    path.write_text(yaml.safe_dump(rec))
-    assert load_recipe(path).experts[0].data == [tmp_path / "d.csv"]
+    path.write_text(yaml.safe_dump({**rec, "eval": {"few_shot": 1, "shots": "shots.csv"}}))
+    loaded = load_recipe(path)
+    assert loaded.experts[0].data == [tmp_path / "d.csv"]
+    assert loaded.eval["shots"] == str(tmp_path / "shots.csv")   # the prompts of the statistics pass
 
 
 def test_tune_trial_with_regmean_equals_the_written_merge(zoo, tmp_path):

@@ -208,7 +208,7 @@ def test_tune_favours_the_right_expert_and_the_tuned_recipe_reproduces_it(zoo, s
     from mergelab.tune.inplace import InPlaceMerger
     from mergelab.recipe import load_recipe
 
-    val = _labelled_by_expert(zoo, strong_loras, tmp_path)
+    _labelled_by_expert(zoo, strong_loras, tmp_path)   # writes val.csv
     experts = [{"path": str(p), "weight": 0.5} for p in strong_loras]
     path = _recipe(tmp_path, zoo["llama"].base, experts, {"name": "task_arithmetic"},
                    {"params": {"weight": {"low": 0.0, "high": 1.0}}, "data": ["val.csv"], "trials": 8,

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import time
@@ -465,7 +464,7 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
              f"{to_best:.0f} s of trial time up to the winner",
              f"- in-place merge: {r.merger.get('mode')} ({r.merger.get('tensors')} tensors, "
              f"{r.merger.get('held_bytes', 0) / 2**20:.1f} MiB kept)",
-             f"- validation rows (search / check): "
+             "- validation rows (search / check): "
              + ", ".join(f"{k} {s}/{c}" for k, (s, c) in r.split_sizes.items()),
              "", f"## Winner: trial {best.number}", "",
              f"search **{best.search:.4f}**, check **{best.check:.4f}**, gap {best.gap(r.direction):+.4f} "
