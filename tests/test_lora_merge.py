@@ -301,6 +301,19 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
     merge_to_adapter(recipe, tmp_path / "b", progress=False, exact_ties=False)
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    # on a matrix larger than four samples the sampled cut keeps about the asked share
+    from mergelab import lora_merge as lm
+
+    g = torch.Generator().manual_seed(6)
+    parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
+    total = 700 * 600
+    assert total > 4 * lm._SAMPLE
+    k = int(0.2 * total)
+    for exact in (True, False):
+        cuts = lm.magnitude_cuts(lm._Stack(parts, [1.0, 1.0]), [k, k], rows=64, exact=exact)
+        for q, c in zip(parts, cuts):
+            kept = int((q.dense().abs() >= c.v).sum()) - c.drop.numel()
+            assert kept == k if exact else abs(kept / k - 1) < 0.08
 
 
 def test_recipe_key_ties_cuts_chooses_the_cut(zoo, tmp_path, monkeypatch):
