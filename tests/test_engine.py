@@ -459,10 +459,14 @@ def test_lora_output_goes_to_the_lora_merger(monkeypatch, tmp_path):
 
 def test_output_inside_an_input_is_refused(zoo, tmp_path):
     fz = zoo["llama"]
-    for out in (fz.base, fz.base.parent):  # --force must never delete an input
+    base = tmp_path / "models" / "base"  # a copy: a regression here must not delete the session zoo
+    shutil.copytree(fz.base, base)
+    recipe = load_recipe({"base": {"path": str(base)}, "experts": [{"path": str(fz.experts[0])}],
+                          "method": "linear"})
+    for out in (base, base.parent):  # --force must never delete an input
         with pytest.raises(MergelabError, match="holds an input"):
-            merge(_recipe(fz, "linear"), out, force=True, progress=False)
-    assert (fz.base / "config.json").is_file()
+            merge(recipe, out, force=True, progress=False)
+    assert (base / "config.json").is_file()
 
 
 @pytest.mark.parametrize("method", ["ties", "model_stock", "slerp"])
