@@ -105,6 +105,18 @@ def open_expert(path: str | os.PathLike, base_reader: CheckpointReader) -> Tenso
     return CheckpointReader(path)
 
 
+def open_inputs(base_path, expert_paths, opened: list, open_one=open_expert) -> tuple[CheckpointReader, list]:
+    """``(base reader, one source per expert)``; each is appended to ``opened`` as soon as it is
+    open, so the caller's ``finally`` closes what was opened before a failure."""
+    base = CheckpointReader(base_path)
+    opened.append(base)
+    experts = []
+    for p in expert_paths:
+        experts.append(open_one(p, base))
+        opened.append(experts[-1])
+    return base, experts
+
+
 # ------------------------------------------------------------------------------------- plan
 
 
@@ -271,12 +283,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     check_not_an_input(out_dir, [base_path, *expert_paths])
     opened: list = []
     try:
-        base = CheckpointReader(base_path)
-        opened.append(base)
-        experts = []
-        for p in expert_paths:
-            experts.append(open_expert(p, base))
-            opened.append(experts[-1])
+        base, experts = open_inputs(base_path, expert_paths, opened)
         tasks = plan_merge(recipe, base, experts, spec)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         t_plan = time.perf_counter()

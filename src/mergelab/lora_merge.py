@@ -508,8 +508,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
-    from mergelab.checkpoint import CheckpointReader, atomic_output_dir, check_output_dir
-    from mergelab.engine import check_not_an_input, data_statistics, pick_device
+    from mergelab.checkpoint import atomic_output_dir, check_output_dir
+    from mergelab.engine import check_not_an_input, data_statistics, open_inputs, pick_device
     from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
     t0 = time.perf_counter()
@@ -530,12 +530,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     check_not_an_input(out_dir, [base_path, *expert_paths])
     opened: list = []
     try:
-        base = CheckpointReader(base_path)
-        opened.append(base)
-        experts = []
-        for path in expert_paths:
-            experts.append(open_lora_expert(path, base))
-            opened.append(experts[-1])
+        base, experts = open_inputs(base_path, expert_paths, opened, open_lora_expert)
         kinds = {}
         for e in experts:
             for name, mod in e.modules.items():
