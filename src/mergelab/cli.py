@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except MergelabError as exc:
         if _state["debug"]:
             err_console.print_exception()
-        err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False)
+        # soft_wrap: never hard-wrap a message at the console width (a wrapped path cannot be copied)
+        err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False, soft_wrap=True)
         return exc.exit_code
     except _EXIT as exc:
         return exc.exit_code
