@@ -131,7 +131,9 @@ def main() -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from mergelab.evaluate import EvalOptions, evaluate, load_model_and_tokenizer, read_competition_csv
+    from mergelab.evaluate import EvalOptions, read_competition_csv
+    from mergelab.evaluate.runner import evaluate
+    from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.evaluate.generate import generate_reference
     from mergelab.evaluate.scoring import score_multiple_choice_reference
 

@@ -104,7 +104,7 @@ def cpu_s() -> float:
 
 
 def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -> dict:
-    from mergelab.lora_merge import merge_to_adapter
+    from mergelab.merge.adapter import merge_to_adapter
     from mergelab.recipe import load_recipe
 
     adapters = sorted(p for p in root.iterdir() if p.name.startswith("adapter"))
@@ -198,7 +198,7 @@ def child(args) -> None:
     root = Path(args.dir)
     import torch  # noqa: F401  (imports count in the baseline RSS of every run alike)
 
-    import mergelab.lora_merge  # noqa: F401
+    import mergelab.merge.adapter  # noqa: F401
     import peft  # noqa: F401
 
     if args.run == "ml-ties":

@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from mergelab.evaluate import load_model_and_tokenizer
-    from mergelab.lora_merge import merge_to_adapter
+    from mergelab.evaluate.loading import load_model_and_tokenizer
+    from mergelab.merge.adapter import merge_to_adapter
     from mergelab.recipe import load_recipe
     from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
         expert_table, load_zoo

@@ -44,7 +44,7 @@ VOCAB, HIDDEN, INTER, HEADS, KV_HEADS = 32000, 1024, 2816, 16, 8
 def _build(workdir: Path, layers: int) -> None:
     import torch
 
-    from mergelab.checkpoint import ShardedWriter
+    from mergelab.io.checkpoint import ShardedWriter
 
     head_dim = HIDDEN // HEADS
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
@@ -98,7 +98,7 @@ def _read_once(workdir: Path) -> None:
 def _compare(a: Path, b: Path) -> None:
     import torch
 
-    from mergelab.checkpoint import CheckpointReader
+    from mergelab.io.checkpoint import CheckpointReader
 
     ra, rb = CheckpointReader(a), CheckpointReader(b)
     assert sorted(ra.keys()) == sorted(rb.keys()), "different tensor names"

@@ -60,7 +60,7 @@ def part1(args, work: Path) -> dict[str, float]:
     """Plan, run, print the table; returns the ratio estimate ÷ measured per planned stage."""
     from mergelab.commands.plan import print_plan
     from mergelab.plan import plan_recipe
-    from mergelab.run import run_recipe
+    from mergelab.run.pipeline import run_recipe
     from mergelab.zoo.base import ensure_base
     from mergelab.zoo.build import PACKAGED_ADAPTERS
     from mergelab.zoo.tasks import TASKS, write_all

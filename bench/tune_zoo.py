@@ -150,7 +150,7 @@ class Bench:
     def run(self) -> int:
         import torch
 
-        from mergelab.evaluate import load_model_and_tokenizer
+        from mergelab.evaluate.loading import load_model_and_tokenizer
         from mergelab.zoo.build import eval_options
 
         args = self.args
@@ -228,7 +228,7 @@ class Bench:
     # ------------------------------------------------------------------------------- scoring
     def _merge_and_score(self, recipe, dest: Path) -> dict:
         """Merge ``recipe`` into one adapter at ``dest`` and score it on every test file."""
-        from mergelab.lora_merge import merge_to_adapter
+        from mergelab.merge.adapter import merge_to_adapter
         from mergelab.recipe import load_recipe
         from mergelab.zoo.build import evaluate_cached
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mergelab.checkpoint import CheckpointReader, ShardedWriter, copy_model_files
-from mergelab.engine import MissingTensorError, merge, open_expert
+from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, copy_model_files
+from mergelab.merge.full import MissingTensorError, merge, open_expert
 from mergelab.errors import CheckpointError, MergelabError, OutputExistsError, RecipeError, ShapeMismatchError
 from mergelab.methods import get_method
 from mergelab.recipe import load_recipe, resolve_params
@@ -181,7 +181,7 @@ def test_streaming_memory_follows_the_largest_tensor_not_the_model(tmp_path):
         save_file({k: v + scale for k, v in state.items()}, str(d / "model.safetensors"))
     script = textwrap.dedent(f"""
         import psutil
-        from mergelab.engine import merge
+        from mergelab.merge import merge
         from mergelab.recipe import load_recipe
         r = load_recipe({{"base": {{"path": "base"}}, "experts": [{{"path": "e0"}}, {{"path": "e1"}}],
                           "method": {{"name": "ties", "density": 0.5}}}}, base_dir={str(tmp_path)!r})
@@ -341,7 +341,7 @@ def test_unknown_method_and_bad_parameters(zoo, tmp_path):
 
 
 def test_device_choice():
-    from mergelab.engine import pick_device
+    from mergelab.merge.full import pick_device
 
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -370,7 +370,7 @@ def test_recipe_forms_relative_paths_and_hub_refs(tmp_path, monkeypatch):
     assert r.base.path == tmp_path / "sub" / ".." / "base" and r.experts[0].path == tmp_path / "sub" / "e1"
     assert r.method.params == {"lambda": 0.9} and r.experts[1].params == {"weight": 0.5}
     calls = []
-    monkeypatch.setattr("mergelab.sources.resolve_model", lambda ref: calls.append(ref) or tmp_path / "snap")
+    monkeypatch.setattr("mergelab.hub.sources.resolve_model", lambda ref: calls.append(ref) or tmp_path / "snap")
     assert r.experts[1].resolve() == tmp_path / "snap" and calls[0].model == "org/expert"
     assert load_recipe({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "linear"}).method.name == "linear"
     with pytest.raises(ValueError, match="exactly one of `path`"):
@@ -448,9 +448,9 @@ def test_lora_output_goes_to_the_lora_merger(monkeypatch, tmp_path):
     import types
 
     seen = {}
-    fake = types.ModuleType("mergelab.lora_merge")
+    fake = types.ModuleType("mergelab.merge.adapter")
     fake.merge_to_adapter = lambda recipe, out_dir, **kw: seen.update(recipe=recipe, out=out_dir, **kw) or "done"
-    monkeypatch.setitem(sys.modules, "mergelab.lora_merge", fake)
+    monkeypatch.setitem(sys.modules, "mergelab.merge.adapter", fake)
     r = load_recipe({"base": {"path": "b"}, "experts": [{"path": "l"}], "method": "ties",
                      "output": {"format": "lora", "rank": 8}})
     assert merge(r, tmp_path / "o", device="cpu", force=True, progress=False) == "done"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mergelab.errors import DataError, OutputExistsError
-from mergelab.evaluate import EvalError, EvalOptions, evaluate, read_competition_csv
+from mergelab.evaluate import EvalError, EvalOptions, read_competition_csv
+from mergelab.evaluate.runner import evaluate
 from mergelab.evaluate.generate import generate_reference
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.evaluate.metrics import rouge

@@ -8,9 +8,8 @@ import pytest
 import yaml
 
 from mergelab.errors import RecipeError
-from mergelab.finetune import (DataLicenceError, check_data_licences, classify_data_licence,
-                               parse_finetune_section, train_adapter)
-from mergelab.run import run_recipe
+from mergelab.finetune.train import (DataLicenceError, check_data_licences, classify_data_licence, parse_finetune_section, train_adapter)
+from mergelab.run.pipeline import run_recipe
 from mergelab.testing import write_mixed_csv
 
 
@@ -144,7 +143,7 @@ def test_after_merge_run_folds_the_adapter_and_the_model_generates(zoo, tmp_path
 
 
 def test_before_merge_adapter_joins_the_merge_as_an_expert(zoo, tmp_path):
-    from mergelab.engine import merge
+    from mergelab.merge.full import merge
     from mergelab.testing import load_model
 
     fz = zoo["llama"]

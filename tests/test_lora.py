@@ -8,10 +8,9 @@ import shutil
 import pytest
 import torch
 
-from mergelab.checkpoint import CheckpointReader
+from mergelab.io.checkpoint import CheckpointReader
 from mergelab.errors import AdapterError
-from mergelab.lora import (EMBEDDING, LINEAR, LINEAR_T, LowRank, OutputModule, concat, load_adapter,
-                           lowrank_approx, open_lora_expert, relative_error, truncate, write_adapter)
+from mergelab.io.adapter import (EMBEDDING, LINEAR, LINEAR_T, LowRank, OutputModule, concat, load_adapter, lowrank_approx, open_lora_expert, relative_error, truncate, write_adapter)
 from mergelab.testing import FAMILIES, load_model, make_lora
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergelab.checkpoint import CheckpointReader
-from mergelab.engine import merge
+from mergelab.io.checkpoint import CheckpointReader
+from mergelab.merge.full import merge
 from mergelab.errors import AdapterError, MergelabError, OutputExistsError, RecipeError
-from mergelab.lora import LowRank, load_adapter, open_lora_expert
-from mergelab.lora_merge import merge_to_adapter
+from mergelab.io.adapter import LowRank, load_adapter, open_lora_expert
+from mergelab.merge.adapter import merge_to_adapter
 from mergelab.methods import get_method
 from mergelab.recipe import load_recipe, resolve_params
 from mergelab.testing import load_model, make_lora
@@ -302,7 +302,7 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
     # on a matrix larger than four samples the sampled cut keeps about the asked share
-    from mergelab import lora_merge as lm
+    from mergelab.merge import adapter as lm
 
     g = torch.Generator().manual_seed(6)
     parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
@@ -318,7 +318,7 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
 
 def test_recipe_key_ties_cuts_chooses_the_cut(zoo, tmp_path, monkeypatch):
     """`output.ties_cuts: sampled` reaches the magnitude cut (exact by default); refused for full output."""
-    import mergelab.lora_merge as lm
+    import mergelab.merge.adapter as lm
 
     seen = []
     real = lm.magnitude_cuts
@@ -384,7 +384,7 @@ def test_cli_merge_to_an_adapter(zoo, tmp_path, capsys):
 def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
     """The sample only brackets the cut: a sample that says nothing (all zeros, or all huge)
     makes the bracket miss, and the cut found by the widened pass is still the exact one."""
-    from mergelab import lora_merge as lm
+    from mergelab.merge import adapter as lm
 
     g = torch.Generator().manual_seed(4)
     parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
@@ -399,7 +399,7 @@ def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
 def test_mostly_zero_experts_fall_back_to_the_dense_ties(zoo):
     """A cut at magnitude 0 (an expert whose ΔW is mostly exact zeros) cannot use the scaled
     indicators of the factor route: it goes dense, with the same result."""
-    from mergelab.lora_merge import merge_module
+    from mergelab.merge.adapter import merge_module
     from mergelab.methods import MethodParams
 
     g = torch.Generator().manual_seed(5)

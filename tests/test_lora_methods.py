@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mergelab.lora import LowRank
-from mergelab.lora_merge import linear_coefficients, translation_invariant
+from mergelab.io.adapter import LowRank
+from mergelab.merge.adapter import linear_coefficients, translation_invariant
 from mergelab.methods import MethodParams, get_method
 from mergelab.methods.lora_subspace import FACTOR_METHODS
 

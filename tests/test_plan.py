@@ -125,8 +125,9 @@ def test_calibrated_estimate_tracks_measured_time_on_this_cpu(zoo, tmp_path):
     machine's other load while the tests run) is what the 3x covers. One-time Python imports are
     not part of the estimate, so each stage is warmed up once before it is timed.
     """
-    from mergelab.engine import merge
-    from mergelab.evaluate import EvalOptions, evaluate
+    from mergelab.merge.full import merge
+    from mergelab.evaluate import EvalOptions
+    from mergelab.evaluate.runner import evaluate
 
     fz = zoo["llama"]
     csv = eval_csv(tmp_path / "t.csv", n=24)
@@ -180,7 +181,7 @@ def test_plan_verdict_follows_the_budget_and_the_cli_exit_status(zoo, tmp_path, 
 
 
 def test_a_run_over_budget_is_refused_before_writing_unless_forced(zoo, tmp_path):
-    from mergelab.run import run_recipe
+    from mergelab.run.pipeline import run_recipe
 
     fz = zoo["llama"]
     recipe = recipe_file(tmp_path, fz)

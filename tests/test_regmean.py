@@ -96,7 +96,7 @@ def test_equal_grams_give_the_weighted_average_and_no_stats_fall_back_to_it():
 
 
 def test_factor_form_equals_dense_form():
-    from mergelab.lora import LowRank
+    from mergelab.io.adapter import LowRank
     from mergelab.methods.lora_subspace import FACTOR_METHODS
 
     gen = torch.Generator().manual_seed(3)
@@ -142,7 +142,7 @@ def test_measured_gram_equals_a_row_by_row_sum(zoo, tmp_path):
     q/k/v and gate/up share one matrix."""
     from mergelab.evaluate import read_competition_csv
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.gram import GramOptions, measure_grams
+    from mergelab.merge.statistics import GramOptions, measure_grams
 
     fz = zoo["llama"]
     model, tok = load_model_and_tokenizer(fz.base, device="cpu", dtype="float32")
@@ -178,11 +178,11 @@ def _regmean_recipe(zoo_family, data, experts=None, **method):
 def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
     """The recipe path: statistics measured once and cached, full output = base + adapter output,
     the result loads in transformers and generates, and one tensor matches the formula."""
-    from mergelab import gram
-    from mergelab.checkpoint import CheckpointReader
-    from mergelab.engine import merge
+    from mergelab.merge import statistics as gram
+    from mergelab.io.checkpoint import CheckpointReader
+    from mergelab.merge.full import merge
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.lora import open_lora_expert
+    from mergelab.io.adapter import open_lora_expert
     from mergelab.testing import load_model
 
     fz = zoo["llama"]
@@ -199,7 +199,7 @@ def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
     merged_adapter = open_lora_expert(tmp_path / "adapter", base)
     experts = [open_lora_expert(p, base) for p in fz.loras[:2]]
     # which cached file is which expert: recompute the keys
-    from mergelab.gram import GramOptions, cache_key
+    from mergelab.merge.statistics import GramOptions, cache_key
     keys = [cache_key(fz.base, Path(p), [d], sorted({n for e in experts for n in e.modules}),
                       GramOptions(rows=10), None, torch.device("cpu")) for p, d in zip(fz.loras[:2], data)]
     grams = [gram.GramSet.load(tmp_path / "cache" / "gram" / f"{k}.safetensors") for k in keys]
@@ -227,8 +227,8 @@ def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
 
 def test_full_experts_and_t5(zoo, tmp_path):
     """Full fine-tunes: every linear layer gets statistics; embeddings and norms take the mean."""
-    from mergelab.checkpoint import CheckpointReader
-    from mergelab.engine import merge
+    from mergelab.io.checkpoint import CheckpointReader
+    from mergelab.merge.full import merge
 
     for fam in ("llama", "t5"):
         fz = zoo[fam]
@@ -249,8 +249,8 @@ def test_full_experts_and_t5(zoo, tmp_path):
 
 
 def test_cached_statistics_are_not_measured_again(zoo, tmp_path, monkeypatch):
-    from mergelab import gram
-    from mergelab.engine import merge
+    from mergelab.merge import statistics as gram
+    from mergelab.merge.full import merge
 
     fz = zoo["llama"]
     data = [_data_csv(tmp_path / f"d{i}.csv", 5, i) for i in range(2)]
@@ -297,11 +297,11 @@ def test_recipe_errors_name_the_key(zoo, tmp_path):
 
 def test_tune_trial_with_regmean_equals_the_written_merge(zoo, tmp_path):
     """The in-place trial merge of tune gets the same statistics and gives the engine's weights."""
-    from mergelab.checkpoint import CheckpointReader
-    from mergelab.engine import merge
+    from mergelab.io.checkpoint import CheckpointReader
+    from mergelab.merge.full import merge
     from mergelab.recipe import load_recipe
     from mergelab.testing import load_model
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     fz = zoo["llama"]
     data = [_data_csv(tmp_path / f"d{i}.csv", 8, i) for i in range(3)]
@@ -324,12 +324,12 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
     """A tune study on a regmean recipe: its first trial is the recipe's own RegMean, the search
     finds the λ of a target RegMean merge, and the tuned recipe keeps each expert's data and
     merges to the best trial's weights."""
-    from mergelab.engine import merge
-    from mergelab.checkpoint import CheckpointReader
+    from mergelab.merge.full import merge
+    from mergelab.io.checkpoint import CheckpointReader
     from mergelab.recipe import load_recipe
     from mergelab.testing import load_model
     from mergelab.tune import run_tune
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     fz = zoo["llama"]
     data = [_data_csv(tmp_path / f"d{i}.csv", 6, i) for i in range(2)]
@@ -371,8 +371,8 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
 def test_run_records_the_data_and_reruns_when_it_changes(zoo, tmp_path):
     """`mergelab run` hashes each expert's data with its inputs; a rerun with unchanged data skips
     the merge, changed data merges again (and `reproduce` would name the file)."""
-    from mergelab.manifest import sha256_file
-    from mergelab.run import run_recipe
+    from mergelab.run.manifest import sha256_file
+    from mergelab.run.pipeline import run_recipe
 
     fz = zoo["llama"]
     data = [_data_csv(tmp_path / f"d{i}.csv", 5, i) for i in range(2)]

@@ -8,9 +8,9 @@ import pytest
 
 from mergelab.cli import main
 from mergelab.errors import RuleCheckError
-from mergelab.hubsim import Commit, HubSim, Repo, safetensors_header
-from mergelab.rules import OK, UNVERIFIABLE, VIOLATION, WARN, check_models, classify_licence
-from mergelab.sources import HubClient
+from mergelab.testing.hubsim import Commit, HubSim, Repo, safetensors_header
+from mergelab.hub.rules import OK, UNVERIFIABLE, VIOLATION, WARN, check_models, classify_licence
+from mergelab.hub.sources import HubClient
 
 
 def weights(n_params: int) -> bytes:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from mergelab.cli import main
 from mergelab.errors import RecipeError
-from mergelab.run import OutputsDifferError, reproduce, run_recipe
+from mergelab.run.pipeline import OutputsDifferError, reproduce, run_recipe
 from mergelab.testing import write_mixed_csv
 
 
@@ -122,7 +122,7 @@ def test_rules_are_checked_by_default_and_local_models_fail_them(llama, tmp_path
 
 
 def test_hub_models_are_pinned_to_their_commit_in_the_manifest(zoo, tmp_path, monkeypatch):
-    from mergelab.hubsim import Commit, HubSim, Repo, files_from_folder
+    from mergelab.testing.hubsim import Commit, HubSim, Repo, files_from_folder
 
     fz = zoo["llama"]
     repos = [Repo("org/base", [Commit(files_from_folder(fz.base), date="2024-03-01T00:00:00Z")]),
@@ -196,7 +196,7 @@ def test_a_tiny_budget_ends_evaluation_early_with_a_complete_submission(llama, t
     row gets the documented fallback; the submission still has every row, and the run says so."""
     import csv
 
-    from mergelab.evaluate import FALLBACK_CHOICE, FALLBACK_TEXT
+    from mergelab.evaluate.runner import FALLBACK_CHOICE, FALLBACK_TEXT
 
     base, experts = llama
     write_mixed_csv(tmp_path / "t.csv", 12, choice_input="Is {i} even?", choices=["yes", "no"],

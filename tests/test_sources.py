@@ -11,11 +11,8 @@ import pytest
 from safetensors.numpy import load, save
 
 from mergelab.errors import CheckpointError, SourceError
-from mergelab.hubsim import Commit, HubSim, Repo, safetensors_header
-from mergelab.sources import (
-    DEFAULT_CUTOFF, HubAccessError, HubClient, HubNotFoundError, HubResponseError, HubUnreachableError,
-    PickleOnlyError, parse_cutoff, resolve_model, resolve_ref, select_files,
-)
+from mergelab.testing.hubsim import Commit, HubSim, Repo, safetensors_header
+from mergelab.hub.sources import (DEFAULT_CUTOFF, HubAccessError, HubClient, HubNotFoundError, HubResponseError, HubUnreachableError, PickleOnlyError, parse_cutoff, resolve_model, resolve_ref, select_files)
 
 
 def weights(seed: int) -> bytes:

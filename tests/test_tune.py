@@ -57,7 +57,7 @@ def _load(path):
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from mergelab.checkpoint import CheckpointReader
+    from mergelab.io.checkpoint import CheckpointReader
 
     r = CheckpointReader(folder)
     try:
@@ -88,9 +88,9 @@ def strong_loras(zoo, tmp_path_factory):
     {"name": "ties", "density": 0.5, "lambda": 0.9},
 ])
 def test_inplace_lora_merge_equals_engine(zoo, tmp_path, method):
-    from mergelab.engine import merge
+    from mergelab.merge.full import merge
     from mergelab.recipe import load_recipe
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     fz = zoo["llama"]
     experts = [{"path": str(p), "weight": w} for p, w in zip(fz.loras, (0.7, 0.2, 1.1))]
@@ -117,10 +117,10 @@ def test_inplace_lora_merge_equals_engine(zoo, tmp_path, method):
 
 def test_inplace_lora_merge_equals_the_adapter_output(zoo, tmp_path):
     """With output format lora (rank-limited TIES) a trial equals base + the adapter `merge` writes."""
-    from mergelab.engine import merge
+    from mergelab.merge.full import merge
     from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.recipe import load_recipe
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     fz = zoo["llama"]
     experts = [{"path": str(p), "weight": w} for p, w in zip(fz.loras, (0.7, 0.2, 1.1))]
@@ -136,9 +136,9 @@ def test_inplace_lora_merge_equals_the_adapter_output(zoo, tmp_path):
 
 
 def test_inplace_dense_merge_equals_engine_exactly(zoo, tmp_path):
-    from mergelab.engine import merge
+    from mergelab.merge.full import merge
     from mergelab.recipe import load_recipe
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     fz = zoo["llama"]
     experts = [{"path": str(p), "weight": w} for p, w in zip(fz.experts, (0.5, 0.3, 0.9))]
@@ -182,9 +182,10 @@ def test_split_is_deterministic_disjoint_and_order_free():
 
 def _labelled_by_expert(zoo, loras, tmp_path, n=24) -> Path:
     """A validation file whose targets are what the model merged with expert 0 alone predicts."""
-    from mergelab.evaluate import EvalOptions, evaluate
+    from mergelab.evaluate import EvalOptions
+    from mergelab.evaluate.runner import evaluate
     from mergelab.recipe import load_recipe
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     base = zoo["llama"].base
     rows = _mc_rows(n, seed=1)
@@ -203,9 +204,10 @@ def _labelled_by_expert(zoo, loras, tmp_path, n=24) -> Path:
 
 def test_tune_favours_the_right_expert_and_the_tuned_recipe_reproduces_it(zoo, strong_loras, tmp_path):
     from mergelab.cli import main
-    from mergelab.evaluate import EvalOptions, evaluate
+    from mergelab.evaluate import EvalOptions
+    from mergelab.evaluate.runner import evaluate
     from mergelab.tune import run_tune
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
     from mergelab.recipe import load_recipe
 
     _labelled_by_expert(zoo, strong_loras, tmp_path)   # writes val.csv
@@ -261,7 +263,7 @@ def test_synthetic_objective_finds_the_known_optimum(zoo, strong_loras, tmp_path
     model, _ = _load(base)
     target_names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
     from mergelab.recipe import load_recipe
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     experts = [{"path": str(strong_loras[0])}, {"path": str(strong_loras[1])}]
     rec = load_recipe({"base": {"path": str(base)}, "experts": experts,
@@ -288,7 +290,7 @@ def test_cmaes_sampler_is_seeded_and_improves(zoo, strong_loras, tmp_path):
     merge with weights (0.3, -0.4)."""
     from mergelab.recipe import load_recipe
     from mergelab.tune import run_tune
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     base = zoo["llama"].base
     model, _ = _load(base)
@@ -506,7 +508,8 @@ def test_entropy_objective_runs_without_labels(zoo, tmp_path):
 def test_objective_metric_for_generation_rows(zoo, tmp_path):
     """`metric` picks the generation rows' metric of the `score` objective; multiple-choice rows
     count accuracy; rows are weighted equally across the two kinds."""
-    from mergelab.evaluate import EvalOptions, evaluate
+    from mergelab.evaluate import EvalOptions
+    from mergelab.evaluate.runner import evaluate
     from mergelab.evaluate.loading import load_tokenizer
     from mergelab.testing import load_model
     from mergelab.tune.objective import Objective, file_score

@@ -16,7 +16,7 @@ import typer
 def _recipe_refs(path: Path) -> list:
     """``[(role, ref), ...]`` of the recipe's base and experts (validated by the recipe loader)."""
     from mergelab.recipe import load_recipe
-    from mergelab.rules import recipe_refs
+    from mergelab.hub.rules import recipe_refs
 
     return recipe_refs(load_recipe(path))
 
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from mergelab.rules import RulesNotMetError, check_models, report_table
+        from mergelab.hub.rules import RulesNotMetError, check_models, report_table
 
         report = check_models(_recipe_refs(recipe), cutoff=cutoff, max_params=max_params,
                               params_tolerance=params_tolerance)

@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
 
         A rerun into the same folder skips stages whose inputs and outputs match the manifest.
         """
-        from mergelab.run import run_recipe
+        from mergelab.run.pipeline import run_recipe
 
         result = run_recipe(recipe, out, device=device, rules=not no_rules, cutoff=cutoff,
                             progress=_progress(quiet), quiet=quiet, budget=budget, hardware=hardware,
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from mergelab.run import reproduce
+        from mergelab.run.pipeline import reproduce
 
         result = reproduce(manifest, out, device=device, progress=_progress(quiet), quiet=quiet)
         _summary(result, f"mergelab reproduce → {out}")

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.lora import LowRank, _rank_tol, concat
+from mergelab.io.adapter import LowRank, _rank_tol, concat
 from mergelab.methods import MethodParams, get_method, register
 
 FactorFn = Callable[[Sequence["LowRank | None"], MethodParams, tuple[int, int]], LowRank]

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.lora import LowRank, concat
+from mergelab.io.adapter import LowRank, concat
 from mergelab.methods import MethodParams, register
 from mergelab.methods.lora_subspace import FACTOR_METHODS
 

@@ -121,7 +121,7 @@ class Objective:
     def __call__(self, model, part: str) -> tuple[float, dict[str, float]]:
         files = self.files[part]
         if self.kind == "score":
-            from mergelab.evaluate import evaluate
+            from mergelab.evaluate.runner import evaluate
 
             scores = evaluate(model, files, None, self.options, tokenizer=self.tokenizer)
             per_task = {f.stem: file_score(scores["files"][f.name], self.metric) for f in files}

@@ -277,7 +277,7 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
         st.enqueue_trial(start, user_attrs={"start": True})
 
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.tune.inplace import InPlaceMerger
+    from mergelab.merge.inplace import InPlaceMerger
 
     say(f"loading the base {base_recipe.base} …")
     model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,

@@ -276,7 +276,7 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
 
 
 def _load(base: Path, device: str):
-    from mergelab.evaluate import load_model_and_tokenizer
+    from mergelab.evaluate.loading import load_model_and_tokenizer
 
     # Train and evaluate in float32 everywhere, so a GPU build scores like a CPU build.
     return load_model_and_tokenizer(base, device=device, dtype="float32")
@@ -334,7 +334,7 @@ def evaluate_cached(model, tokenizer, zoo: Zoo, files: dict[str, Path], *, adapt
 
     Returns ``(scores, cached)``; results come from ``cache`` when every input is unchanged.
     """
-    from mergelab.evaluate import evaluate
+    from mergelab.evaluate.runner import evaluate
 
     base_sha = base_fingerprint(zoo.base)
     ad_sha = adapter_digest(adapter) if adapter is not None else None

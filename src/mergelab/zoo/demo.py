@@ -66,7 +66,7 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
 def _merge_api():
     """mergelab's recipe loader and LoRA merge; a clear error if this install lacks them."""
     try:
-        from mergelab.lora_merge import merge_to_adapter
+        from mergelab.merge.adapter import merge_to_adapter
         from mergelab.recipe import load_recipe
     except ImportError as exc:  # pragma: no cover - only on a partial install
         raise ZooError(f"the demo needs mergelab's LoRA merge ({exc})",
@@ -115,7 +115,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
     t_zoo = time.perf_counter() - t0
 
     # 2. base and experts
-    from mergelab.evaluate import load_model_and_tokenizer
+    from mergelab.evaluate.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(zoo.base, device=device, dtype="float32")
     t0 = time.perf_counter()

@@ -332,7 +332,7 @@ class LoraAdapter:
         self.task_type: str | None = self.config.get("task_type")
         self._check_variants()
         self.weights_file = self._weights_file()
-        from mergelab.checkpoint import CheckpointReader
+        from mergelab.io.checkpoint import CheckpointReader
         from mergelab.errors import CheckpointError
 
         try:

@@ -36,8 +36,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mergelab.checkpoint import (CheckpointReader, ShardedWriter, TensorSource, atomic_output_dir,
-                                 check_output_dir, copy_model_files)
+from mergelab.io.checkpoint import (CheckpointReader, ShardedWriter, TensorSource, atomic_output_dir, check_output_dir, copy_model_files)
 from mergelab.errors import MergelabError, RecipeError, ShapeMismatchError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
@@ -99,7 +98,7 @@ def open_expert(path: str | os.PathLike, base_reader: CheckpointReader) -> Tenso
     applied to the base (``base + ΔW`` per adapted module); anything else is a checkpoint."""
     path = Path(path)
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        from mergelab.lora import open_lora_expert
+        from mergelab.io.adapter import open_lora_expert
 
         return open_lora_expert(path, base_reader)
     return CheckpointReader(path)
@@ -270,7 +269,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.output.format == "lora":
-        from mergelab.lora_merge import merge_to_adapter
+        from mergelab.merge.adapter import merge_to_adapter
 
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress)
     out_dir = Path(out_dir)
@@ -332,7 +331,7 @@ def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[T
     """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
 
     Only the tensors the experts change are measured when every expert is a LoRA adapter."""
-    from mergelab.gram import changed_names, recipe_grams
+    from mergelab.merge.statistics import changed_names, recipe_grams
 
     say = None
     if progress:

@@ -138,7 +138,7 @@ def parse_finetune_section(raw: Any, root: Path) -> FinetuneSection:
 
 def classify_data_licence(licence: str) -> tuple[bool, str]:
     """``(open, why)`` for a declared data licence id."""
-    from mergelab.rules import OPEN_LICENCES
+    from mergelab.hub.rules import OPEN_LICENCES
 
     key = licence.strip().lower()
     if key in OPEN_LICENCES or key in OPEN_DATA_LICENCES:
@@ -155,7 +155,7 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
     With ``rules`` a file whose licence is not open raises :class:`DataLicenceError`; without,
     ``warn`` is told and the run goes on (outside the competition).
     """
-    from mergelab.manifest import sha256_file
+    from mergelab.run.manifest import sha256_file
 
     records, bad = [], []
     for i, d in enumerate(section.data):

@@ -72,8 +72,8 @@ class InPlaceMerger:
     """Writes the merge of a recipe's experts into ``model`` for each trial; see the module doc."""
 
     def __init__(self, recipe, model, *, memory_fraction: float = 0.7):
-        from mergelab.checkpoint import CheckpointReader
-        from mergelab.lora import is_adapter_dir
+        from mergelab.io.checkpoint import CheckpointReader
+        from mergelab.io.adapter import is_adapter_dir
         from mergelab.methods import get_method
 
         self.recipe = recipe
@@ -95,7 +95,7 @@ class InPlaceMerger:
             self.base.close()
         self.stats: dict[str, list] | None = None
         if self.spec.needs_gram:   # data-aware method: each expert's input statistics, held on the device
-            from mergelab.gram import recipe_grams
+            from mergelab.merge.statistics import recipe_grams
 
             names = [t.name for t in self.targets]
             grams = recipe_grams(recipe, base_path, expert_paths,
@@ -111,8 +111,8 @@ class InPlaceMerger:
         return t
 
     def _init_lora(self, paths: list[Path]) -> None:
-        from mergelab.engine import _natural_key
-        from mergelab.lora import open_lora_expert
+        from mergelab.merge.full import _natural_key
+        from mergelab.io.adapter import open_lora_expert
 
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
@@ -132,7 +132,7 @@ class InPlaceMerger:
                 e.close()
 
     def _init_dense(self, paths: list[Path], memory_fraction: float) -> None:
-        from mergelab.engine import open_expert, plan_merge
+        from mergelab.merge.full import open_expert, plan_merge
 
         experts = [open_expert(p, self.base) for p in paths]
         try:
@@ -180,7 +180,7 @@ class InPlaceMerger:
                        for q in self.parts[t.name]]
             base = t.original if self.spec.needs_base else torch.zeros((), device=self.device).expand(t.original.shape)
             return self.spec.fn(base, experts, params).to(recipe.output.torch_dtype or t.base_dtype)
-        from mergelab.lora_merge import merge_module
+        from mergelab.merge.adapter import merge_module
 
         # what merge_to_adapter writes: the same route and rank limit, factors in the adapter dtype
         res = merge_module(t.name, self.parts[t.name], self.spec, params, tuple(t.original.shape),

@@ -36,11 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergelab.errors import RuleCheckError, SourceError
-from mergelab.sources import (
-    CUTOFF_REVISION, HubAccessError, HubClient, HubModel, HubNotFoundError, HubResponseError,
-    HubUnreachableError, NoCommitBeforeCutoffError, PickleOnlyError, ref_fields, describe_ref,
-    parse_cutoff,
-)
+from mergelab.hub.sources import (CUTOFF_REVISION, HubAccessError, HubClient, HubModel, HubNotFoundError, HubResponseError, HubUnreachableError, NoCommitBeforeCutoffError, PickleOnlyError, ref_fields, describe_ref, parse_cutoff)
 
 OK, WARN, VIOLATION, UNVERIFIABLE = "ok", "warn", "violation", "unverifiable"
 FAILING = (VIOLATION, UNVERIFIABLE)

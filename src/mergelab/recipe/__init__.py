@@ -84,7 +84,7 @@ class ModelRef(BaseModel):
         """The local folder: ``path`` itself, or the Hub snapshot via :mod:`mergelab.sources`."""
         if self.path is not None:
             return Path(self.path)
-        from mergelab.sources import resolve_model
+        from mergelab.hub.sources import resolve_model
 
         return Path(resolve_model(self))
 
@@ -169,7 +169,7 @@ class OutputConfig(BaseModel):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: int | str) -> int | str:
-        from mergelab.checkpoint import parse_size
+        from mergelab.io.checkpoint import parse_size
 
         parse_size(v)  # ValueError with a readable message
         return v
@@ -185,7 +185,7 @@ class OutputConfig(BaseModel):
 
     @property
     def shard_size_bytes(self) -> int:
-        from mergelab.checkpoint import parse_size
+        from mergelab.io.checkpoint import parse_size
 
         return parse_size(self.shard_size)
 

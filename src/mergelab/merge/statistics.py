@@ -253,8 +253,8 @@ def _folder_stamp(folder: Path, contents: bool) -> list:
 def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[str] | None,
               options: GramOptions, eval_options, device: torch.device) -> str:
     """The digest of everything an expert's statistics depend on (see the module doc)."""
-    from mergelab.lora import is_adapter_dir
-    from mergelab.manifest import sha256_file
+    from mergelab.io.adapter import is_adapter_dir
+    from mergelab.run.manifest import sha256_file
 
     payload = {
         "format": GRAM_FORMAT,
@@ -289,10 +289,10 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     A LoRA expert is measured on the base with its ΔW added in place (then taken out again); a
     full expert is loaded on its own. ``names``: the weight names wanted (None: every linear layer).
     """
-    from mergelab.engine import open_expert
-    from mergelab.checkpoint import CheckpointReader
+    from mergelab.merge.full import open_expert
+    from mergelab.io.checkpoint import CheckpointReader
     from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.lora import is_adapter_dir
+    from mergelab.io.adapter import is_adapter_dir
 
     device = torch.device(device)
     names = None if names is None else sorted(set(names))
@@ -308,7 +308,7 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     dtype = "float32" if device.type == "cpu" else None
     model, tokenizer = load_model_and_tokenizer(base, device=device.type, dtype=dtype)
     need = _estimate_bytes(model, names)
-    from mergelab.tune.inplace import available_memory
+    from mergelab.merge.inplace import available_memory
 
     have = available_memory(device)
     if need > 0.5 * have:

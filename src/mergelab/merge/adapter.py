@@ -46,8 +46,7 @@ from typing import Callable, Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.lora import (LowRank, LoraExpertSource, OutputModule, concat, is_adapter_dir,
-                           lowrank_approx, open_lora_expert, truncate, write_adapter)
+from mergelab.io.adapter import (LowRank, LoraExpertSource, OutputModule, concat, is_adapter_dir, lowrank_approx, open_lora_expert, truncate, write_adapter)
 from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.methods.lora_subspace import FACTOR_METHODS
@@ -508,8 +507,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
-    from mergelab.checkpoint import atomic_output_dir, check_output_dir
-    from mergelab.engine import check_not_an_input, data_statistics, open_inputs, pick_device
+    from mergelab.io.checkpoint import atomic_output_dir, check_output_dir
+    from mergelab.merge.full import check_not_an_input, data_statistics, open_inputs, pick_device
     from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
     t0 = time.perf_counter()

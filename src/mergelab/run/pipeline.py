@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab import __version__
 from mergelab.errors import MergelabError, RecipeError, ReproducibilityError
-from mergelab.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree,
-                               now_iso, package_versions, read_manifest, sha256_file, write_manifest)
+from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, sha256_file, write_manifest)
 
 MODEL_DIR, EVAL_DIR = "model", "eval"
 MERGED_DIR, FINETUNE_DIR = "merged", "finetune"   # only with a finetune: section
@@ -110,7 +109,7 @@ class RunResult:
 
 def _input_files(folder: Path, listed: tuple[str, ...]) -> dict[str, str]:
     """sha256 of the files of a model folder that mergelab reads (weights, config, tokenizer, adapter)."""
-    from mergelab.sources import select_files
+    from mergelab.hub.sources import select_files
 
     names = select_files(listed) if listed else []
     return {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
@@ -119,7 +118,7 @@ def _input_files(folder: Path, listed: tuple[str, ...]) -> dict[str, str]:
 def _resolve(recipe, progress: Callable[[str], None]) -> tuple[Any, list[dict]]:
     """Resolve every model of the recipe; return the recipe pinned to commits, and the records."""
     from mergelab.recipe import Recipe
-    from mergelab.sources import resolve_ref
+    from mergelab.hub.sources import resolve_ref
 
     records = []
     data = recipe.model_dump(mode="json", exclude_none=True)
@@ -191,7 +190,7 @@ def load_run_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: 
                 data = None           # load_recipe words the error
     finetune = None
     if isinstance(data, Mapping) and "finetune" in data:
-        from mergelab.finetune import parse_finetune_section
+        from mergelab.finetune.train import parse_finetune_section
 
         data = dict(data)
         try:
@@ -241,7 +240,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
     """
-    from mergelab.engine import merge
+    from mergelab.merge.full import merge
 
     t_run = time.monotonic()
     say = progress or (lambda msg: None)
@@ -278,7 +277,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     # 0. fine-tuning data licences (before anything is read or written)
     data_records = None
     if finetune is not None:
-        from mergelab.finetune import check_data_licences
+        from mergelab.finetune.train import check_data_licences
 
         data_records = check_data_licences(finetune, rules=rules, warn=loud)
 
@@ -291,7 +290,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     # 2. rules
     rule_report = None
     if rules:
-        from mergelab.rules import check_models, recipe_refs
+        from mergelab.hub.rules import check_models, recipe_refs
 
         say("checking the competition rules")
         t0 = time.perf_counter()
@@ -300,7 +299,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         stages.append(StageReport("rules", "ran", timings["rules"],
                                   "pass" if rule_report.ok else f"{len(rule_report.failures)} failure(s)"))
         if not rule_report.ok:
-            from mergelab.rules import RulesNotMetError
+            from mergelab.hub.rules import RulesNotMetError
 
             failed = sorted({f"{f.model} [{f.rule}]" for f in rule_report.failures})
             raise RulesNotMetError(
@@ -352,7 +351,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             stages.append(StageReport("finetune", "skipped", 0.0, "inputs and outputs match the manifest"))
             stage_records["finetune"] = previous["stages"]["finetune"]
             return
-        from mergelab.finetune import train_adapter
+        from mergelab.finetune.train import train_adapter
 
         say(f"fine-tuning a LoRA adapter ({finetune.when}, {finetune.steps} steps)")
         tmp = _atomic_dir(ft_dir)
@@ -452,7 +451,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             stages.append(StageReport("eval", "skipped", 0.0, "inputs and outputs match the manifest"))
             stage_records["eval"] = previous["stages"]["eval"]
         else:
-            from mergelab.evaluate import evaluate
+            from mergelab.evaluate.runner import evaluate
 
             say(f"evaluating on {len(eval_section.data)} file(s)")
             t0 = time.perf_counter()

@@ -101,7 +101,7 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, Profile]:
     """The hardware profiles of ``mergelab/data/hardware.yaml`` (or ``path``), by name."""
     import yaml
 
-    path = Path(path) if path is not None else Path(__file__).parent / "data" / "hardware.yaml"
+    path = Path(path) if path is not None else Path(__file__).resolve().parents[1] / "data" / "hardware.yaml"
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -156,7 +156,7 @@ class ModelInfo:
 
 def inspect_model(folder: str | os.PathLike) -> ModelInfo:
     """Parameter count, bytes and shapes of a model or adapter folder, from headers only."""
-    from mergelab.checkpoint import read_safetensors_header
+    from mergelab.io.checkpoint import read_safetensors_header
     from mergelab.errors import CheckpointError
 
     folder = Path(folder)
@@ -455,7 +455,7 @@ def _statistics_workload(tokenizer_dir: Path, recipe, options) -> tuple[list[int
     from mergelab.evaluate.batching import encode_prompt
     from mergelab.evaluate.loading import load_tokenizer
     from mergelab.evaluate.prompting import build_prompt
-    from mergelab.gram import DEFAULT_MAX_LENGTH, DEFAULT_ROWS, GramOptions, read_inputs
+    from mergelab.merge.statistics import DEFAULT_MAX_LENGTH, DEFAULT_ROWS, GramOptions, read_inputs
 
     tok = load_tokenizer(tokenizer_dir)
     rows_wanted = int(recipe.method.params.get("rows", DEFAULT_ROWS))
@@ -476,7 +476,7 @@ def _dtype_bytes(name: str | None) -> float | None:
 
 def _mean_example_tokens(tokenizer_dir: Path, files: list[Path], max_length: int) -> tuple[float, int]:
     from mergelab.evaluate.loading import load_tokenizer
-    from mergelab.finetune import training_examples
+    from mergelab.finetune.train import training_examples
 
     tok = load_tokenizer(tokenizer_dir)
     lengths = [min(len(tok(prompt + answer, add_special_tokens=False)["input_ids"]) + 1, max_length)
@@ -539,7 +539,7 @@ def plan_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], *, hardware:
     With ``calibrate_probe`` the throughput, bandwidth and overheads are measured on this device
     (:func:`calibrate`) and replace the profile's.
     """
-    from mergelab.run import load_run_recipe
+    from mergelab.run.pipeline import load_run_recipe
 
     say = progress or (lambda msg: None)
     recipe, finetune, eval_section, root = load_run_recipe(recipe_path, base_dir=base_dir)

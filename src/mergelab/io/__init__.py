@@ -1,0 +1,1 @@
+"""L1 — weights on disk: safetensors checkpoints (read lazily, written in shards) and PEFT adapters."""
