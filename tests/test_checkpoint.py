@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mergelab.io.checkpoint import (CheckpointReader, ShardedWriter, TensorSource, atomic_output_dir, copy_model_files, parse_size)
+from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files, parse_size
+from mergelab.util import atomic_output_dir
 from mergelab.errors import CheckpointError, OutputExistsError
 
 

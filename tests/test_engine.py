@@ -341,7 +341,7 @@ def test_unknown_method_and_bad_parameters(zoo, tmp_path):
 
 
 def test_device_choice():
-    from mergelab.merge.full import pick_device
+    from mergelab.util import pick_device
 
     assert pick_device("cpu").type == "cpu"
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -371,7 +371,7 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
 def test_run_records_the_data_and_reruns_when_it_changes(zoo, tmp_path):
     """`mergelab run` hashes each expert's data with its inputs; a rerun with unchanged data skips
     the merge, changed data merges again (and `reproduce` would name the file)."""
-    from mergelab.run.manifest import sha256_file
+    from mergelab.util import sha256_file
     from mergelab.run.pipeline import run_recipe
 
     fz = zoo["llama"]

@@ -8,20 +8,10 @@ import torch
 
 from mergelab.errors import AdapterError, CheckpointError
 from mergelab.evaluate.options import EvalError
+from mergelab.util import pick_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EvalError("device cuda was asked for but no CUDA GPU is available",
-                              hint="use --device cpu or --device auto")
-    if device not in ("cpu", "cuda"):
-        raise EvalError(f"unknown device {device!r}", hint="use auto, cpu or cuda")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -70,7 +60,7 @@ def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None
 
     path = Path(path)
     _check_model_dir(path)
-    dev = resolve_device(device)
+    dev = pick_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         config = AutoConfig.from_pretrained(str(path))

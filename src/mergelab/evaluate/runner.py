@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mergelab.io.checkpoint import atomic_output_dir, check_output_dir
+from mergelab.util import atomic_output_dir, check_output_dir
 from mergelab.errors import DataError
 from mergelab.evaluate.data import read_competition_csv, write_submission
 from mergelab.evaluate.generate import generate_texts

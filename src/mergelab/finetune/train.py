@@ -155,7 +155,7 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
     With ``rules`` a file whose licence is not open raises :class:`DataLicenceError`; without,
     ``warn`` is told and the run goes on (outside the competition).
     """
-    from mergelab.run.manifest import sha256_file
+    from mergelab.util import sha256_file
 
     records, bad = [], []
     for i, d in enumerate(section.data):

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 import torch
 
 from mergelab.errors import CheckpointError, OutputExistsError
+from mergelab.util import atomic_output_dir
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -516,47 +517,6 @@ def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- output folders
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out_dir``; rename it to ``out_dir`` on success.
-
-    On any error (including Ctrl-C) the temporary folder is deleted and ``out_dir`` is left as it
-    was. An existing ``out_dir`` is refused with :class:`OutputExistsError` unless ``force``
-    (then it is replaced only once the new output is complete); an existing *empty* folder is
-    simply replaced, as nothing is lost.
-    """
-    out = Path(out_dir).absolute()
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mergelab-tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if out.is_symlink() or out.is_file():
-            out.unlink()
-        elif out.exists():
-            old = out.parent / f".{out.name}.mergelab-old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_dir(out_dir: str | os.PathLike, force: bool) -> None:
-    """Raise :class:`OutputExistsError` if ``out_dir`` exists (and is not empty) and not ``force``."""
-    out = Path(out_dir)
-    if force or not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        return
-    raise OutputExistsError(f"output folder {out} already exists",
-                            hint="choose another --out, or pass --force to replace it")
 
 
 def copy_model_files(base_dir: str | os.PathLike, out_dir: str | os.PathLike) -> list[str]:

@@ -51,6 +51,7 @@ from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.methods.lora_subspace import FACTOR_METHODS
 from mergelab.recipe import layer_depths
+from mergelab.util import natural_key
 
 REPORT_NAME = "merge_report.json"
 _BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on the CPU (4 MB)
@@ -414,9 +415,6 @@ def _dense_merge(spec, p, parts, shape, base_tensor, device) -> tuple[torch.Tens
 
 
 
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
 
 def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSpec,
                        params_for: Callable[[str], MethodParams], *, rank: int | None = None,
@@ -431,7 +429,7 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
     running torch single-threaded, as the engine does, so the bits do not depend on ``workers``;
     one on a GPU); only their factors (and, on the dense routes, their ΔWᵢ) are held.
     """
-    names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
+    names = sorted({n for e in experts for n in e.modules}, key=natural_key)
     threads = torch.get_num_threads()
     n_workers = workers or (max(1, threads) if device.type == "cpu" else 1)
 
@@ -507,8 +505,9 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
-    from mergelab.io.checkpoint import atomic_output_dir, check_output_dir
-    from mergelab.merge.full import check_not_an_input, data_statistics, open_inputs, pick_device
+    from mergelab.util import atomic_output_dir, check_output_dir
+    from mergelab.merge.full import check_not_an_input, data_statistics, open_inputs
+    from mergelab.util import pick_device
     from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
     t0 = time.perf_counter()

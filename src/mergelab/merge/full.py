@@ -36,11 +36,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mergelab.io.checkpoint import (CheckpointReader, ShardedWriter, TensorSource, atomic_output_dir, check_output_dir, copy_model_files)
+from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
+from mergelab.util import atomic_output_dir, check_output_dir
 from mergelab.errors import MergelabError, RecipeError, ShapeMismatchError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
+from mergelab.util import natural_key, pick_device
 
 __all__ = ["merge", "open_expert", "resolve_params", "MergeResult", "MissingTensorError", "plan_merge"]
 
@@ -85,9 +87,6 @@ def _aliases(name: str, tied: bool) -> list[str]:
             out += list(_OUTPUT_EMBEDDINGS)
     return out
 
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 # ---------------------------------------------------------------------------------- experts
@@ -147,7 +146,7 @@ def plan_merge(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorS
     Raises :class:`MissingTensorError` / :class:`ShapeMismatchError` naming the tensor, the expert
     and both shapes. Reads headers only.
     """
-    names = sorted(base.keys(), key=_natural_key)
+    names = sorted(base.keys(), key=natural_key)
     base_keys = set(names)
     depth: dict[str, int] = {}
     for n in names:
@@ -235,23 +234,6 @@ class MergeResult:
     def __str__(self) -> str:
         return (f"merged {self.tensors} tensors ({self.bytes_written / 1e9:.2f} GB) with {self.method} "
                 f"on {self.device} in {self.seconds.get('total', 0):.1f} s → {self.out_dir}")
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without a GPU is a clear error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise MergelabError(f"unknown device {name!r}", hint="use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergelabError("device cuda was asked for, but torch sees no CUDA GPU",
-                            hint="use --device cpu (or auto), or install a CUDA build of torch")
-    if dev.type not in ("cpu", "cuda"):
-        raise MergelabError(f"device {name!r} is not supported", hint="use auto, cpu or cuda")
-    return dev
 
 
 def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,

@@ -34,6 +34,7 @@ import torch
 
 from mergelab.errors import MergelabError
 from mergelab.recipe import layer_depths
+from mergelab.util import available_memory, natural_key
 
 
 class InPlaceError(MergelabError):
@@ -49,23 +50,11 @@ class _Target:
     base_dtype: torch.dtype   # the base checkpoint's dtype: the output's unless the recipe sets one
 
 
-
-
 def _num_layers(name: str, depth: dict[str, int]) -> int:
     from mergelab.recipe import layer_of
 
     loc = layer_of(name)
     return depth.get(loc[0], 0) if loc else max(depth.values(), default=0)
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for holding tensors on ``device`` (CPU: available RAM)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 class InPlaceMerger:
@@ -111,12 +100,11 @@ class InPlaceMerger:
         return t
 
     def _init_lora(self, paths: list[Path]) -> None:
-        from mergelab.merge.full import _natural_key
         from mergelab.io.adapter import open_lora_expert
 
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
-            names = sorted({n for e in experts for n in e.modules}, key=_natural_key)
+            names = sorted({n for e in experts for n in e.modules}, key=natural_key)
             depth = layer_depths(self.base.keys())
             self.parts: dict[str, list] = {}
             for name in names:

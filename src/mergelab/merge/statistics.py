@@ -254,7 +254,7 @@ def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[st
               options: GramOptions, eval_options, device: torch.device) -> str:
     """The digest of everything an expert's statistics depend on (see the module doc)."""
     from mergelab.io.adapter import is_adapter_dir
-    from mergelab.run.manifest import sha256_file
+    from mergelab.util import sha256_file
 
     payload = {
         "format": GRAM_FORMAT,
@@ -271,7 +271,7 @@ def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[st
 
 
 def gram_cache_dir() -> Path:
-    from mergelab.zoo.base import cache_root
+    from mergelab.util import cache_root
 
     return cache_root() / "gram"
 
@@ -308,7 +308,7 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     dtype = "float32" if device.type == "cpu" else None
     model, tokenizer = load_model_and_tokenizer(base, device=device.type, dtype=dtype)
     need = _estimate_bytes(model, names)
-    from mergelab.merge.inplace import available_memory
+    from mergelab.util import available_memory
 
     have = available_memory(device)
     if need > 0.5 * have:

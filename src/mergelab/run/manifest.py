@@ -13,20 +13,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from mergelab.util import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 _PACKAGES = ("mergelab", "torch", "transformers", "peft", "safetensors", "huggingface_hub",
              "accelerate", "tokenizers", "pydantic", "numpy")
 # Files a run writes that are volatile by nature (timings), left out of the output hashes.
 VOLATILE_FILES = ("timing.json",)
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_tree(root: str | Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:

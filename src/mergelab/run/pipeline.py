@@ -33,7 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergelab import __version__
 from mergelab.errors import MergelabError, RecipeError, ReproducibilityError
-from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, sha256_file, write_manifest)
+from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
+from mergelab.util import sha256_file
 
 MODEL_DIR, EVAL_DIR = "model", "eval"
 MERGED_DIR, FINETUNE_DIR = "merged", "finetune"   # only with a finetune: section

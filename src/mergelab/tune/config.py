@@ -327,7 +327,7 @@ class SearchSpace:
 def fingerprint(recipe_data: Mapping[str, Any], section: TuneSection) -> str:
     """What a study's trials depend on: the recipe, the search space, the objective and data,
     the split and the evaluation options (not the budget, sampler or storage)."""
-    from mergelab.run.manifest import sha256_file
+    from mergelab.util import sha256_file
 
     payload = {
         "recipe": json.loads(json.dumps(recipe_data, sort_keys=True, default=str)),

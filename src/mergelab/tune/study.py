@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 from mergelab.errors import MergelabError
 from mergelab.tune.config import SearchSpace, TuneError, TuneSection, fingerprint, split_tune_section
 from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
+from mergelab.util import atomic_write
 
 TUNED_RECIPE, TRIALS_CSV, REPORT, PLOT = "recipe.tuned.yaml", "trials.csv", "report.md", "search.png"
 
@@ -402,15 +403,6 @@ def collect(st, out_dir: Path, study_name: str, storage_url: str, direction: str
 # ------------------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if isinstance(text, bytes):
-        tmp.write_bytes(text)
-    else:
-        tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_outputs(result: TuneResult, recipe_path: Path, section: TuneSection, space: SearchSpace) -> None:
     import yaml
 
@@ -422,7 +414,7 @@ def write_outputs(result: TuneResult, recipe_path: Path, section: TuneSection, s
             f"{1 / n_check:.2f}: read the search/check gap with that in mind")
     header = (f"# Tuned by `mergelab tune {recipe_path.name}`: study {result.study_name}, trial {best.number}\n"
               f"# search {best.search:.4f}, check {best.check:.4f} ({result.direction}); see report.md\n")
-    _atomic_write(out / TUNED_RECIPE, header + yaml.safe_dump(_plain(result.tuned_recipe), sort_keys=False,
+    atomic_write(out / TUNED_RECIPE, header + yaml.safe_dump(_plain(result.tuned_recipe), sort_keys=False,
                                                               allow_unicode=True))
     names = space.names
     rows = [["trial", "search", "check", "gap", "seconds", "start", *names]]
@@ -433,8 +425,8 @@ def write_outputs(result: TuneResult, recipe_path: Path, section: TuneSection, s
 
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(rows)
-    _atomic_write(out / TRIALS_CSV, buf.getvalue())
-    _atomic_write(out / REPORT, _report(result, recipe_path, section, names))
+    atomic_write(out / TRIALS_CSV, buf.getvalue())
+    atomic_write(out / REPORT, _report(result, recipe_path, section, names))
     _plot(result, out / PLOT)
 
 

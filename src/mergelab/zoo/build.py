@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, SOURCE_FILE, ZooError, cache_root, \
-    ensure_base
+from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, SOURCE_FILE, ZooError, ensure_base
+from mergelab.util import cache_root
 from mergelab.zoo.tasks import GENERATION, MULTIPLE_CHOICE, SPLITS, TASKS, get_task, write_all
 from mergelab.zoo.train import TrainConfig
+from mergelab.util import pick_device, sha256_file
 
 ZOO_FORMAT = 1
 PACKAGED_ADAPTERS = Path(__file__).parent / "adapters"
@@ -57,13 +58,6 @@ def task_score(file_scores: dict, eval_type: str) -> float:
         return float(file_scores["multiple_choice"]["accuracy"])
     return float(file_scores["generation"]["exact_match"])
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _digest(obj) -> str:
@@ -108,10 +102,10 @@ class ScoreCache:
     @staticmethod
     def key(base_sha: str, adapter_sha: str | None, data_sha: str, options) -> str:
         # `device: auto` and the device it picks give the same scores: key on what actually runs
-        from mergelab.evaluate.loading import resolve_device, resolve_dtype
+        from mergelab.evaluate.loading import resolve_dtype
 
         opts = options.model_dump(mode="json")
-        dev = resolve_device(options.device)
+        dev = pick_device(options.device)
         opts["device"], opts["dtype"] = dev.type, str(resolve_dtype(options.dtype, dev))
         return _digest({"base": base_sha, "adapter": adapter_sha, "data": data_sha,
                         "options": opts, "format": ZOO_FORMAT})

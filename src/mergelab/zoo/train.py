@@ -40,12 +40,6 @@ class TrainConfig:
     target_modules: tuple[str, ...] = TARGET_MODULES
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
 
 def encode_example(tokenizer, prompt: str, answer: str, *, add_eos: bool) -> tuple[list[int], list[int]]:
     """Token ids of ``prompt + answer`` and labels that mask the prompt with -100."""
