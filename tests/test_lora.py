@@ -10,7 +10,8 @@ import torch
 
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.errors import AdapterError
-from mergelab.io.adapter import (EMBEDDING, LINEAR, LINEAR_T, LowRank, OutputModule, concat, load_adapter, lowrank_approx, open_lora_expert, relative_error, truncate, write_adapter)
+from mergelab.io.adapter import (EMBEDDING, LINEAR, LINEAR_T, OutputModule, load_adapter, open_lora_expert, write_adapter)
+from mergelab.methods.lowrank import LowRank, concat, lowrank_approx, relative_error, truncate
 from mergelab.testing import FAMILIES, load_model, make_lora
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.merge.full import merge
 from mergelab.errors import AdapterError, MergelabError, OutputExistsError, RecipeError
-from mergelab.io.adapter import LowRank, load_adapter, open_lora_expert
+from mergelab.methods.lowrank import LowRank
+from mergelab.io.adapter import load_adapter, open_lora_expert
 from mergelab.merge.adapter import merge_to_adapter
 from mergelab.methods import get_method
 from mergelab.recipe import load_recipe, resolve_params
@@ -302,15 +303,15 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
     assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
     # on a matrix larger than four samples the sampled cut keeps about the asked share
-    from mergelab.merge import adapter as lm
+    from mergelab.methods import ties_factors as lm
 
     g = torch.Generator().manual_seed(6)
     parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
     total = 700 * 600
-    assert total > 4 * lm._SAMPLE
+    assert total > 4 * lm.SAMPLE
     k = int(0.2 * total)
     for exact in (True, False):
-        cuts = lm.magnitude_cuts(lm._Stack(parts, [1.0, 1.0]), [k, k], rows=64, exact=exact)
+        cuts = lm.magnitude_cuts(lm.FactorStack(parts, [1.0, 1.0]), [k, k], rows=64, exact=exact)
         for q, c in zip(parts, cuts):
             kept = int((q.dense().abs() >= c.v).sum()) - c.drop.numel()
             assert kept == k if exact else abs(kept / k - 1) < 0.08
@@ -318,7 +319,7 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
 
 def test_recipe_key_ties_cuts_chooses_the_cut(zoo, tmp_path, monkeypatch):
     """`output.ties_cuts: sampled` reaches the magnitude cut (exact by default); refused for full output."""
-    import mergelab.merge.adapter as lm
+    import mergelab.methods.ties_factors as lm
 
     seen = []
     real = lm.magnitude_cuts
@@ -384,15 +385,15 @@ def test_cli_merge_to_an_adapter(zoo, tmp_path, capsys):
 def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
     """The sample only brackets the cut: a sample that says nothing (all zeros, or all huge)
     makes the bracket miss, and the cut found by the widened pass is still the exact one."""
-    from mergelab.merge import adapter as lm
+    from mergelab.methods import ties_factors as lm
 
     g = torch.Generator().manual_seed(4)
     parts = [LowRank(torch.randn(700, 3, generator=g), torch.randn(3, 600, generator=g)) for _ in range(2)]
     ks = [84000, 300]
     want = [float(q.dense().abs().view(-1).kthvalue(700 * 600 - k + 1).values) for q, k in zip(parts, ks)]
     for fake in (0.0, 1e9):
-        monkeypatch.setattr(lm._Stack, "sample", lambda self, size, v=fake: torch.full((self.count, size), v))
-        cuts = lm.magnitude_cuts(lm._Stack(parts, [1.0, 1.0]), ks, rows=64)
+        monkeypatch.setattr(lm.FactorStack, "sample", lambda self, size, v=fake: torch.full((self.count, size), v))
+        cuts = lm.magnitude_cuts(lm.FactorStack(parts, [1.0, 1.0]), ks, rows=64)
         assert [c.v for c in cuts] == want
 
 

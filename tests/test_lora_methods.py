@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from mergelab.io.adapter import LowRank
+from mergelab.methods.lowrank import LowRank
 from mergelab.merge.adapter import linear_coefficients, translation_invariant
 from mergelab.methods import MethodParams, get_method
-from mergelab.methods.lora_subspace import FACTOR_METHODS
 
 
 def _p(n, globals_=None, **per_expert):
@@ -98,7 +97,7 @@ def test_factor_forms_equal_dense_forms(name, globals_):
     base = torch.randn(shape, generator=g)
     p = _p(3, globals_, weight=[1.0, 0.5, -2.0])
     d = get_method(name).fn(base, [base + x for x in dense], p) - base
-    f = FACTOR_METHODS[name](parts, p, shape)
+    f = get_method(name).factors(parts, p, shape)
     torch.testing.assert_close(f.dense(), d, rtol=0, atol=1e-4 * float(d.abs().max()))
     assert f.rank <= sum(q.rank for q in parts if q is not None)
 

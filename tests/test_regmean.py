@@ -96,15 +96,14 @@ def test_equal_grams_give_the_weighted_average_and_no_stats_fall_back_to_it():
 
 
 def test_factor_form_equals_dense_form():
-    from mergelab.io.adapter import LowRank
-    from mergelab.methods.lora_subspace import FACTOR_METHODS
+    from mergelab.methods.lowrank import LowRank
 
     gen = torch.Generator().manual_seed(3)
     parts = [LowRank(torch.randn(7, 2, generator=gen), torch.randn(2, 6, generator=gen)), None,
              LowRank(torch.randn(7, 3, generator=gen), torch.randn(3, 6, generator=gen))]
     grams = [_spd(6, gen) for _ in range(3)]
     p = _params([1.0, 0.5, 2.0], grams, alpha=0.8, **{"lambda": 1.2})
-    lr = FACTOR_METHODS["regmean"](parts, p, (7, 6))
+    lr = get_method("regmean").factors(parts, p, (7, 6))
     assert lr.rank == 5
     zero = torch.zeros(7, 6)
     dense = get_method("regmean").fn(zero, [zero if q is None else q.dense() for q in parts], p)

@@ -14,6 +14,9 @@ The contract (shared by the full-model engine and the LoRA path):
 * Inputs arrive in float32 on the compute device; the method returns float32 of the same shape.
 * No I/O, no globals, no device moves. The docstring states the formula and the paper.
 * Register with :func:`register`; adding a method = one function + one decorator + one test.
+  A method that also has a form on LoRA factors declares it in the same call (``factors=`` for an
+  exact low-rank result, ``from_factors=`` for a dense result computed from the factors); the
+  adapter path (:mod:`mergelab.merge.adapter`) picks the cheapest exact route from these.
 """
 from __future__ import annotations
 
@@ -25,6 +28,12 @@ import torch
 from mergelab.errors import RecipeError
 
 MergeFn = Callable[[torch.Tensor, Sequence[torch.Tensor], "MethodParams"], torch.Tensor]
+#: the factor form of a method: ``fn(parts, p, shape) -> LowRank``, ``parts[i]`` being expert i's
+#: ΔWᵢ as :class:`~mergelab.methods.lowrank.LowRank` factors (None: the expert lacks the module)
+FactorFn = Callable[[Sequence[Any], "MethodParams", tuple], Any]
+#: a dense result computed from the experts' factors block by block (or None: use the dense form):
+#: ``fn(parts, p, shape, device, exact_cut=True) -> Tensor | None``
+FromFactorsFn = Callable[..., "torch.Tensor | None"]
 
 
 @dataclass
@@ -59,6 +68,10 @@ class MethodSpec:
     needs_gram: bool = False        # reads each expert's input Gram matrices from p.stats (RegMean)
     expert_params: tuple[str, ...] = ()
     global_params: tuple[str, ...] = ()
+    #: exact factor form for LoRA experts (cat, tsv, iso_c, knots, regmean): the merged ΔW as factors
+    factors: FactorFn | None = None
+    #: the dense result computed from the factors in row blocks without forming each ΔWᵢ (ties)
+    from_factors: FromFactorsFn | None = None
 
     @property
     def doc(self) -> str:

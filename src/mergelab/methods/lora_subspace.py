@@ -4,7 +4,7 @@ Each method exists twice, with the same mathematics:
 
 * a registry function ``fn(base, experts, p)`` on dense tensors (task vectors ``τᵢ = eᵢ − base``),
   so the methods also work on full fine-tunes and in the full-model engine;
-* a factor function in :data:`FACTOR_METHODS`, ``fn(parts, p, shape) -> LowRank``, used by the
+* a factor function in the method's registered ``factors`` form, ``fn(parts, p, shape) -> LowRank``, used by the
   LoRA pipeline: ``parts[i]`` is expert i's ``ΔWᵢ = Bᵢ Aᵢ`` as :class:`~mergelab.lora.LowRank`
   (``None`` when the adapter lacks the module: it contributes zero) and the result is the merged
   ΔW, again as factors. These never form an (out × in) matrix per expert: SVDs of sums and
@@ -28,11 +28,8 @@ from typing import Callable, Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.io.adapter import LowRank, _rank_tol, concat
+from mergelab.methods.lowrank import LowRank, rank_tol, concat
 from mergelab.methods import MethodParams, get_method, register
-
-FactorFn = Callable[[Sequence["LowRank | None"], MethodParams, tuple[int, int]], LowRank]
-
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -57,7 +54,7 @@ def _number(p: MethodParams, key: str, default: float) -> float:
 def _dense_svd(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of a dense matrix with the numerically-zero part dropped."""
     u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
-    keep = int((s > _rank_tol(s, t.shape)).sum())
+    keep = int((s > rank_tol(s, t.shape)).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 
 
@@ -86,7 +83,7 @@ def cat_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[i
     return concat(parts, _weights(p, len(parts)), shape)
 
 
-@register("cat", linear_in_delta=True, expert_params=("weight",))
+@register("cat", factors=cat_factors, linear_in_delta=True, expert_params=("weight",))
 def cat(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Exact concatenation of LoRA factors: ``θ = θ₀ + Σᵢ wᵢ τᵢ`` (``weight`` default 1).
 
@@ -135,7 +132,7 @@ def tsv_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[i
                 _tsv_k(p, shape, len(parts)), shape, device)
 
 
-@register("tsv", expert_params=("weight",), global_params=("k", "lambda"))
+@register("tsv", factors=tsv_factors, expert_params=("weight",), global_params=("k", "lambda"))
 def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Task Singular Vectors merge, TSV-M (Gargiulo et al., CVPR 2025, arXiv:2412.00081).
 
@@ -175,7 +172,7 @@ def iso_c_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple
     return _iso(*summed.svd(), _number(p, "lambda", 1.0))
 
 
-@register("iso_c", expert_params=("weight",), global_params=("lambda",))
+@register("iso_c", factors=iso_c_factors, expert_params=("weight",), global_params=("lambda",))
 def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Isotropic merging in the common subspace, Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959).
 
@@ -240,7 +237,7 @@ def knots_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple
         col += q.rank
     core = torch.cat(blocks, dim=1)
     u_, s, vh_ = torch.linalg.svd(core, full_matrices=False)
-    keep = int((s > _rank_tol(s, (out, len(parts) * inn))).sum())
+    keep = int((s > rank_tol(s, (out, len(parts) * inn))).sum())
     u = qb @ u_[:, :keep].to(qb.dtype)
     s = s[:keep].to(qb.dtype)
     vh_ = vh_[:keep].to(qb.dtype)
@@ -252,7 +249,7 @@ def knots_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple
     return _knots_merge(u, s, vhs, p)
 
 
-@register("knots", random=True, expert_params=("weight", "density", "gamma", "epsilon"),
+@register("knots", factors=knots_factors, random=True, expert_params=("weight", "density", "gamma", "epsilon"),
           global_params=("merge", "lambda", "density", "normalize", "gamma", "epsilon"))
 def knots(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """KnOTS: align task updates by a joint SVD, then merge them (Stoica et al., ICLR 2025, arXiv:2410.19735).
@@ -281,11 +278,3 @@ def knots(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     vhs = [(u.T @ t) / s[:, None] for t in taus]
     return base + _knots_merge(u, s, vhs, p).dense()
 
-
-#: factor forms of the methods above, for merging LoRA experts in ΔW space
-FACTOR_METHODS: dict[str, FactorFn] = {
-    "cat": cat_factors,
-    "tsv": tsv_factors,
-    "iso_c": iso_c_factors,
-    "knots": knots_factors,
-}

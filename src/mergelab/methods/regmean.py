@@ -32,9 +32,8 @@ from typing import Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.io.adapter import LowRank, concat
+from mergelab.methods.lowrank import LowRank, concat
 from mergelab.methods import MethodParams, register
-from mergelab.methods.lora_subspace import FACTOR_METHODS
 
 
 def _settings(p: MethodParams, n: int) -> tuple[list[float], float, float, float]:
@@ -103,26 +102,6 @@ def _fallback(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequenc
     return base + lam * sum(w * t for w, t in zip(weights, taus)) / total
 
 
-@register("regmean", expert_params=("weight",), global_params=("alpha", "ridge", "lambda", "rows"),
-          needs_gram=True)
-def regmean(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
-    """RegMean (Jin et al., ICLR 2023, arXiv:2212.09849): the least-squares merge of linear layers.
-
-    ``θ = θ₀ + λ (Σᵢ wᵢ δᵢ G̃ᵢ)(Σᵢ wᵢ G̃ᵢ + ρ I)⁻¹`` with ``G̃ᵢ = α Gᵢ + (1 − α) diag(Gᵢ)`` the
-    expert's input Gram matrix (from ``p.stats``) with reduced off-diagonal, ``ρ = ridge ·
-    mean(diag Σ wᵢ G̃ᵢ)``. Tensors without statistics: ``θ₀ + λ Σᵢ wᵢ δᵢ / Σᵢ wᵢ``. Defaults:
-    ``alpha`` 0.9, ``ridge`` 1e-6, ``lambda`` 1, ``weight`` 1; ``rows`` (256) is how many data
-    rows per expert the statistics pass reads. See the module doc.
-    """
-    weights, alpha, ridge, lam = _settings(p, len(experts))
-    taus = [e - base for e in experts]
-    grams = _grams(p, len(experts), base.shape[-1]) if base.dim() == 2 else None
-    if grams is None:
-        return _fallback(base, taus, weights, lam)
-    reduced, m = _system(grams, weights, alpha, ridge)
-    r = sum(w * (t.double() @ g) for w, t, g in zip(weights, taus, reduced))
-    return base + (lam * _right_solve(r, m)).to(base.dtype)
-
 
 def regmean_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int]) -> LowRank:
     """RegMean on LoRA factors, exactly: ``ΔW = Σᵢ (λ wᵢ Bᵢ)(Aᵢ G̃ᵢ M⁻¹)``, rank Σ rᵢ.
@@ -147,4 +126,22 @@ def regmean_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tup
     return concat(new_parts, [lam * w for w in weights], shape)
 
 
-FACTOR_METHODS["regmean"] = regmean_factors
+@register("regmean", factors=regmean_factors, expert_params=("weight",), global_params=("alpha", "ridge", "lambda", "rows"),
+          needs_gram=True)
+def regmean(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """RegMean (Jin et al., ICLR 2023, arXiv:2212.09849): the least-squares merge of linear layers.
+
+    ``θ = θ₀ + λ (Σᵢ wᵢ δᵢ G̃ᵢ)(Σᵢ wᵢ G̃ᵢ + ρ I)⁻¹`` with ``G̃ᵢ = α Gᵢ + (1 − α) diag(Gᵢ)`` the
+    expert's input Gram matrix (from ``p.stats``) with reduced off-diagonal, ``ρ = ridge ·
+    mean(diag Σ wᵢ G̃ᵢ)``. Tensors without statistics: ``θ₀ + λ Σᵢ wᵢ δᵢ / Σᵢ wᵢ``. Defaults:
+    ``alpha`` 0.9, ``ridge`` 1e-6, ``lambda`` 1, ``weight`` 1; ``rows`` (256) is how many data
+    rows per expert the statistics pass reads. See the module doc.
+    """
+    weights, alpha, ridge, lam = _settings(p, len(experts))
+    taus = [e - base for e in experts]
+    grams = _grams(p, len(experts), base.shape[-1]) if base.dim() == 2 else None
+    if grams is None:
+        return _fallback(base, taus, weights, lam)
+    reduced, m = _system(grams, weights, alpha, ridge)
+    r = sum(w * (t.double() @ g) for w, t, g in zip(weights, taus, reduced))
+    return base + (lam * _right_solve(r, m)).to(base.dtype)

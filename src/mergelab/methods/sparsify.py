@@ -33,6 +33,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import MethodParams, register
+from mergelab.methods.ties_factors import ties_from_factors
 
 CHUNK = 1 << 17        # elements per chunk on the CPU (512 KiB of float32)
 RANDOM_CHUNK = 1 << 20  # uniform numbers drawn per call (the draw itself is order-preserving)
@@ -243,7 +244,7 @@ _GTA = ("weight", "density")
 _COMMON = ("lambda", "normalize", "rescale", "int8_mask")
 
 
-@register("ties", expert_params=_GTA, global_params=_COMMON)
+@register("ties", from_factors=ties_from_factors, expert_params=_GTA, global_params=_COMMON)
 def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """TIES-Merging: trim each task vector to its largest ``density`` share, elect a sign per
     entry by mass, average the agreeing entries.

@@ -1,0 +1,243 @@
+"""TIES on LoRA experts, computed from their factors ``ΔWᵢ = Bᵢ Aᵢ`` in row blocks, never holding
+the experts' dense ΔWᵢ: the factor form of :func:`mergelab.methods.sparsify.ties`.
+
+Exact magnitude cuts (:func:`magnitude_cuts`) bracket each expert's k-th largest ``|ΔWᵢ|`` from a
+sample and count the entries in the bracket over the blocks, so the result equals the dense
+method up to the order of float additions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from mergelab.methods import MethodParams
+from mergelab.methods.lowrank import LowRank
+
+
+BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on the CPU (4 MB)
+
+
+BLOCK_ELEMS_GPU = 1 << 27  # ... and on a GPU (512 MB)
+
+
+SAMPLE = 1 << 15        # sampled entries that bracket (or estimate) a magnitude cut
+
+
+def rows_per_block(n_experts: int, cols: int, device: torch.device) -> int:
+    budget = BLOCK_ELEMS if device.type == "cpu" else BLOCK_ELEMS_GPU
+    return max(1, budget // max(1, n_experts * cols))
+
+
+class FactorStack:
+    """The experts' factors padded to one rank and stacked, so that a row block of every
+    ``Bᵢ @ Aᵢ`` is one batched matmul. :meth:`block` is the one place these values are computed,
+    so every pass over them sees the same bits (zero padding adds exact zeros)."""
+
+    def __init__(self, parts: Sequence[LowRank], scales: Sequence[float]):
+        r = max(q.rank for q in parts)
+        m, n = parts[0].shape
+        dev = parts[0].B.device
+        self.B = torch.zeros(len(parts), m, r, device=dev)
+        self.A = torch.zeros(len(parts), r, n, device=dev)
+        for i, (q, c) in enumerate(zip(parts, scales)):
+            self.B[i, :, : q.rank] = q.B * c   # c = ±2^e: exact
+            self.A[i, : q.rank] = q.A
+        self.count, self.m, self.n = len(parts), m, n
+
+    def block(self, r0: int, r1: int, buf: torch.Tensor) -> torch.Tensor:
+        """Rows r0:r1 of every ``Bᵢ @ Aᵢ``, in ``buf`` (count × rows × in) or, for a shorter last
+        block, in a new contiguous tensor."""
+        out = buf if buf.shape[1] == r1 - r0 else buf.new_empty(self.count, r1 - r0, self.n)
+        return torch.bmm(self.B[:, r0:r1], self.A, out=out)
+
+    def sample(self, size: int) -> torch.Tensor:
+        """``|ΔWᵢ|`` at ``size`` seeded random positions (the same for every expert), as
+        (count, size): the rows of Bᵢ and columns of Aᵢ needed, gathered once, dotted pairwise."""
+        g = torch.Generator().manual_seed(self.m * self.n)
+        idx = torch.randint(self.m * self.n, (size,), generator=g).sort().values.to(self.B.device)
+        k = self.B.shape[2]
+        experts = torch.arange(self.count, device=self.B.device).view(-1, 1)
+        b = self.B.reshape(-1, k).index_select(0, (experts * self.m + idx // self.n).view(-1))
+        a_t = self.A.transpose(1, 2).reshape(-1, k)
+        a = a_t.index_select(0, (experts * self.n + idx % self.n).view(-1))
+        return b.mul_(a).sum(1).abs_().view(self.count, size)
+
+
+@dataclass
+class MagnitudeCut:
+    """Where TIES trims one expert: keep ``|x| > v``, and ``|x| = v`` except at ``drop`` (flat
+    positions of equal entries beyond the quota, which the dense form leaves out by position)."""
+
+    v: float
+    drop: torch.Tensor
+
+
+def magnitude_cuts(stack: FactorStack, ks: Sequence[int], rows: int, exact: bool = True) -> list[MagnitudeCut]:
+    """The top-``kᵢ`` cut of ``|ΔWᵢ|`` of every expert.
+
+    ``exact``: the bracketed selection of :mod:`mergelab.methods.sparsify` — a seeded sample of
+    entries brackets each k-th value; one pass over row blocks counts the entries above the
+    bracket and collects (value, position) of those inside it; the exact k-th value is selected
+    among them (a bracket that missed is widened and that expert redone, so the sample decides the
+    speed, never the answer). Equal values at the cut are kept in flat order, as ``topk_mask``.
+
+    Otherwise the cut is the same order statistic of that sample, scaled to the matrix: no pass
+    over the matrix, and each kept share within about ±1.5 % (relative, one standard deviation,
+    at density 0.2) of the density — which is a different TIES result, not an approximation of
+    the exact one to rounding: on 27 random rank-8 adapters of a 4096² matrix it changed 4 % of
+    the entries of the merged ΔW and its norm-wise value by 15 %. Matrices of at most four
+    samples' entries always get the exact cut.
+    """
+    m, n, count = stack.m, stack.n, stack.count
+    total = m * n
+    device = stack.B.device
+    lo = torch.full((count,), -math.inf, device=device)
+    hi = torch.full((count,), math.inf, device=device)
+    if total > 4 * SAMPLE:
+        sample = stack.sample(SAMPLE)
+
+        def kth(i: int, j: int) -> torch.Tensor:  # the j-th largest sampled value of expert i
+            return sample[i].kthvalue(SAMPLE - min(SAMPLE, max(1, j)) + 1).values
+
+        if not exact:
+            none = torch.empty(0, dtype=torch.int64, device=device)
+            return [MagnitudeCut(float(kth(i, round(k * SAMPLE / total))), none) for i, k in enumerate(ks)]
+        for i, k in enumerate(ks):
+            r = k * SAMPLE / total            # ± 4 binomial standard deviations + 16
+            margin = 4.0 * math.sqrt(r * (1.0 - k / total)) + 16.0
+            j_hi, j_lo = int(r - margin), int(math.ceil(r + margin))
+            if j_hi >= 1:
+                hi[i] = kth(i, j_hi) * (1 + 1e-5)
+            if j_lo <= SAMPLE:
+                lo[i] = kth(i, j_lo) * (1 - 1e-5)
+    cuts: list[MagnitudeCut | None] = [None] * count
+    todo = list(range(count))
+    buf = torch.empty(count, min(rows, m), n, device=device)
+    for _ in range(2):
+        finite = bool(torch.isfinite(lo[todo]).all() and torch.isfinite(hi[todo]).all())
+        mid, half = ((lo + hi) / 2).view(-1, 1), ((hi - lo) / 2).view(-1, 1)
+        above = [0] * count
+        vals: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        where: list[list[torch.Tensor]] = [[] for _ in range(count)]
+        edges = torch.arange(count + 1, device=device)
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            a = stack.block(r0, r1, buf).abs_().view(count, -1)
+            width = a.shape[1]
+            if len(todo) == count and finite:      # first pass, sampled brackets: vectorised
+                for i in todo:
+                    above[i] += int(torch.count_nonzero(a[i] > hi[i]))
+                f = ((a - mid).abs_() <= half).view(-1).nonzero().view(-1)   # lo ≤ |x| ≤ hi
+            elif len(todo) == count and not torch.isfinite(lo).any() and not torch.isfinite(hi).any():
+                f = torch.arange(a.numel(), device=device)                     # no sample: take all
+            else:                                   # a bracket that missed, redone as a half-line
+                fs = []
+                for i in todo:
+                    if hi[i] < math.inf:
+                        above[i] += int(torch.count_nonzero(a[i] > hi[i]))
+                    fs.append(((a[i] >= lo[i]) & (a[i] <= hi[i])).nonzero().view(-1) + i * width)
+                f = torch.cat(fs)
+            got = a.view(-1)[f]
+            cut = torch.searchsorted(f, edges * width).tolist()  # f is increasing: split by expert
+            for i in todo:
+                if cut[i + 1] > cut[i]:
+                    vals[i].append(got[cut[i]:cut[i + 1]])
+                    where[i].append(f[cut[i]:cut[i + 1]] - i * width + r0 * n)
+        retry = []
+        for i in todo:
+            v_i = torch.cat(vals[i]) if vals[i] else torch.empty(0, device=device)
+            p_i = torch.cat(where[i]) if where[i] else torch.empty(0, dtype=torch.int64, device=device)
+            need = ks[i] - above[i]
+            if not 1 <= need <= v_i.numel():
+                lo[i], hi[i] = (hi[i], math.inf) if need < 1 else (-math.inf, lo[i])
+                retry.append(i)
+                continue
+            v = v_i.kthvalue(v_i.numel() - need + 1).values
+            quota = need - int((v_i > v).sum())
+            cuts[i] = MagnitudeCut(float(v), p_i[v_i == v][quota:])   # positions in flat order
+        if not retry:
+            return cuts  # type: ignore[return-value]
+        todo = retry
+    raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
+
+
+def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int],
+                      device: torch.device, *, exact_cut: bool = True) -> torch.Tensor | None:
+    """The registered ``ties`` of the ΔWᵢ = BᵢAᵢ with a zero base, computed from the factors.
+
+    Same definition as :func:`mergelab.methods.sparsify.ties`: keep the ⌊density·n⌋ largest
+    ``|ΔWᵢ|`` (:func:`magnitude_cuts`), ``dᵢ = wᵢ · trimmed ΔWᵢ``, elect the sign of ``Σ dᵢ`` per
+    entry (``+`` for 0), and ``λ · Σ_agreeing dᵢ / Σ_agreeing wᵢ`` (no division with
+    ``normalize: false``). Row blocks of all experts are formed from the factors, trimmed and
+    reduced while in cache, so memory stays at one output matrix and nothing is formed twice
+    per pass; with ``exact_cut`` the result equals the dense form up to the order of float
+    additions (the cut costs one more pass; ``exact_cut=False`` takes it from a sample).
+
+    The reductions over experts are matrix-vector products on values scaled so that each
+    expert's cut lies in [1, 2) (by a power of two, ``±2^eᵢ``, which is exact): then a kept
+    entry has ``|x| ≥ 1`` and ``clamp(x, 0, 1)`` is exactly the indicator ``[x > 0]``.
+
+    Returns None when the dense form must be used: ``rescale: true``, a ``density`` of 1 or
+    more (no trimming), or a cut at magnitude 0 (an expert that is mostly exact zeros).
+    """
+    m, n = shape
+    weights = [float(w) for w in p.per_expert("weight", 1.0)]
+    densities = [float(d) for d in p.per_expert("density", 1.0)]
+    if len(weights) != len(parts):
+        weights, densities = [1.0] * len(parts), [float(p.get("density", 1.0))] * len(parts)
+    if bool(p.get("rescale", False)):
+        return None
+    normalize = bool(p.get("normalize", True))
+    lam = float(p.get("lambda", 1.0))
+    used: list[tuple[LowRank, float, float]] = []
+    for q, w, d in zip(parts, weights, densities):
+        if q is None or q.rank == 0 or w == 0 or d <= 0:
+            continue  # nothing kept, or weight 0: no part in the sum, the sign or the divisor
+        if d >= 1:
+            return None
+        used.append((q, w, d))
+    out = torch.zeros(m, n, device=device)
+    if not used:
+        return out
+    count = len(used)
+    rows = rows_per_block(count, n, device)
+    # sign(wᵢ) folded into Bᵢ (exact), so that dᵢ > 0 ⟺ xᵢ > 0 and dᵢ = |wᵢ| xᵢ
+    stack = FactorStack([q for q, _, _ in used], [1.0 if w > 0 else -1.0 for _, w, _ in used])
+    cuts = magnitude_cuts(stack, [max(1, int(d * m * n)) for _, _, d in used], rows, exact=exact_cut)
+    if any(c.v <= 0 for c in cuts):
+        return None  # most entries are exactly 0: the cut keeps every non-zero, leave it to the dense form
+    # rescale expert i by 2^eᵢ with 2^eᵢ · vᵢ ∈ [1, 2): exact, so the cut stays where it was
+    exps = [(-math.frexp(c.v)[1] + 1) if c.v > 0 else 0 for c in cuts]
+    stack = FactorStack([q for q, _, _ in used], [math.ldexp(1.0 if w > 0 else -1.0, e)
+                                            for (_, w, _), e in zip(used, exps)])
+    below = [float(torch.nextafter(torch.tensor(math.ldexp(c.v, e)), torch.tensor(0.0)))
+             for c, e in zip(cuts, exps)]                        # |x'| > below ⟺ |x| ≥ vᵢ
+    coef = torch.tensor([[abs(w) * math.ldexp(1.0, -e) for (_, w, _), e in zip(used, exps)]], device=device)
+    w_sgn = torch.tensor([[w for _, w, _ in used]], device=device)
+    buf = torch.empty(count, min(rows, m), n, device=device)
+    kept = torch.empty_like(buf)
+    for r0 in range(0, m, rows):
+        r1 = min(m, r0 + rows)
+        x = stack.block(r0, r1, buf).view(count, -1)
+        y = kept.view(count, -1)[:, : x.shape[1]]
+        for i, c in enumerate(cuts):
+            torch.ops.aten.hardshrink.out(x[i], below[i], out=y[i])       # trim
+            if c.drop.numel():  # equal values beyond the quota, by position
+                d = c.drop[(c.drop >= r0 * n) & (c.drop < r1 * n)]
+                if d.numel():
+                    y[i, d - r0 * n] = 0.0
+        mixed = (coef @ y).view(-1)                              # Σ dᵢ
+        if normalize:
+            diff = (w_sgn @ y.clamp(-1, 1)).view(-1)             # Σ wᵢ [dᵢ > 0] − Σ wᵢ [dᵢ < 0]
+        pos = (coef @ y.clamp_(min=0)).view(-1)                  # Σ of positive dᵢ
+        neg = mixed - pos
+        if normalize:
+            cp = (w_sgn @ y.clamp_(max=1)).view(-1)              # Σ wᵢ [dᵢ > 0]
+            cn = cp - diff                                       # Σ wᵢ [dᵢ < 0]
+            pos.div_(cp.masked_fill_(cp == 0, 1.0))
+            neg.div_(cn.masked_fill_(cn == 0, 1.0))
+        torch.where(mixed >= 0, pos, neg, out=out[r0:r1].view(-1))
+    return out.mul_(lam) if lam != 1.0 else out
