@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, copy_model_files
-from mergelab.merge.full import MissingTensorError, merge, open_expert
+from mergelab.merge.inputs import MissingTensorError, open_expert
+from mergelab.merge import merge
 from mergelab.errors import CheckpointError, MergelabError, OutputExistsError, RecipeError, ShapeMismatchError
 from mergelab.methods import get_method
 from mergelab.recipe import load_recipe, resolve_params
@@ -445,16 +446,16 @@ def test_mergekit_translation(zoo, tmp_path):
 
 
 def test_lora_output_goes_to_the_lora_merger(monkeypatch, tmp_path):
-    import types
+    import mergelab.merge as entry
 
     seen = {}
-    fake = types.ModuleType("mergelab.merge.adapter")
-    fake.merge_to_adapter = lambda recipe, out_dir, **kw: seen.update(recipe=recipe, out=out_dir, **kw) or "done"
-    monkeypatch.setitem(sys.modules, "mergelab.merge.adapter", fake)
+    monkeypatch.setattr(entry, "merge_to_adapter",
+                        lambda recipe, out_dir, **kw: seen.update(recipe=recipe, out=out_dir, **kw) or "done")
     r = load_recipe({"base": {"path": "b"}, "experts": [{"path": "l"}], "method": "ties",
                      "output": {"format": "lora", "rank": 8}})
-    assert merge(r, tmp_path / "o", device="cpu", force=True, progress=False) == "done"
+    assert merge(r, tmp_path / "o", device="cpu", force=True, progress=False, workers=3) == "done"
     assert seen["device"] == "cpu" and seen["force"] is True and seen["out"] == tmp_path / "o"
+    assert seen["workers"] == 3  # the entry hands workers on to the adapter path too
 
 
 def test_output_inside_an_input_is_refused(zoo, tmp_path):

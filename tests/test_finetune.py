@@ -143,7 +143,7 @@ def test_after_merge_run_folds_the_adapter_and_the_model_generates(zoo, tmp_path
 
 
 def test_before_merge_adapter_joins_the_merge_as_an_expert(zoo, tmp_path):
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.testing import load_model
 
     fz = zoo["llama"]

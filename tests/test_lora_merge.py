@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mergelab.io.checkpoint import CheckpointReader
-from mergelab.merge.full import merge
+from mergelab.merge import merge
 from mergelab.errors import AdapterError, MergelabError, OutputExistsError, RecipeError
 from mergelab.methods.lowrank import LowRank
 from mergelab.io.adapter import load_adapter, open_lora_expert

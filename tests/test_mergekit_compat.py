@@ -13,7 +13,7 @@ import torch
 mergekit = pytest.importorskip("mergekit", reason="mergekit==0.1.5 is in the test extra")
 
 from mergelab.io.checkpoint import CheckpointReader
-from mergelab.merge.full import merge
+from mergelab.merge import merge
 from mergelab.methods import MethodParams, get_method  # noqa: E402
 from mergelab.recipe import load_recipe  # noqa: E402
 

@@ -125,7 +125,7 @@ def test_calibrated_estimate_tracks_measured_time_on_this_cpu(zoo, tmp_path):
     machine's other load while the tests run) is what the 3x covers. One-time Python imports are
     not part of the estimate, so each stage is warmed up once before it is timed.
     """
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.evaluate import EvalOptions
     from mergelab.evaluate.runner import evaluate
 

@@ -179,7 +179,7 @@ def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
     the result loads in transformers and generates, and one tensor matches the formula."""
     from mergelab.merge import statistics as gram
     from mergelab.io.checkpoint import CheckpointReader
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.io.adapter import open_lora_expert
     from mergelab.testing import load_model
@@ -227,7 +227,7 @@ def test_merge_lora_and_full_outputs_agree_and_load(zoo, tmp_path):
 def test_full_experts_and_t5(zoo, tmp_path):
     """Full fine-tunes: every linear layer gets statistics; embeddings and norms take the mean."""
     from mergelab.io.checkpoint import CheckpointReader
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
 
     for fam in ("llama", "t5"):
         fz = zoo[fam]
@@ -249,7 +249,7 @@ def test_full_experts_and_t5(zoo, tmp_path):
 
 def test_cached_statistics_are_not_measured_again(zoo, tmp_path, monkeypatch):
     from mergelab.merge import statistics as gram
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
 
     fz = zoo["llama"]
     data = [_data_csv(tmp_path / f"d{i}.csv", 5, i) for i in range(2)]
@@ -297,7 +297,7 @@ def test_recipe_errors_name_the_key(zoo, tmp_path):
 def test_tune_trial_with_regmean_equals_the_written_merge(zoo, tmp_path):
     """The in-place trial merge of tune gets the same statistics and gives the engine's weights."""
     from mergelab.io.checkpoint import CheckpointReader
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.recipe import load_recipe
     from mergelab.testing import load_model
     from mergelab.merge.inplace import InPlaceMerger
@@ -323,7 +323,7 @@ def test_tune_starts_from_regmean_and_finds_a_known_lambda(zoo, tmp_path):
     """A tune study on a regmean recipe: its first trial is the recipe's own RegMean, the search
     finds the λ of a target RegMean merge, and the tuned recipe keeps each expert's data and
     merges to the best trial's weights."""
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.io.checkpoint import CheckpointReader
     from mergelab.recipe import load_recipe
     from mergelab.testing import load_model

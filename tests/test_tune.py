@@ -88,7 +88,7 @@ def strong_loras(zoo, tmp_path_factory):
     {"name": "ties", "density": 0.5, "lambda": 0.9},
 ])
 def test_inplace_lora_merge_equals_engine(zoo, tmp_path, method):
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.recipe import load_recipe
     from mergelab.merge.inplace import InPlaceMerger
 
@@ -117,7 +117,7 @@ def test_inplace_lora_merge_equals_engine(zoo, tmp_path, method):
 
 def test_inplace_lora_merge_equals_the_adapter_output(zoo, tmp_path):
     """With output format lora (rank-limited TIES) a trial equals base + the adapter `merge` writes."""
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.recipe import load_recipe
     from mergelab.merge.inplace import InPlaceMerger
@@ -136,7 +136,7 @@ def test_inplace_lora_merge_equals_the_adapter_output(zoo, tmp_path):
 
 
 def test_inplace_dense_merge_equals_engine_exactly(zoo, tmp_path):
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
     from mergelab.recipe import load_recipe
     from mergelab.merge.inplace import InPlaceMerger
 

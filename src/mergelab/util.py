@@ -10,7 +10,6 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import torch
 
 from mergelab.errors import MergelabError, OutputExistsError

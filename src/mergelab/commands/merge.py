@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
         """Merge the models of a recipe into one model folder, streaming tensor by tensor."""
         from rich.console import Console
 
-        from mergelab.merge.full import merge
+        from mergelab.merge import merge
         from mergelab.errors import RecipeError
         from mergelab.recipe import Recipe, load_recipe
 

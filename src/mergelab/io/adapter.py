@@ -34,12 +34,12 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import torch
 
 from mergelab.errors import AdapterError
-from mergelab.methods.lowrank import LowRank, lowrank_approx
+from mergelab.methods.lowrank import LowRank
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -20,7 +20,6 @@ deleted on any error, so a failed merge never leaves a half-written model behind
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -28,14 +27,12 @@ import re
 import shutil
 import struct
 import threading
-import uuid
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from mergelab.errors import CheckpointError, OutputExistsError
-from mergelab.util import atomic_output_dir
+from mergelab.errors import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -1,4 +1,34 @@
-"""L3 — merging: opening inputs, data statistics, the streaming full-model path, the adapter path, the in-place merger."""
-from mergelab.merge.full import MergeResult, merge
+"""L3 — merging: opening inputs, data statistics, the streaming full-model path, the adapter path, the in-place merger.
 
-__all__ = ["merge", "MergeResult"]
+:func:`merge` is the one public entry: it reads the recipe and hands it to the path its output
+format needs — :func:`mergelab.merge.full.merge_full` (a model folder, streamed tensor by tensor)
+or :func:`mergelab.merge.adapter.merge_to_adapter` (one PEFT adapter, merged in ΔW space).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from mergelab.merge.adapter import LoraMergeResult, merge_to_adapter
+from mergelab.merge.full import MergeResult, merge_full
+from mergelab.recipe import Recipe, load_recipe
+
+__all__ = ["merge", "MergeResult", "LoraMergeResult"]
+
+
+def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
+          device: str = "auto", force: bool = False, progress: bool = True,
+          workers: int | None = None, exact_ties: bool = True) -> MergeResult | LoraMergeResult:
+    """Merge the models of ``recipe`` (a :class:`Recipe`, a recipe file, or a dict) into ``out_dir``.
+
+    ``output.format: full`` writes a Hugging Face model folder, ``lora`` one PEFT adapter. An
+    existing ``out_dir`` is refused unless ``force``; ``device="auto"`` uses CUDA when present;
+    ``workers`` (tensors or modules merged at once) never changes the output bytes.
+    ``exact_ties=False`` lets the adapter path take TIES' magnitude cuts from a sample.
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if recipe.output.format == "lora":
+        return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
+                                workers=workers, exact_ties=exact_ties)
+    return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers)

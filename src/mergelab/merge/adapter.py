@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +50,10 @@ from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key
+from mergelab.util import atomic_output_dir, check_output_dir, pick_device
+from mergelab.merge.inputs import check_not_an_input, open_inputs
+from mergelab.merge.statistics import data_statistics
+from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
 REPORT_NAME = "merge_report.json"
 
@@ -283,10 +285,6 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     ΔWᵢ: about twice as fast for many large adapters, but a different TIES result (each kept
     share within ~1.5 % of ``density``; see :func:`magnitude_cuts`).
     """
-    from mergelab.util import atomic_output_dir, check_output_dir
-    from mergelab.merge.full import check_not_an_input, data_statistics, open_inputs
-    from mergelab.util import pick_device
-    from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):

@@ -25,194 +25,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
 
 import torch
 
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
 from mergelab.util import atomic_output_dir, check_output_dir
-from mergelab.errors import MergelabError, RecipeError, ShapeMismatchError
+from mergelab.errors import RecipeError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
-from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
-from mergelab.util import natural_key, pick_device
+from mergelab.recipe import Recipe, resolve_params
+from mergelab.util import pick_device
+from mergelab.merge.inputs import open_inputs, TensorTask, align_tensors, check_not_an_input
+from mergelab.merge.statistics import data_statistics
 
-__all__ = ["merge", "open_expert", "resolve_params", "MergeResult", "MissingTensorError", "plan_merge"]
-
-
-class MissingTensorError(ShapeMismatchError):
-    """An expert lacks a tensor that the base has (a different architecture or size)."""
-
-
-# Tensors that are one and the same in Hugging Face models, whatever the config says.
-_ALWAYS_TIED = (("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
-                ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"))
-# Input embeddings and output heads, aliases of each other when ``tie_word_embeddings`` holds.
-_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight",
-                     "model.shared.weight", "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight",
-                     "model.decoder.embed_tokens.weight", "encoder.embed_tokens.weight",
-                     "decoder.embed_tokens.weight")
-_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
-# Buffers that older checkpoints saved and that are recomputed on load.
-_IGNORED_EXTRA = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
-
-
-def _ties_embeddings(config: Mapping[str, Any] | None) -> bool:
-    if not config:
-        return True  # transformers' default
-    for key in ("tie_word_embeddings", "tie_embeddings"):
-        if key in config:
-            return bool(config[key])
-    text = config.get("text_config")
-    return _ties_embeddings(text) if isinstance(text, Mapping) else True
-
-
-def _aliases(name: str, tied: bool) -> list[str]:
-    """Other names the same weights may be stored under."""
-    out: list[str] = []
-    for group in _ALWAYS_TIED:
-        if name in group:
-            out += [n for n in group if n != name]
-    if tied:
-        if name in _OUTPUT_EMBEDDINGS:
-            out += list(_INPUT_EMBEDDINGS)
-        elif name in _INPUT_EMBEDDINGS:
-            out += list(_OUTPUT_EMBEDDINGS)
-    return out
-
+__all__ = ["merge_full", "MergeResult"]
 
 
 # ---------------------------------------------------------------------------------- experts
 
 
-def open_expert(path: str | os.PathLike, base_reader: CheckpointReader) -> TensorSource:
-    """An expert as a :class:`TensorSource`: a PEFT adapter folder (``adapter_config.json``) is
-    applied to the base (``base + ΔW`` per adapted module); anything else is a checkpoint."""
-    path = Path(path)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        from mergelab.io.adapter import open_lora_expert
-
-        return open_lora_expert(path, base_reader)
-    return CheckpointReader(path)
-
-
-def open_inputs(base_path, expert_paths, opened: list, open_one=open_expert) -> tuple[CheckpointReader, list]:
-    """``(base reader, one source per expert)``; each is appended to ``opened`` as soon as it is
-    open, so the caller's ``finally`` closes what was opened before a failure."""
-    base = CheckpointReader(base_path)
-    opened.append(base)
-    experts = []
-    for p in expert_paths:
-        experts.append(open_one(p, base))
-        opened.append(experts[-1])
-    return base, experts
-
-
 # ------------------------------------------------------------------------------------- plan
-
-
-@dataclass
-class TensorTask:
-    """One output tensor: where its inputs come from and how it is written."""
-
-    name: str
-    shape: tuple[int, ...]
-    out_dtype: torch.dtype
-    inputs: list[tuple[TensorSource, str]]  # base first, then one per expert
-    floating: bool
-    num_layers: int
-    work_bytes: int = 0
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def _describe(i: int, src: TensorSource) -> str:
-    return f"expert {i} ({getattr(src, 'path', src)})"
-
-
-def plan_merge(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
-               spec: MethodSpec) -> list[TensorTask]:
-    """Align names, shapes and dtypes across base and experts; one task per base tensor.
-
-    Raises :class:`MissingTensorError` / :class:`ShapeMismatchError` naming the tensor, the expert
-    and both shapes. Reads headers only.
-    """
-    names = sorted(base.keys(), key=natural_key)
-    base_keys = set(names)
-    depth: dict[str, int] = {}
-    for n in names:
-        loc = layer_of(n)
-        if loc is not None:
-            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
-    out_dtype = recipe.output.torch_dtype
-    expert_keys = [set(e.keys()) for e in experts]
-    expert_tied = [_ties_embeddings(getattr(e, "config", None)) for e in experts]
-    base_tied = _ties_embeddings(base.config)
-
-    # Tensors an expert has that the base lacks: aliases and stale buffers are fine, others not.
-    for i, (src, keys) in enumerate(zip(experts, expert_keys)):
-        extra = sorted(k for k in keys - base_keys if not _IGNORED_EXTRA.search(k)
-                       and not any(a in base_keys for a in _aliases(k, expert_tied[i] or base_tied)))
-        if extra:
-            shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
-            raise ShapeMismatchError(
-                f"{_describe(i, src)} has {len(extra)} tensor(s) that the base lacks: {shown}",
-                hint="experts must be fine-tunes of the base (same architecture and size)")
-        if base_tied and not expert_tied[i]:
-            own = [k for k in keys & set(_OUTPUT_EMBEDDINGS) if k not in base_keys]
-            if own:
-                raise ShapeMismatchError(
-                    f"{_describe(i, src)} has its own (untied) {own[0]}, but the base ties it to the "
-                    "input embeddings, so the merged model could not hold it",
-                    hint="merge into a base with tie_word_embeddings: false, or use experts that keep the tie")
-
-    tasks = []
-    for name in names:
-        shape, dtype = tuple(base.shape(name)), base.dtype(name)
-        inputs: list[tuple[TensorSource, str]] = [(base, name)]
-        for i, (src, keys) in enumerate(zip(experts, expert_keys)):
-            src_name = name if name in keys else next(
-                (a for a in _aliases(name, expert_tied[i]) if a in keys), None)
-            if src_name is None:
-                raise MissingTensorError(
-                    f"{_describe(i, src)} has no tensor {name!r}, which the base has",
-                    hint="experts must be fine-tunes of the base (same architecture and size)")
-            e_shape, e_dtype = tuple(src.shape(src_name)), src.dtype(src_name)
-            if e_shape != shape:
-                vocab = ""
-                if name in _INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS and len(shape) == 2 and e_shape[1:] == shape[1:]:
-                    vocab = (f" — vocabulary sizes differ (base {shape[0]} rows, expert {e_shape[0]});"
-                             " mergelab never truncates or pads a vocabulary")
-                raise ShapeMismatchError(
-                    f"tensor {name!r}: base has shape {list(shape)}, {_describe(i, src)} has "
-                    f"{list(e_shape)}{vocab}",
-                    hint="resize the expert's embeddings to the base's tokenizer first" if vocab else
-                    "experts must be fine-tunes of the base (same architecture and size)")
-            if e_dtype.is_floating_point != dtype.is_floating_point or (
-                    not dtype.is_floating_point and e_dtype != dtype):
-                raise ShapeMismatchError(
-                    f"tensor {name!r}: base stores {dtype}, {_describe(i, src)} stores {e_dtype}",
-                    hint="floating-point tensors may differ in precision; other types must match")
-            inputs.append((src, src_name))
-        floating = dtype.is_floating_point
-        loc = layer_of(name)
-        task = TensorTask(name, shape, (out_dtype or dtype) if floating else dtype, inputs, floating,
-                          depth.get(loc[0], 0) if loc else max(depth.values(), default=0))
-        n_in = len(inputs)
-        task.work_bytes = task.numel * (sum(s.dtype(n).itemsize for s, n in inputs) + 4 * n_in + 4
-                                        + task.out_dtype.itemsize + n_in) if floating else \
-            task.numel * dtype.itemsize * 2
-        tasks.append(task)
-    return tasks
 
 
 # ------------------------------------------------------------------------------------ merge
@@ -236,24 +74,15 @@ class MergeResult:
                 f"on {self.device} in {self.seconds.get('total', 0):.1f} s → {self.out_dir}")
 
 
-def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
-          device: str = "auto", force: bool = False, progress: bool = True,
-          workers: int | None = None) -> MergeResult:
-    """Merge the models of ``recipe`` into ``out_dir`` (a Hugging Face model folder).
+def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
+               progress: bool = True, workers: int | None = None) -> MergeResult:
+    """Merge the models of ``recipe`` into ``out_dir``, a Hugging Face model folder (``output.format: full``).
 
-    ``recipe`` is a :class:`Recipe`, a recipe file, or a dict. ``device="auto"`` uses CUDA when
-    present. An existing ``out_dir`` is refused unless ``force``. ``workers`` (tensors merged at
-    once) defaults to the number of torch threads on the CPU and 2 on a GPU; the output bytes do
-    not depend on it. With ``output.format: lora`` the work goes to
-    :func:`mergelab.lora_merge.merge_to_adapter`.
+    ``device="auto"`` uses CUDA when present. An existing ``out_dir`` is refused unless ``force``.
+    ``workers`` (tensors merged at once) defaults to the number of torch threads on the CPU and 2
+    on a GPU; the output bytes do not depend on it. Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    if recipe.output.format == "lora":
-        from mergelab.merge.adapter import merge_to_adapter
-
-        return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, force)
     dev = pick_device(device)
@@ -265,7 +94,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)
-        tasks = plan_merge(recipe, base, experts, spec)
+        tasks = align_tensors(recipe, base, experts, spec)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         t_plan = time.perf_counter()
 
@@ -296,32 +125,6 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
                        device=str(dev), method=spec.name, workers=n_workers, copied_files=copied,
                        seconds={"plan": t_plan - t_start, "merge": t_end - t_plan, "total": t_end - t_start})
-
-
-def check_not_an_input(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output folder that is, or holds, one of the inputs (``--force`` would delete it)."""
-    out_abs = out_dir.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if p == out_abs or out_abs in p.parents:
-            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
-                                hint="write the merge to a new folder")
-
-
-def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
-                    dev: torch.device, progress: bool) -> list | None:
-    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
-
-    Only the tensors the experts change are measured when every expert is a LoRA adapter."""
-    from mergelab.merge.statistics import changed_names, recipe_grams
-
-    say = None
-    if progress:
-        from rich.console import Console
-
-        say = Console(stderr=True).print
-    return recipe_grams(recipe, Path(base_path), [Path(p) for p in expert_paths],
-                        names=changed_names(experts), device=dev, say=say)
 
 
 def _set_config_dtype(config_file: Path, dtype: str | None) -> None:

@@ -16,7 +16,7 @@ from what was kept at the start:
     adapted weights plus the adapters' factors.
 ``dense`` (full fine-tunes, or a mix)
     every floating tensor of every expert, in float32, plus the base's; a trial runs the method
-    on them exactly as the engine does (:func:`mergelab.engine.plan_merge` aligns the names and
+    on them exactly as the engine does (:func:`mergelab.merge.inputs.align_tensors` aligns the names and
     :func:`~mergelab.recipe.resolve_params` gives each tensor its parameters). Memory: about
     ``(experts + 1) × model size`` in float32 — this path covers models that fit that many times
     in memory; larger ones are refused before anything is loaded.
@@ -35,6 +35,13 @@ import torch
 from mergelab.errors import MergelabError
 from mergelab.recipe import layer_depths
 from mergelab.util import available_memory, natural_key
+from mergelab.recipe import layer_of, resolve_params
+from mergelab.io.checkpoint import CheckpointReader
+from mergelab.io.adapter import is_adapter_dir, open_lora_expert
+from mergelab.methods import get_method
+from mergelab.merge.inputs import open_expert, align_tensors
+from mergelab.merge.adapter import merge_module
+from mergelab.merge.statistics import recipe_grams
 
 
 class InPlaceError(MergelabError):
@@ -51,8 +58,6 @@ class _Target:
 
 
 def _num_layers(name: str, depth: dict[str, int]) -> int:
-    from mergelab.recipe import layer_of
-
     loc = layer_of(name)
     return depth.get(loc[0], 0) if loc else max(depth.values(), default=0)
 
@@ -61,10 +66,6 @@ class InPlaceMerger:
     """Writes the merge of a recipe's experts into ``model`` for each trial; see the module doc."""
 
     def __init__(self, recipe, model, *, memory_fraction: float = 0.7):
-        from mergelab.io.checkpoint import CheckpointReader
-        from mergelab.io.adapter import is_adapter_dir
-        from mergelab.methods import get_method
-
         self.recipe = recipe
         self.model = model
         self.spec = get_method(recipe.method.name)
@@ -84,7 +85,6 @@ class InPlaceMerger:
             self.base.close()
         self.stats: dict[str, list] | None = None
         if self.spec.needs_gram:   # data-aware method: each expert's input statistics, held on the device
-            from mergelab.merge.statistics import recipe_grams
 
             names = [t.name for t in self.targets]
             grams = recipe_grams(recipe, base_path, expert_paths,
@@ -100,8 +100,6 @@ class InPlaceMerger:
         return t
 
     def _init_lora(self, paths: list[Path]) -> None:
-        from mergelab.io.adapter import open_lora_expert
-
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
             names = sorted({n for e in experts for n in e.modules}, key=natural_key)
@@ -120,11 +118,9 @@ class InPlaceMerger:
                 e.close()
 
     def _init_dense(self, paths: list[Path], memory_fraction: float) -> None:
-        from mergelab.merge.full import open_expert, plan_merge
-
         experts = [open_expert(p, self.base) for p in paths]
         try:
-            tasks = [t for t in plan_merge(self.recipe, self.base, experts, self.spec) if t.floating]
+            tasks = [t for t in align_tensors(self.recipe, self.base, experts, self.spec) if t.floating]
             need = sum(t.numel for t in tasks) * 4 * (len(experts) + 1)
             have = available_memory(self.device)
             if need > memory_fraction * have:
@@ -149,7 +145,6 @@ class InPlaceMerger:
     @torch.no_grad()
     def apply(self, recipe) -> None:
         """Overwrite the touched weights with the merge of ``recipe`` (same base, experts, method)."""
-        from mergelab.recipe import resolve_params
 
         if (recipe.method.name != self.recipe.method.name or recipe.base != self.recipe.base
                 or [e.resolve() for e in recipe.experts] != [e.resolve() for e in self.recipe.experts]):
@@ -168,7 +163,6 @@ class InPlaceMerger:
                        for q in self.parts[t.name]]
             base = t.original if self.spec.needs_base else torch.zeros((), device=self.device).expand(t.original.shape)
             return self.spec.fn(base, experts, params).to(recipe.output.torch_dtype or t.base_dtype)
-        from mergelab.merge.adapter import merge_module
 
         # what merge_to_adapter writes: the same route and rank limit, factors in the adapter dtype
         res = merge_module(t.name, self.parts[t.name], self.spec, params, tuple(t.original.shape),

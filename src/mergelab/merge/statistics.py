@@ -36,6 +36,19 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from mergelab.errors import MergelabError
+from mergelab.evaluate import read_competition_csv, EvalOptions
+from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, right_pad, truncate_left
+from mergelab.evaluate.prefill import accepts
+from mergelab.evaluate.prompting import ShotPool, build_prompt
+from mergelab.evaluate.scoring import decoder_start_token
+from mergelab.io.adapter import is_adapter_dir
+from mergelab.util import sha256_file, cache_root, available_memory
+from mergelab.io.checkpoint import TensorSource
+from mergelab.merge.inputs import open_expert
+from mergelab.recipe import Recipe
+from mergelab.io.checkpoint import CheckpointReader
+from mergelab.evaluate.loading import load_model_and_tokenizer
+from mergelab.methods import get_method
 
 GRAM_FORMAT = 1
 DEFAULT_ROWS = 256
@@ -174,7 +187,6 @@ class _Accumulator:
 
 def read_inputs(files: Sequence[Path], rows: int) -> list:
     """The first ``rows`` rows (competition CSV :class:`~mergelab.evaluate.data.Row`) of ``files``."""
-    from mergelab.evaluate import read_competition_csv
 
     out: list = []
     for f in files:
@@ -191,12 +203,6 @@ def read_inputs(files: Sequence[Path], rows: int) -> list:
 def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None, options: GramOptions,
                   eval_options=None) -> GramSet:
     """The mean input Gram matrices of ``model``'s wanted linear layers over ``rows`` (module doc)."""
-    from mergelab.evaluate import EvalOptions
-    from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, \
-        right_pad, truncate_left
-    from mergelab.evaluate.prefill import accepts
-    from mergelab.evaluate.prompting import ShotPool, build_prompt
-    from mergelab.evaluate.scoring import decoder_start_token
 
     eval_options = eval_options or EvalOptions()
     targets = _linear_targets(model, names)
@@ -253,8 +259,6 @@ def _folder_stamp(folder: Path, contents: bool) -> list:
 def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[str] | None,
               options: GramOptions, eval_options, device: torch.device) -> str:
     """The digest of everything an expert's statistics depend on (see the module doc)."""
-    from mergelab.io.adapter import is_adapter_dir
-    from mergelab.util import sha256_file
 
     payload = {
         "format": GRAM_FORMAT,
@@ -271,8 +275,6 @@ def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[st
 
 
 def gram_cache_dir() -> Path:
-    from mergelab.util import cache_root
-
     return cache_root() / "gram"
 
 
@@ -289,10 +291,6 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     A LoRA expert is measured on the base with its ΔW added in place (then taken out again); a
     full expert is loaded on its own. ``names``: the weight names wanted (None: every linear layer).
     """
-    from mergelab.merge.full import open_expert
-    from mergelab.io.checkpoint import CheckpointReader
-    from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.io.adapter import is_adapter_dir
 
     device = torch.device(device)
     names = None if names is None else sorted(set(names))
@@ -308,7 +306,6 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     dtype = "float32" if device.type == "cpu" else None
     model, tokenizer = load_model_and_tokenizer(base, device=device.type, dtype=dtype)
     need = _estimate_bytes(model, names)
-    from mergelab.util import available_memory
 
     have = available_memory(device)
     if need > 0.5 * have:
@@ -356,11 +353,9 @@ def recipe_grams(recipe, base: Path, experts: Sequence[Path], *, names: Iterable
                  device: torch.device | str = "cpu", say: Callable[[str], None] | None = None
                  ) -> list[GramSet] | None:
     """The experts' statistics when the recipe's method needs them (else None)."""
-    from mergelab.methods import get_method
 
     if not get_method(recipe.method.name).needs_gram:
         return None
-    from mergelab.evaluate import EvalOptions
 
     rows = int(recipe.method.params.get("rows", DEFAULT_ROWS))
     eval_options = None
@@ -377,3 +372,18 @@ def changed_names(expert_sources: Sequence[Any]) -> list[str] | None:
     if all(getattr(s, "is_lora", False) for s in expert_sources):
         return sorted({n for s in expert_sources for n in s.modules})
     return None
+
+
+def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
+                    dev: torch.device, progress: bool) -> list | None:
+    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
+
+    Only the tensors the experts change are measured when every expert is a LoRA adapter."""
+
+    say = None
+    if progress:
+        from rich.console import Console
+
+        say = Console(stderr=True).print
+    return recipe_grams(recipe, Path(base_path), [Path(p) for p in expert_paths],
+                        names=changed_names(experts), device=dev, say=say)

@@ -23,7 +23,7 @@ the plain sum for ``cat``, and the inner method itself for ``knots``.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 

@@ -241,7 +241,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
     """
-    from mergelab.merge.full import merge
+    from mergelab.merge import merge
 
     t_run = time.monotonic()
     say = progress or (lambda msg: None)

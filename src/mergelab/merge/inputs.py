@@ -1,0 +1,194 @@
+"""The merge's inputs: opening the base and the experts (checkpoints, or LoRA adapters applied to the
+base), and aligning their tensors by name, shape and dtype before anything is read or written."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from mergelab.errors import MergelabError, ShapeMismatchError
+from mergelab.io.adapter import open_lora_expert
+from mergelab.io.checkpoint import CheckpointReader, TensorSource
+from mergelab.methods import MethodSpec
+from mergelab.recipe import Recipe, layer_of
+from mergelab.util import natural_key
+
+
+class MissingTensorError(ShapeMismatchError):
+    """An expert lacks a tensor that the base has (a different architecture or size)."""
+
+
+# Tensors that are one and the same in Hugging Face models, whatever the config says.
+_ALWAYS_TIED = (("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+                ("model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"))
+
+
+# Input embeddings and output heads, aliases of each other when ``tie_word_embeddings`` holds.
+_INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight",
+                     "model.shared.weight", "gpt_neox.embed_in.weight", "transformer.word_embeddings.weight",
+                     "model.decoder.embed_tokens.weight", "encoder.embed_tokens.weight",
+                     "decoder.embed_tokens.weight")
+
+
+_OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
+
+
+# Buffers that older checkpoints saved and that are recomputed on load.
+_IGNORED_EXTRA = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+def _ties_embeddings(config: Mapping[str, Any] | None) -> bool:
+    if not config:
+        return True  # transformers' default
+    for key in ("tie_word_embeddings", "tie_embeddings"):
+        if key in config:
+            return bool(config[key])
+    text = config.get("text_config")
+    return _ties_embeddings(text) if isinstance(text, Mapping) else True
+
+
+def _aliases(name: str, tied: bool) -> list[str]:
+    """Other names the same weights may be stored under."""
+    out: list[str] = []
+    for group in _ALWAYS_TIED:
+        if name in group:
+            out += [n for n in group if n != name]
+    if tied:
+        if name in _OUTPUT_EMBEDDINGS:
+            out += list(_INPUT_EMBEDDINGS)
+        elif name in _INPUT_EMBEDDINGS:
+            out += list(_OUTPUT_EMBEDDINGS)
+    return out
+
+
+def open_expert(path: str | os.PathLike, base_reader: CheckpointReader) -> TensorSource:
+    """An expert as a :class:`TensorSource`: a PEFT adapter folder (``adapter_config.json``) is
+    applied to the base (``base + ΔW`` per adapted module); anything else is a checkpoint."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return open_lora_expert(path, base_reader)
+    return CheckpointReader(path)
+
+
+def open_inputs(base_path, expert_paths, opened: list, open_one=open_expert) -> tuple[CheckpointReader, list]:
+    """``(base reader, one source per expert)``; each is appended to ``opened`` as soon as it is
+    open, so the caller's ``finally`` closes what was opened before a failure."""
+    base = CheckpointReader(base_path)
+    opened.append(base)
+    experts = []
+    for p in expert_paths:
+        experts.append(open_one(p, base))
+        opened.append(experts[-1])
+    return base, experts
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: where its inputs come from and how it is written."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    inputs: list[tuple[TensorSource, str]]  # base first, then one per expert
+    floating: bool
+    num_layers: int
+    work_bytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _describe(i: int, src: TensorSource) -> str:
+    return f"expert {i} ({getattr(src, 'path', src)})"
+
+
+def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
+               spec: MethodSpec) -> list[TensorTask]:
+    """Align names, shapes and dtypes across base and experts; one task per base tensor.
+
+    Raises :class:`MissingTensorError` / :class:`ShapeMismatchError` naming the tensor, the expert
+    and both shapes. Reads headers only.
+    """
+    names = sorted(base.keys(), key=natural_key)
+    base_keys = set(names)
+    depth: dict[str, int] = {}
+    for n in names:
+        loc = layer_of(n)
+        if loc is not None:
+            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
+    out_dtype = recipe.output.torch_dtype
+    expert_keys = [set(e.keys()) for e in experts]
+    expert_tied = [_ties_embeddings(getattr(e, "config", None)) for e in experts]
+    base_tied = _ties_embeddings(base.config)
+
+    # Tensors an expert has that the base lacks: aliases and stale buffers are fine, others not.
+    for i, (src, keys) in enumerate(zip(experts, expert_keys)):
+        extra = sorted(k for k in keys - base_keys if not _IGNORED_EXTRA.search(k)
+                       and not any(a in base_keys for a in _aliases(k, expert_tied[i] or base_tied)))
+        if extra:
+            shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
+            raise ShapeMismatchError(
+                f"{_describe(i, src)} has {len(extra)} tensor(s) that the base lacks: {shown}",
+                hint="experts must be fine-tunes of the base (same architecture and size)")
+        if base_tied and not expert_tied[i]:
+            own = [k for k in keys & set(_OUTPUT_EMBEDDINGS) if k not in base_keys]
+            if own:
+                raise ShapeMismatchError(
+                    f"{_describe(i, src)} has its own (untied) {own[0]}, but the base ties it to the "
+                    "input embeddings, so the merged model could not hold it",
+                    hint="merge into a base with tie_word_embeddings: false, or use experts that keep the tie")
+
+    tasks = []
+    for name in names:
+        shape, dtype = tuple(base.shape(name)), base.dtype(name)
+        inputs: list[tuple[TensorSource, str]] = [(base, name)]
+        for i, (src, keys) in enumerate(zip(experts, expert_keys)):
+            src_name = name if name in keys else next(
+                (a for a in _aliases(name, expert_tied[i]) if a in keys), None)
+            if src_name is None:
+                raise MissingTensorError(
+                    f"{_describe(i, src)} has no tensor {name!r}, which the base has",
+                    hint="experts must be fine-tunes of the base (same architecture and size)")
+            e_shape, e_dtype = tuple(src.shape(src_name)), src.dtype(src_name)
+            if e_shape != shape:
+                vocab = ""
+                if name in _INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS and len(shape) == 2 and e_shape[1:] == shape[1:]:
+                    vocab = (f" — vocabulary sizes differ (base {shape[0]} rows, expert {e_shape[0]});"
+                             " mergelab never truncates or pads a vocabulary")
+                raise ShapeMismatchError(
+                    f"tensor {name!r}: base has shape {list(shape)}, {_describe(i, src)} has "
+                    f"{list(e_shape)}{vocab}",
+                    hint="resize the expert's embeddings to the base's tokenizer first" if vocab else
+                    "experts must be fine-tunes of the base (same architecture and size)")
+            if e_dtype.is_floating_point != dtype.is_floating_point or (
+                    not dtype.is_floating_point and e_dtype != dtype):
+                raise ShapeMismatchError(
+                    f"tensor {name!r}: base stores {dtype}, {_describe(i, src)} stores {e_dtype}",
+                    hint="floating-point tensors may differ in precision; other types must match")
+            inputs.append((src, src_name))
+        floating = dtype.is_floating_point
+        loc = layer_of(name)
+        task = TensorTask(name, shape, (out_dtype or dtype) if floating else dtype, inputs, floating,
+                          depth.get(loc[0], 0) if loc else max(depth.values(), default=0))
+        n_in = len(inputs)
+        task.work_bytes = task.numel * (sum(s.dtype(n).itemsize for s, n in inputs) + 4 * n_in + 4
+                                        + task.out_dtype.itemsize + n_in) if floating else \
+            task.numel * dtype.itemsize * 2
+        tasks.append(task)
+    return tasks
+
+
+def check_not_an_input(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an output folder that is, or holds, one of the inputs (``--force`` would delete it)."""
+    out_abs = out_dir.resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == out_abs or out_abs in p.parents:
+            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
+                                hint="write the merge to a new folder")
