@@ -371,7 +371,7 @@ def test_recipe_forms_relative_paths_and_hub_refs(tmp_path, monkeypatch):
     assert r.base.path == tmp_path / "sub" / ".." / "base" and r.experts[0].path == tmp_path / "sub" / "e1"
     assert r.method.params == {"lambda": 0.9} and r.experts[1].params == {"weight": 0.5}
     calls = []
-    monkeypatch.setattr("mergelab.hub.sources.resolve_model", lambda ref: calls.append(ref) or tmp_path / "snap")
+    monkeypatch.setattr("mergelab.recipe.schema.resolve_model", lambda ref: calls.append(ref) or tmp_path / "snap")
     assert r.experts[1].resolve() == tmp_path / "snap" and calls[0].model == "org/expert"
     assert load_recipe({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "linear"}).method.name == "linear"
     with pytest.raises(ValueError, match="exactly one of `path`"):
@@ -380,7 +380,8 @@ def test_recipe_forms_relative_paths_and_hub_refs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("data, message", [
     ({"experts": [{"path": "e"}], "method": "ties"}, "base: Field required"),
-    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {}}, "tune: unknown key; allowed here: base, experts"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tunes": {}}, "tunes: unknown key; allowed here: base, experts"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {}}, "tune.params: Field required"),
     ({"base": {"path": "b", "revision": "x"}, "experts": [{"path": "e"}], "method": "ties"}, "`revision` goes with `model`"),
     ({"base": {"path": "b"}, "experts": [{"path": "e", "gamma": 0.1}], "method": "ties"},
      "experts[0].gamma: not a per-expert parameter of ties"),

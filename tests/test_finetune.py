@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from mergelab.errors import RecipeError
-from mergelab.finetune.train import (DataLicenceError, check_data_licences, classify_data_licence, parse_finetune_section, train_adapter)
+from mergelab.finetune.train import (DataLicenceError, check_data_licences, classify_data_licence, train_adapter)
+from mergelab.recipe.sections import parse_finetune_section
 from mergelab.run.pipeline import run_recipe
 from mergelab.testing import write_mixed_csv
 

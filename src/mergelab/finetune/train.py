@@ -39,11 +39,17 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mergelab.errors import RecipeError, RuleCheckError
+from mergelab.recipe.sections import FinetuneSection, parse_finetune_section
+from mergelab.hub.rules import OPEN_LICENCES
+from mergelab.util import sha256_file
+from mergelab.errors import DataError
+from mergelab.evaluate import read_competition_csv
+from mergelab.zoo.train import encode_example, run_steps
+from mergelab.evaluate.loading import load_model_and_tokenizer
 
 #: Open licences accepted for training data: the model allow-list of :mod:`mergelab.rules`
 #: (open-source and Creative Commons licences) plus open data licences.
@@ -58,87 +64,8 @@ class DataLicenceError(RuleCheckError):
     """A fine-tuning data file's licence is not on the open allow-list (a competition run stops)."""
 
 
-class DataFile(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: Path
-    licence: str = Field(description="SPDX-style id of the data's licence, e.g. cc-by-4.0")
-
-    @field_validator("licence")
-    @classmethod
-    def _lower(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("declare the data's licence, e.g. cc-by-4.0")
-        return v.strip().lower()
-
-
-class FinetuneSection(BaseModel):
-    """The ``finetune:`` section (see the module docstring)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    when: Literal["before_merge", "after_merge"] = "after_merge"
-    data: list[DataFile] = Field(min_length=1)
-    steps: int = Field(100, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
-    batch_size: int = Field(8, ge=1)
-    max_length: int = Field(512, ge=8)
-    warmup: int = Field(0, ge=0)
-    seed: int = 0
-    expert: dict[str, Any] = Field(default_factory=lambda: {"weight": 1.0})
-
-
-def parse_finetune_section(raw: Any, root: Path) -> FinetuneSection:
-    """Validate a ``finetune:`` mapping; relative data paths count from ``root``.
-
-    Raises :class:`RecipeError` naming the key path (``finetune.data[0].licence``).
-    """
-    if not isinstance(raw, Mapping):
-        raise RecipeError(f"finetune: expected a mapping (when, data, steps, ...), got {raw!r}",
-                          hint="see docs/budget.md for the finetune section")
-    raw = dict(raw)
-    if isinstance(raw.get("data"), list):
-        fixed = []
-        for item in raw["data"]:
-            if isinstance(item, (str, Path)):
-                item = {"path": item}   # licence missing: reported below
-            if isinstance(item, Mapping) and "license" in item and "licence" not in item:
-                item = {**{k: v for k, v in item.items() if k != "license"}, "licence": item["license"]}
-            if isinstance(item, Mapping) and isinstance(item.get("path"), (str, Path)):
-                p = Path(item["path"])
-                item = {**item, "path": p if p.is_absolute() else root / p}
-            fixed.append(item)
-        raw["data"] = fixed
-    try:
-        section = FinetuneSection.model_validate(raw)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown key; allowed: {', '.join(FinetuneSection.model_fields)}"
-            elif err["type"] == "missing" and err["loc"][-1] == "licence":
-                msg = "declare the data's licence (e.g. licence: cc-by-4.0): a competition run uses open data only"
-            else:
-                msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            problems.append(f"finetune{where}: {msg}" + ("" if isinstance(got, Mapping) or got is None
-                                                         else f" (got {got!r})"))
-        raise RecipeError("; ".join(problems), hint="see docs/budget.md for the finetune section") from None
-    for i, d in enumerate(section.data):
-        if not d.path.is_file():
-            raise RecipeError(f"finetune.data[{i}].path: file {d.path} does not exist")
-    if "weight" not in section.expert:
-        raise RecipeError("finetune.expert: give the adapter's `weight` as an expert (e.g. {weight: 1.0})")
-    return section
-
-
 def classify_data_licence(licence: str) -> tuple[bool, str]:
     """``(open, why)`` for a declared data licence id."""
-    from mergelab.hub.rules import OPEN_LICENCES
 
     key = licence.strip().lower()
     if key in OPEN_LICENCES or key in OPEN_DATA_LICENCES:
@@ -155,7 +82,6 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
     With ``rules`` a file whose licence is not open raises :class:`DataLicenceError`; without,
     ``warn`` is told and the run goes on (outside the competition).
     """
-    from mergelab.util import sha256_file
 
     records, bad = [], []
     for i, d in enumerate(section.data):
@@ -178,8 +104,6 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
 
 def training_examples(files: list[Path]) -> list[tuple[str, str, bool]]:
     """``(prompt, answer, add_eos)`` of competition CSV rows; every row needs its target."""
-    from mergelab.errors import DataError
-    from mergelab.evaluate import read_competition_csv
 
     out = []
     for f in files:
@@ -213,8 +137,6 @@ class FinetuneResult:
 
 
 def _encode(tokenizer, prompt: str, answer: str, add_eos: bool, max_length: int) -> tuple[list[int], list[int]]:
-    from mergelab.zoo.train import encode_example
-
     ids, labels = encode_example(tokenizer, prompt, answer, add_eos=add_eos)
     if len(ids) > max_length:      # keep the answer: drop the start of the prompt
         ids, labels = ids[-max_length:], labels[-max_length:]
@@ -239,8 +161,6 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.zoo.train import run_steps
 
     t_start = time.perf_counter()
     examples = training_examples([d.path for d in section.data])

@@ -558,7 +558,7 @@ def plan_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], *, hardware:
 
 
 def parse_budget(budget: float | str) -> float:
-    from mergelab.tune.config import parse_duration
+    from mergelab.recipe.sections import parse_duration
 
     try:
         return parse_duration(budget)

@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 from mergelab.util import sha256_file
+from mergelab.errors import ReproducibilityError
 
 MANIFEST_NAME = "manifest.json"
 _PACKAGES = ("mergelab", "torch", "transformers", "peft", "safetensors", "huggingface_hub",
@@ -67,8 +68,6 @@ def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    from mergelab.errors import ReproducibilityError
-
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME

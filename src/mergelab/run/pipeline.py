@@ -29,12 +29,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from mergelab import __version__
-from mergelab.errors import MergelabError, RecipeError, ReproducibilityError
+from mergelab.errors import RecipeError, ReproducibilityError
 from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
 from mergelab.util import sha256_file
+from mergelab.recipe import read_recipe
+from mergelab.hub.sources import select_files, resolve_ref
+from mergelab.recipe import Recipe
+from mergelab.merge import merge
+from mergelab.plan import get_profile, parse_budget, plan_run
+from mergelab.finetune.train import check_data_licences, train_adapter
+from mergelab.hub.rules import check_models, recipe_refs, RulesNotMetError
+from mergelab.errors import BudgetError, OutputExistsError
+from mergelab.evaluate.runner import evaluate
 
 MODEL_DIR, EVAL_DIR = "model", "eval"
 MERGED_DIR, FINETUNE_DIR = "merged", "finetune"   # only with a finetune: section
@@ -44,51 +53,6 @@ class OutputsDifferError(ReproducibilityError):
     """A reproduced run wrote different bytes (or read different inputs) than its manifest says."""
 
     exit_code = 1
-
-
-class EvalSection(BaseModel):
-    """The ``eval:`` section of a recipe: the data files plus the options of ``mergelab eval``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    data: list[Path] = Field(min_length=1, description="competition CSV files to evaluate on")
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, section: Mapping[str, Any], root: Path) -> "EvalSection":
-        """Split ``{data: [...], <EvalOptions fields>}``, checking each against its schema."""
-        from mergelab.evaluate import EvalOptions
-
-        section = dict(section)
-        data = section.pop("data", None)
-        if isinstance(data, (str, Path)):
-            data = [data]
-        if not data:
-            raise RecipeError("eval.data: list the competition CSV files to evaluate on (got nothing)",
-                              hint="e.g. eval: {data: [test.csv], batch_size: 16}")
-        paths = [Path(p) if Path(p).is_absolute() else (root / p) for p in data]
-        for i, p in enumerate(paths):
-            if not p.is_file():
-                raise RecipeError(f"eval.data[{i}]: file {p} does not exist")
-        if section.get("shots") and not Path(section["shots"]).is_absolute():
-            section["shots"] = str(root / section["shots"])
-        try:
-            options = EvalOptions(**section)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            raise RecipeError(f"eval.{where}: {msg} (got {err.get('input')!r})",
-                              hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)") from None
-        return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True))
-
-    def eval_options(self, device: str):
-        from mergelab.evaluate import EvalOptions
-
-        opts = dict(self.options)
-        if device != "auto":
-            opts["device"] = device
-        return EvalOptions(**opts)
 
 
 @dataclass
@@ -110,7 +74,6 @@ class RunResult:
 
 def _input_files(folder: Path, listed: tuple[str, ...]) -> dict[str, str]:
     """sha256 of the files of a model folder that mergelab reads (weights, config, tokenizer, adapter)."""
-    from mergelab.hub.sources import select_files
 
     names = select_files(listed) if listed else []
     return {n: sha256_file(folder / n) for n in names if (folder / n).is_file()}
@@ -118,8 +81,6 @@ def _input_files(folder: Path, listed: tuple[str, ...]) -> dict[str, str]:
 
 def _resolve(recipe, progress: Callable[[str], None]) -> tuple[Any, list[dict]]:
     """Resolve every model of the recipe; return the recipe pinned to commits, and the records."""
-    from mergelab.recipe import Recipe
-    from mergelab.hub.sources import resolve_ref
 
     records = []
     data = recipe.model_dump(mode="json", exclude_none=True)
@@ -144,7 +105,6 @@ def _resolve(recipe, progress: Callable[[str], None]) -> tuple[Any, list[dict]]:
 
 def _local_recipe(recipe, records: list[dict]):
     """The recipe with every model as a local folder (what the engine reads)."""
-    from mergelab.recipe import Recipe
 
     data = recipe.model_dump(mode="json", exclude_none=True)
     entries = [data["base"], *data["experts"]]
@@ -163,50 +123,6 @@ def _up_to_date(previous: dict | None, name: str, key: str, folder: Path) -> boo
     stage = (previous or {}).get("stages", {}).get(name)
     return bool(stage and stage.get("key") == key and stage.get("complete", True) and folder.is_dir()
                 and hash_tree(folder, skip=VOLATILE_FILES) == stage.get("outputs"))
-
-
-def load_run_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: str | os.PathLike | None = None):
-    """``(Recipe, FinetuneSection | None, EvalSection | None, root)`` of a run recipe.
-
-    The ``finetune:`` section is taken out and validated here (the :class:`Recipe` schema does
-    not know it); the rest goes to :func:`mergelab.recipe.load_recipe`. Relative paths count from
-    the recipe file's folder (or ``base_dir``, else the current folder, for a dict).
-    """
-    import yaml
-
-    from mergelab.recipe import load_recipe
-
-    if isinstance(source, Mapping):
-        data, label = dict(source), "recipe"
-        root = Path(base_dir) if base_dir is not None else Path.cwd()
-    else:
-        path = Path(source)
-        root = Path(base_dir) if base_dir is not None else path.resolve().parent
-        label = str(path)
-        data = None
-        if path.is_file():
-            try:
-                data = yaml.safe_load(path.read_text(encoding="utf-8"))
-            except yaml.YAMLError:
-                data = None           # load_recipe words the error
-    finetune = None
-    if isinstance(data, Mapping) and "finetune" in data:
-        from mergelab.finetune.train import parse_finetune_section
-
-        data = dict(data)
-        try:
-            finetune = parse_finetune_section(data.pop("finetune"), root)
-        except RecipeError as exc:
-            raise RecipeError(f"{label}: {exc.message}", hint=exc.hint) from None
-        recipe = load_recipe(data, base_dir=root)
-    else:
-        recipe = load_recipe(source, base_dir=base_dir)
-    if finetune is not None and finetune.when == "after_merge" and recipe.output.format == "lora":
-        raise RecipeError(f"{label}: finetune.when: after_merge trains on the merged model, which needs "
-                          "output.format: full (got lora)",
-                          hint="use when: before_merge (the adapter joins the merge as an expert), or format: full")
-    eval_section = EvalSection.parse(recipe.eval, root) if recipe.eval else None
-    return recipe, finetune, eval_section, root
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -241,17 +157,18 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
     """
-    from mergelab.merge import merge
 
     t_run = time.monotonic()
     say = progress or (lambda msg: None)
     warn = warn or say
     out_dir = Path(out_dir)
-    recipe, finetune, eval_section, root = load_run_recipe(recipe_path)
+    doc = read_recipe(recipe_path)
+    recipe, finetune, eval_section, root = doc.recipe, doc.finetune, doc.eval, doc.root
+    if recipe.eval and eval_section is None:
+        raise RecipeError(f"{doc.label}: eval.data: list the competition CSV files to evaluate on (got nothing)",
+                          hint="e.g. eval: {data: [test.csv], batch_size: 16}")
     budget_s = None
     if budget is not None:
-        from mergelab.plan import get_profile, parse_budget
-
         budget_s = parse_budget(budget)
         profile = get_profile(hardware)
     deadline = t_run + budget_s if budget_s is not None else None
@@ -262,8 +179,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         except ReproducibilityError:
             previous = None
     elif out_dir.exists() and any(out_dir.iterdir()):
-        from mergelab.errors import OutputExistsError
-
         raise OutputExistsError(f"{out_dir} exists and is not a mergelab run folder (no {MANIFEST_NAME})",
                                 hint="choose a new --out folder, or empty this one")
 
@@ -278,8 +193,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     # 0. fine-tuning data licences (before anything is read or written)
     data_records = None
     if finetune is not None:
-        from mergelab.finetune.train import check_data_licences
-
         data_records = check_data_licences(finetune, rules=rules, warn=loud)
 
     # 1. resolve
@@ -291,8 +204,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     # 2. rules
     rule_report = None
     if rules:
-        from mergelab.hub.rules import check_models, recipe_refs
-
         say("checking the competition rules")
         t0 = time.perf_counter()
         rule_report = check_models(recipe_refs(pinned), cutoff=cutoff)
@@ -300,8 +211,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         stages.append(StageReport("rules", "ran", timings["rules"],
                                   "pass" if rule_report.ok else f"{len(rule_report.failures)} failure(s)"))
         if not rule_report.ok:
-            from mergelab.hub.rules import RulesNotMetError
-
             failed = sorted({f"{f.model} [{f.rule}]" for f in rule_report.failures})
             raise RulesNotMetError(
                 f"the recipe does not meet the competition rules: {', '.join(failed)}",
@@ -313,9 +222,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     # 3. the budget plan
     plan = None
     if budget_s is not None:
-        from mergelab.errors import BudgetError
-        from mergelab.plan import plan_run
-
         say(f"planning on the {profile.name} against a budget of {budget_s / 60:.1f} min")
         plan = plan_run(recipe, finetune, eval_section, Path(models[0]["local_path"]),
                         [Path(m["local_path"]) for m in models[1:]], profile, budget_s)
@@ -352,7 +258,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             stages.append(StageReport("finetune", "skipped", 0.0, "inputs and outputs match the manifest"))
             stage_records["finetune"] = previous["stages"]["finetune"]
             return
-        from mergelab.finetune.train import train_adapter
 
         say(f"fine-tuning a LoRA adapter ({finetune.when}, {finetune.steps} steps)")
         tmp = _atomic_dir(ft_dir)
@@ -379,7 +284,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
         finetune_stage(Path(models[0]["local_path"]), inputs["base"])
         data = merge_recipe.model_dump(mode="json", exclude_none=True)
         data["experts"].append({"path": str(out_dir / FINETUNE_DIR), **finetune.expert})
-        from mergelab.recipe import Recipe
 
         try:
             merge_recipe = Recipe.model_validate(data)
@@ -452,8 +356,6 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
             stages.append(StageReport("eval", "skipped", 0.0, "inputs and outputs match the manifest"))
             stage_records["eval"] = previous["stages"]["eval"]
         else:
-            from mergelab.evaluate.runner import evaluate
-
             say(f"evaluating on {len(eval_section.data)} file(s)")
             t0 = time.perf_counter()
             options = eval_section.eval_options(device)
@@ -536,8 +438,6 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
     old = read_manifest(manifest_path)
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
-        from mergelab.errors import OutputExistsError
-
         raise OutputExistsError(f"{out_dir} is not empty", hint="reproduce into a new folder")
     rules = isinstance(old.get("rules"), dict)
     result = run_recipe(old["recipe"], out_dir, device=device, rules=rules, progress=progress, quiet=quiet)
@@ -564,3 +464,8 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
             + "\n  ".join(problems),
             hint="on GPU, kernels may differ between cards and library versions; compare on CPU")
     return result
+
+
+def load_run_recipe(source, *, base_dir=None):  # TODO(lead): plan/ calls read_recipe directly once merged
+    doc = read_recipe(source, base_dir=base_dir)
+    return doc.recipe, doc.finetune, doc.eval, doc.root

@@ -13,9 +13,10 @@ the functions that need them.
 """
 from __future__ import annotations
 
-from mergelab.tune.config import ParamRange, SearchSpace, TuneError, TuneSection, split_tune_section
+from mergelab.recipe.sections import ParamRange, TuneError, TuneSection
+from mergelab.tune.config import SearchSpace
 from mergelab.tune.objective import split_rows
-from mergelab.tune.study import TrialRecord, TuneResult, read_tune_recipe, run_tune
+from mergelab.tune.study import TrialRecord, TuneResult, run_tune
 
-__all__ = ["ParamRange", "SearchSpace", "TuneError", "TuneSection", "split_tune_section", "split_rows",
-           "TrialRecord", "TuneResult", "read_tune_recipe", "run_tune"]
+__all__ = ["ParamRange", "SearchSpace", "TuneError", "TuneSection", "split_rows",
+           "TrialRecord", "TuneResult", "run_tune"]

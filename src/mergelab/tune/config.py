@@ -18,7 +18,7 @@
       sampler: tpe                # or cmaes
       seed: 0
 
-:func:`split_tune_section` takes the section out of a recipe mapping and validates it;
+The section's schema lives with the recipe's (:mod:`mergelab.recipe.sections`);
 :class:`SearchSpace` turns it into named search dimensions and writes a sampled point back into a
 plain recipe mapping, which :func:`mergelab.recipe.load_recipe` validates.
 """
@@ -27,181 +27,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import RecipeError
-
-
-class TuneError(RecipeError):
-    """A tune section is wrong, or the search cannot run as asked."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min|h)?\s*$")
-_UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
-
-
-def parse_duration(value: Any) -> float:
-    """Seconds from a number or text such as ``90``, ``"90s"``, ``"10m"``, ``"1.5h"``."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        m = _DURATION.match(str(value))
-        if not m:
-            raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {value!r}")
-        seconds = float(m.group(1)) * _UNIT[m.group(2)]
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
-    return seconds
-
-
-class ParamRange(BaseModel):
-    """The range searched for one method parameter and how it is spread.
-
-    ``per_expert`` gives each expert its own value (default: yes for per-expert-only parameters
-    such as ``weight``, no for parameters the method also takes globally); ``groups`` gives each
-    module filter its own value (tensors matching none keep the recipe's value); ``layers: n``
-    gives ``n`` anchors across the depth (the recipe's layer lists: linear in between).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    low: float
-    high: float
-    log: bool = False
-    per_expert: bool | None = None
-    groups: list[str] | None = Field(None, min_length=1)
-    layers: int | None = Field(None, ge=2, le=64)
-
-    @model_validator(mode="after")
-    def _range(self):
-        if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            raise ValueError("low and high must be finite numbers")
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low:g}) must be below high ({self.high:g})")
-        if self.log and self.low <= 0:
-            raise ValueError(f"log: true needs low > 0 (got {self.low:g})")
-        if self.groups is not None:
-            if any(not isinstance(g, str) or not g.strip() or g == "*" for g in self.groups):
-                raise ValueError("groups are parts of tensor names such as self_attn or mlp (non-empty, not '*')")
-            if len(set(self.groups)) != len(self.groups):
-                raise ValueError(f"groups repeat a filter: {self.groups}")
-        return self
-
-
-class TuneSection(BaseModel):
-    """The validated ``tune:`` section (data paths are absolute)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    params: dict[str, ParamRange] = Field(min_length=1)
-    objective: Literal["score", "entropy"] = "score"
-    metric: Literal["rougeL", "exact_match", "rouge1", "rouge2"] = "rougeL"
-    data: list[Path] = Field(min_length=1)
-    check_fraction: float = Field(0.5, gt=0.0, lt=1.0)
-    rows_per_task: int | None = Field(None, ge=2)
-    split_seed: int = 0
-    trials: int | None = Field(20, ge=1)
-    time_limit: float | None = None
-    sampler: Literal["tpe", "cmaes"] = "tpe"
-    seed: int = 0
-    start_from_recipe: bool = True
-    divergence: float = Field(0.10, ge=0.0)
-    storage: str | None = None
-    study: str | None = None
-    eval: dict[str, Any] | None = None
-
-    @field_validator("time_limit", mode="before")
-    @classmethod
-    def _duration(cls, v: Any) -> Any:
-        return None if v is None else parse_duration(v)
-
-    @field_validator("study")
-    @classmethod
-    def _study_name(cls, v: str | None) -> str | None:
-        if v is not None and not v.strip():
-            raise ValueError("a study name must not be empty")
-        return v
-
-    @model_validator(mode="after")
-    def _budget(self):
-        if self.trials is None and self.time_limit is None:
-            raise ValueError("give a budget: trials, time_limit, or both")
-        return self
-
-
-def _fmt_loc(loc: tuple) -> str:
-    out = "tune"
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif "[" in str(part) or part in ("str", "int", "float", "bool", "list", "dict", "none"):
-            continue  # pydantic's names of union members, not keys
-        else:
-            out += f".{part}"
-    return out
-
-
-def _parse_section(raw: Any, root: Path) -> TuneSection:
-    if not isinstance(raw, Mapping):
-        raise TuneError(f"tune: expected a mapping (params, objective, data, trials, ...), got {raw!r}",
-                        hint="see docs/tune.md")
-    data = dict(raw)
-    files = data.get("data")
-    if isinstance(files, (str, os.PathLike)):
-        files = [files]
-    if isinstance(files, list):
-        data["data"] = [Path(os.path.expanduser(str(f))) if isinstance(f, (str, os.PathLike)) else f
-                        for f in files]
-        data["data"] = [root / f if isinstance(f, Path) and not f.is_absolute() else f for f in data["data"]]
-    try:
-        section = TuneSection.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            loc = err["loc"]
-            if err["type"] == "extra_forbidden":
-                parent = TuneSection if len(loc) == 1 else ParamRange
-                msg = f"unknown key; allowed here: {', '.join(parent.model_fields)}"
-            value = err.get("input")
-            shown = "" if isinstance(value, Mapping) or err["type"] == "missing" else f" (got {value!r})"
-            lines.append(f"{_fmt_loc(loc)}: {msg}{shown}")
-        raise TuneError("; ".join(lines), hint="see docs/tune.md for the tune section") from None
-    names: dict[str, int] = {}
-    for i, f in enumerate(section.data):
-        if not f.is_file():
-            raise TuneError(f"tune.data[{i}]: file {f} does not exist")
-        if f.name in names:
-            raise TuneError(f"tune.data[{i}]: {f} has the same file name as tune.data[{names[f.name]}]; "
-                            "the task files are told apart by name", hint="rename one of them")
-        names[f.name] = i
-    return section
-
-
-def split_tune_section(data: Mapping[str, Any], root: Path) -> tuple[dict, TuneSection]:
-    """``(recipe mapping without tune, validated tune section)``; a mergekit config is translated.
-
-    Raises :class:`TuneError` naming the key path (``tune.params.weight.low``) of a wrong value.
-    """
-    from mergelab.recipe import from_mergekit
-
-    data = dict(data)
-    if "tune" not in data:
-        raise TuneError("the recipe has no `tune:` section, so there is nothing to search",
-                        hint="add tune: {params: {...}, data: [...], trials: N}; see docs/tune.md")
-    raw = data.pop("tune")
-    if "merge_method" in data:
-        data = from_mergekit(data, root)
-    return data, _parse_section(raw, root)
+from mergelab.recipe.sections import TuneError, TuneSection
+from mergelab.util import sha256_file
+from mergelab.methods import get_method
+from mergelab.recipe import check_param
 
 
 # ----------------------------------------------------------------------------------- the space
@@ -230,9 +64,6 @@ class SearchSpace:
     """The search dimensions of a tune section for one recipe (method and experts known)."""
 
     def __init__(self, recipe_data: Mapping[str, Any], section: TuneSection):
-        from mergelab.methods import get_method
-        from mergelab.recipe import check_param
-
         method = recipe_data.get("method")
         name = method if isinstance(method, str) else (method or {}).get("name")
         try:
@@ -327,7 +158,6 @@ class SearchSpace:
 def fingerprint(recipe_data: Mapping[str, Any], section: TuneSection) -> str:
     """What a study's trials depend on: the recipe, the search space, the objective and data,
     the split and the evaluation options (not the budget, sampler or storage)."""
-    from mergelab.util import sha256_file
 
     payload = {
         "recipe": json.loads(json.dumps(recipe_data, sort_keys=True, default=str)),

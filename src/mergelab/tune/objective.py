@@ -31,7 +31,12 @@ from pathlib import Path
 from typing import Sequence
 
 from mergelab.evaluate.scoring import decoder_start_token
-from mergelab.tune.config import TuneError
+from mergelab.recipe.sections import TuneError
+from mergelab.evaluate import read_competition_csv
+from mergelab.evaluate.prompting import build_prompt
+from mergelab.evaluate.scoring import score_multiple_choice
+from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, right_pad, truncate_left
+from mergelab.evaluate.runner import evaluate
 
 DIRECTIONS = {"score": "maximize", "entropy": "minimize"}
 
@@ -77,8 +82,6 @@ def write_rows(path: Path, rows: Sequence) -> None:
 
 def load_splits(files: Sequence[Path], check_fraction: float, seed: int, rows_per_task: int | None,
                 objective: str) -> list[SplitFile]:
-    from mergelab.evaluate import read_competition_csv
-
     out = []
     for i, f in enumerate(files):
         rows = read_competition_csv(f)
@@ -121,8 +124,6 @@ class Objective:
     def __call__(self, model, part: str) -> tuple[float, dict[str, float]]:
         files = self.files[part]
         if self.kind == "score":
-            from mergelab.evaluate.runner import evaluate
-
             scores = evaluate(model, files, None, self.options, tokenizer=self.tokenizer)
             per_task = {f.stem: file_score(scores["files"][f.name], self.metric) for f in files}
         else:
@@ -132,9 +133,6 @@ class Objective:
 
 def mean_entropy(model, tokenizer, path: Path, options) -> float:
     """The mean normalised prediction entropy of ``model`` over the rows of one CSV (module doc)."""
-    from mergelab.evaluate import read_competition_csv
-    from mergelab.evaluate.prompting import build_prompt
-    from mergelab.evaluate.scoring import score_multiple_choice
 
     rows = read_competition_csv(path)
     special = not options.chat
@@ -172,8 +170,6 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_
     """Normalised entropy of the next-token distribution after each prompt (decoders and T5)."""
     import torch
 
-    from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, \
-        right_pad, truncate_left
 
     enc_dec = is_encoder_decoder(model)
     device = model_device(model)

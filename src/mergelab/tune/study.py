@@ -26,9 +26,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mergelab.errors import MergelabError
-from mergelab.tune.config import SearchSpace, TuneError, TuneSection, fingerprint, split_tune_section
+from mergelab.recipe import load_recipe, read_recipe
+from mergelab.tune.config import SearchSpace, fingerprint
+from mergelab.recipe.sections import TuneError, TuneSection
 from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
 from mergelab.util import atomic_write
+from mergelab.evaluate import EvalOptions
+from mergelab.evaluate.loading import load_model_and_tokenizer
+from mergelab.merge.inplace import InPlaceMerger
+from mergelab.tune.config import round_value
 
 TUNED_RECIPE, TRIALS_CSV, REPORT, PLOT = "recipe.tuned.yaml", "trials.csv", "report.md", "search.png"
 
@@ -72,60 +78,9 @@ class TuneResult:
 # ------------------------------------------------------------------------------------- reading
 
 
-def read_tune_recipe(path: str | os.PathLike) -> tuple[dict, TuneSection, Path]:
-    """``(recipe mapping with absolute paths, tune section, recipe folder)`` of a recipe file."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise TuneError(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        pos = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise TuneError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, Mapping):
-        raise TuneError(f"{path}: a recipe is a mapping (base, experts, method, tune, ...)")
-    root = path.resolve().parent
-    try:
-        recipe_data, section = split_tune_section(data, root)
-    except TuneError as exc:
-        raise TuneError(f"{path}: {exc.message}", hint=exc.hint) from None
-    return _absolute(recipe_data, root), section, root
-
-
-def _absolute(data: Mapping[str, Any], root: Path) -> dict:
-    """Model and eval paths made absolute, so the tuned recipe works from any folder."""
-    def fix(p: Any) -> Any:
-        if isinstance(p, (str, os.PathLike)):
-            q = Path(os.path.expanduser(str(p)))
-            return str(q if q.is_absolute() else (root / q).resolve())
-        return p
-
-    data = dict(data)
-    if isinstance(data.get("base"), Mapping) and "path" in data["base"]:
-        data["base"] = {**data["base"], "path": fix(data["base"]["path"])}
-    if isinstance(data.get("experts"), list):
-        data["experts"] = [{**e, "path": fix(e["path"])} if isinstance(e, Mapping) and "path" in e else e
-                           for e in data["experts"]]
-    ev = data.get("eval")
-    if isinstance(ev, Mapping):
-        ev = dict(ev)
-        if isinstance(ev.get("data"), list):
-            ev["data"] = [fix(p) for p in ev["data"]]
-        elif ev.get("data") is not None:
-            ev["data"] = fix(ev["data"])
-        if ev.get("shots"):
-            ev["shots"] = fix(ev["shots"])
-        data["eval"] = ev
-    return data
-
-
 def _eval_options(section: TuneSection, recipe_data: Mapping[str, Any], root: Path, device: str):
     from pydantic import ValidationError
 
-    from mergelab.evaluate import EvalOptions
 
     where = "tune.eval"
     opts = dict(section.eval) if section.eval is not None else None
@@ -212,9 +167,11 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     say = progress or (lambda msg: None)
     recipe_path = Path(recipe_path)
     out_dir = Path(out_dir)
-    from mergelab.recipe import load_recipe
-
-    recipe_data, section, root = read_tune_recipe(recipe_path)
+    doc = read_recipe(recipe_path)
+    if doc.tune is None:
+        raise TuneError(f"{recipe_path}: the recipe has no `tune:` section, so there is nothing to search",
+                        hint="add tune: {params: {...}, data: [...], trials: N}; see docs/tune.md")
+    recipe_data, section, root = doc.data, doc.tune, doc.root
     section = _overrides(section, trials=trials, time_limit=time_limit, sampler=sampler, seed=seed,
                          storage=storage, study=study)
     base_recipe = load_recipe(recipe_data, base_dir=root)
@@ -277,8 +234,6 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     if start and n_before == 0:
         st.enqueue_trial(start, user_attrs={"start": True})
 
-    from mergelab.evaluate.loading import load_model_and_tokenizer
-    from mergelab.merge.inplace import InPlaceMerger
 
     say(f"loading the base {base_recipe.base} …")
     model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
@@ -346,7 +301,6 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
 
 def _used(rdict: dict, d) -> float:
     """The value a dimension got in the recipe (after rounding)."""
-    from mergelab.tune.config import round_value
 
     return round_value(_lookup(rdict, d))
 
@@ -509,4 +463,4 @@ def _plot(r: TuneResult, path: Path) -> None:
     tmp.replace(path)
 
 
-__all__ = ["run_tune", "read_tune_recipe", "TuneResult", "TrialRecord", "collect", "make_sampler"]
+__all__ = ["run_tune", "TuneResult", "TrialRecord", "collect", "make_sampler"]

@@ -1,0 +1,153 @@
+"""mergekit YAML configs translated into mergelab recipes (``merge_method``, ``models``, ``slices``...)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from mergelab.errors import RecipeError
+
+
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                    "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp")
+
+
+_MERGEKIT_IGNORED = {"int8_mask"}
+
+
+def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
+    """Translate a mergekit YAML config (0.1.x) into a mergelab recipe dict.
+
+    Supported: ``merge_method`` (the methods above), ``base_model``, ``models`` (each with
+    ``parameters``), one full-depth ``slices`` entry (the usual SLERP form), global
+    ``parameters`` (scalars, layer lists, filters), ``dtype``/``out_dtype`` (the output dtype;
+    mergelab always computes in float32), ``tokenizer_source: base``. Anything else is refused
+    with a RecipeError that says what is not supported.
+    """
+    def fail(key: str, why: str, hint: str | None = None):
+        raise RecipeError(f"mergekit config: {key}: {why}", hint=hint)
+
+    method = cfg.get("merge_method")
+    if method not in MERGEKIT_METHODS:
+        fail("merge_method", f"{method!r} is not supported by mergelab",
+             hint=f"supported mergekit methods: {', '.join(MERGEKIT_METHODS)}")
+    known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "name", "seed"}
+    for key in cfg:
+        if key not in known:
+            fail(key, "is not supported by mergelab's mergekit import",
+                 hint="write a mergelab recipe instead (docs/recipe.md)" if key == "modules" else None)
+    tok = cfg.get("tokenizer_source")
+    if tok not in (None, "base") or cfg.get("tokenizer") is not None:
+        fail("tokenizer_source", "only the base model's tokenizer is supported (tokenizer_source: base)")
+    if cfg.get("chat_template") is not None:
+        fail("chat_template", "is not supported; the base model's chat template is copied")
+
+    models = cfg.get("models")
+    if cfg.get("slices") is not None:
+        if models is not None:
+            fail("slices", "give either `models` or `slices`, not both")
+        models = _mergekit_slices(cfg["slices"], root)
+    if not isinstance(models, list) or not models:
+        fail("models", "expected a list of models")
+    entries = []
+    for i, m in enumerate(models):
+        if isinstance(m, (str, Mapping)) and not (isinstance(m, Mapping) and "model" in m):
+            m = {"model": m}
+        if not isinstance(m, Mapping):
+            fail(f"models[{i}]", f"expected {{model: ..., parameters: ...}}, got {m!r}")
+        extra = set(m) - {"model", "parameters"}
+        if extra:
+            fail(f"models[{i}]", f"unsupported key(s) {sorted(extra)}")
+        entries.append((_mergekit_ref(m["model"], root, f"models[{i}].model"), dict(m.get("parameters") or {})))
+
+    base_ref = _mergekit_ref(cfg["base_model"], root, "base_model") if cfg.get("base_model") else None
+    experts = [(ref, params) for ref, params in entries if ref != base_ref]
+    if base_ref is None:
+        if method != "linear":
+            fail("base_model", f"{method} needs a base_model")
+        base_ref = entries[0][0]  # mergekit takes config and tokenizer from the first model
+        experts = entries
+    elif method == "linear" and len(experts) == len(entries):
+        # mergekit adds a base_model that is not among `models` to the average as one more input
+        experts = entries + [(base_ref, {})]
+    elif method == "linear":
+        experts = entries  # the base is one of the averaged models, with its own weight
+
+    global_params = {k: v for k, v in (cfg.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    out: dict[str, Any] = {
+        "base": base_ref,
+        "experts": [{**ref, **{k: v for k, v in params.items() if k not in _MERGEKIT_IGNORED}}
+                    for ref, params in experts],
+        "method": {"name": method, **global_params},
+    }
+    if dtype is not None:
+        out["output"] = {"dtype": dtype}
+    if cfg.get("seed") is not None:
+        out["seed"] = cfg["seed"]
+    return out
+
+
+def _mergekit_ref(value: Any, root: Path, where: str) -> dict:
+    if isinstance(value, Mapping):  # the long form {model: {path: ..., revision: ...}, lora: ...}
+        if value.get("lora"):
+            raise RecipeError(f"mergekit config: {where}: `model+lora` references are not supported",
+                              hint="list the LoRA adapter folder itself as an expert")
+        inner = value.get("model", value)
+        if isinstance(inner, Mapping):
+            value = inner.get("path")
+            if inner.get("revision"):
+                value = f"{value}@{inner['revision']}"
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"mergekit config: {where}: expected a model path or Hub id, got {value!r}")
+    if "+" in value:
+        raise RecipeError(f"mergekit config: {where}: `model+lora` references are not supported "
+                          f"(got {value!r})", hint="list the LoRA adapter folder itself as an expert")
+    local = Path(os.path.expanduser(value))
+    if not local.is_absolute():
+        local = root / local
+    if local.exists():
+        return {"path": os.path.normpath(local)}
+    name, _, revision = value.partition("@")
+    if value.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise RecipeError(f"mergekit config: {where}: {value!r} is neither an existing folder nor a "
+                          "Hub repo id (org/name)")
+    return {"model": name, "revision": revision or None}
+
+
+def _mergekit_slices(slices: Any, root: Path) -> list:
+    if not isinstance(slices, list) or len(slices) != 1:
+        raise RecipeError("mergekit config: slices: only one slice spanning all layers is supported",
+                          hint="layer stacking (frankenmerges) is not a merge mergelab does")
+    s = slices[0]
+    if not isinstance(s, Mapping) or set(s) - {"sources"} or not isinstance(s.get("sources"), list):
+        raise RecipeError("mergekit config: slices[0]: expected {sources: [...]} (slice-level "
+                          "base_model/parameters are not supported)")
+    ranges = {tuple(src.get("layer_range") or ()) for src in s["sources"]}
+    if len(ranges) != 1:
+        raise RecipeError(f"mergekit config: slices[0]: all sources must use the same layer_range, got {sorted(ranges)}")
+    (rng,) = ranges
+    if len(rng) != 2 or rng[0] != 0:
+        raise RecipeError(f"mergekit config: slices[0].sources: layer_range must be [0, number of layers], got {list(rng)}")
+    for i, src in enumerate(s["sources"]):
+        ref = _mergekit_ref(src.get("model"), root, f"slices[0].sources[{i}].model")
+        if "path" in ref:
+            layers = _num_layers_of(Path(ref["path"]))
+            if layers is not None and layers != rng[1]:
+                raise RecipeError(f"mergekit config: slices[0].sources[{i}]: layer_range {list(rng)} does not "
+                                  f"span the model's {layers} layers; partial slices are not supported")
+    return [{"model": src["model"], "parameters": src.get("parameters")} for src in s["sources"]]
+
+
+def _num_layers_of(folder: Path) -> int | None:
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
+    return None

@@ -1,0 +1,310 @@
+"""The recipe file: what to merge, how, and where the result goes.
+
+A recipe is YAML (or JSON) validated by the pydantic models below; see ``docs/recipe.md``::
+
+    base: {path: ./base}                    # or {model: org/name, revision: <commit>}
+    experts:
+      - {path: ./expert_a, weight: 1.0, density: 0.5}
+      - {path: ./expert_b, weight: 0.7}
+    method: {name: ties, density: 0.2, lambda: 1.0}
+    output: {dtype: bfloat16}
+    seed: 0
+
+A parameter is a scalar, a list spread across the layers (``[0, 0.5, 1]``: the first value at
+the first layer, the last at the last, linear in between), or a list of ``{filter, value}``
+entries whose first match (substring of the tensor name; no filter = any) applies. A mergekit
+YAML config (it has ``merge_method``) is accepted as it is and translated.
+
+A wrong recipe raises :class:`~mergelab.errors.RecipeError` naming the key path
+(``experts[1].weight``), the value, and what is expected.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mergelab.errors import RecipeError
+from mergelab.hub.sources import resolve_model
+from mergelab.io.checkpoint import parse_size
+from mergelab.methods import get_method
+
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "f32": "float32", "fp16": "float16",
+                  "half": "float16", "f16": "float16", "bf16": "bfloat16"}
+
+# Value rules of the parameters the built-in methods know; other parameters (of methods
+# registered elsewhere) get the structural check only.
+_NUMBER, _BOOL, _INT = "a number", "true or false", "a whole number"
+PARAM_RULES: dict[str, tuple[str, float | None, float | None]] = {
+    "weight": (_NUMBER, None, None), "lambda": (_NUMBER, None, None), "t": (_NUMBER, None, None),
+    "density": (_NUMBER, 0.0, 1.0), "gamma": (_NUMBER, 0.0, 1.0), "epsilon": (_NUMBER, 0.0, 0.5),
+    "eps": (_NUMBER, 0.0, None), "tol": (_NUMBER, 0.0, None), "max_iter": (_INT, 1, None),
+    "normalize": (_BOOL, None, None), "rescale": (_BOOL, None, None),
+    "filter_wise": (_BOOL, None, None), "int8_mask": (_BOOL, None, None),
+    "alpha": (_NUMBER, 0.0, 1.0), "ridge": (_NUMBER, 0.0, None), "rows": (_INT, 1, None),
+}
+_MODEL_KEYS = ("path", "model", "revision")
+
+
+def fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(part)) and part not in (
+                "str", "int", "float", "bool", "list", "dict", "none"):
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+class ModelRef(BaseModel):
+    """A model: a local ``path``, or a Hub repo ``model`` pinned to a ``revision``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Path | None = None
+    model: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.model is None):
+            raise ValueError("give exactly one of `path` (a local folder) or `model` (a Hub repo id)")
+        if self.revision is not None and self.model is None:
+            raise ValueError("`revision` goes with `model` (a Hub repo), not with `path`")
+        return self
+
+    def resolve(self) -> Path:
+        """The local folder: ``path`` itself, or the Hub snapshot via :mod:`mergelab.sources`."""
+        if self.path is not None:
+            return Path(self.path)
+
+        return Path(resolve_model(self))
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.model}@{self.revision}" if self.revision else str(self.model)
+
+
+class ExpertRef(ModelRef):
+    """An expert: a :class:`ModelRef` plus its own method parameters (``weight``, ``density``, ...).
+
+    ``data`` (data-aware methods such as ``regmean`` only): CSV file(s) of unlabelled inputs of the
+    expert's task (competition format, only the ``input`` column is read), from which the input
+    statistics of its linear layers are computed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    data: list[Path] | None = None
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        if isinstance(v, (str, os.PathLike)):
+            return [v]
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list names no data file")
+        return v
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MethodConfig(BaseModel):
+    """The merge method: ``name`` plus its parameters, written inline (``{name: ties, density: 0.2}``)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_params(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            return {"name": data}
+        if isinstance(data, Mapping) and isinstance(data.get("params"), Mapping):
+            data = dict(data)
+            nested = data.pop("params")
+            clash = set(nested) & set(data)
+            if clash:
+                raise ValueError(f"parameter(s) {sorted(clash)} given both inline and under `params`")
+            data.update(nested)
+        return data
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OutputConfig(BaseModel):
+    """Where and how the result is written."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: each tensor keeps the base's dtype
+    shard_size: int | str = "5GB"
+    format: Literal["full", "lora"] = "full"
+    rank: int | None = Field(default=None, ge=1)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    ties_cuts: Literal["exact", "sampled"] = "exact"   # TIES → LoRA: magnitude cuts from every entry or a sample
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = v.strip().lower().removeprefix("torch.")
+            return _DTYPE_ALIASES.get(v, v)
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        parse_size(v)  # ValueError with a readable message
+        return v
+
+    @model_validator(mode="after")
+    def _lora_only(self):
+        if self.format == "full" and (self.rank is not None or self.energy is not None):
+            raise ValueError("`rank` and `energy` apply to `format: lora` only")
+        if self.format == "full" and self.ties_cuts != "exact":
+            raise ValueError("`ties_cuts: sampled` applies to `format: lora` only (a full merge always "
+                             "cuts exactly)")
+        return self
+
+    @property
+    def shard_size_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return None if self.dtype is None else getattr(torch, self.dtype)
+
+
+class Recipe(BaseModel):
+    """A whole recipe. Constructing one checks the method, its parameters and the expert count."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    base: ModelRef
+    experts: list[ExpertRef] = Field(min_length=1)
+    method: MethodConfig
+    output: OutputConfig = OutputConfig()
+    seed: int = 0
+    eval: dict | None = None
+
+    @model_validator(mode="after")
+    def _check_method(self):
+        try:
+            spec = get_method(self.method.name)
+        except RecipeError as exc:
+            raise RecipeError(f"method.name: {exc.message}", hint=exc.hint) from None
+        lo, hi = spec.n_experts
+        n = len(self.experts)
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            raise RecipeError(f"experts: {spec.name} takes {want} expert(s), got {n}")
+        problems: list[str] = []
+        for i, e in enumerate(self.experts):
+            if spec.needs_gram and not e.data:
+                problems.append(f"experts[{i}].data: {spec.name} needs unlabelled inputs of each expert's "
+                                "task (a CSV with an `input` column, e.g. its validation file) to compute "
+                                "the input statistics of the linear layers")
+            elif not spec.needs_gram and e.data:
+                problems.append(f"experts[{i}].data: {spec.name} does not use data (only data-aware "
+                                "methods such as regmean do); remove the key")
+            for j, f in enumerate(e.data or []):
+                if not Path(f).is_file():
+                    problems.append(f"experts[{i}].data[{j}]: file {f} does not exist")
+        method_keys = set(spec.global_params) | set(spec.expert_params)
+        for key, value in self.method.params.items():
+            if key not in method_keys:
+                problems.append(f"method.{key}: {spec.name} has no parameter {key!r} (got {value!r}); "
+                                f"its parameters: {', '.join(sorted(method_keys)) or 'none'}")
+            else:
+                problems += check_param(f"method.{key}", key, value)
+        for i, e in enumerate(self.experts):
+            for key, value in e.params.items():
+                if key not in spec.expert_params:
+                    known = ", ".join(list(_MODEL_KEYS) + (["data"] if spec.needs_gram else [])
+                                      + sorted(spec.expert_params))
+                    problems.append(f"experts[{i}].{key}: not a per-expert parameter of {spec.name} "
+                                    f"(got {value!r}); allowed keys: {known}")
+                else:
+                    problems += check_param(f"experts[{i}].{key}", key, value)
+        if problems:
+            raise RecipeError("; ".join(problems))
+        return self
+
+
+# ---------------------------------------------------------------------------------- parameters
+
+
+def check_param(where: str, key: str, value: Any) -> list[str]:
+    """Problems of one parameter value: a scalar, a list of scalars, or a list of {filter, value}."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        out = []
+        for j, entry in enumerate(value):
+            extra = set(entry) - {"filter", "value"}
+            if extra or "value" not in entry:
+                out.append(f"{where}[{j}]: a filtered value is {{filter: <text>, value: <value>}} "
+                           f"(got {dict(entry)!r})")
+                continue
+            if entry.get("filter") is not None and not isinstance(entry["filter"], str):
+                out.append(f"{where}[{j}].filter: expected text (part of a tensor name), got {entry['filter']!r}")
+            if isinstance(entry["value"], list) and any(isinstance(v, Mapping) for v in entry["value"]):
+                out.append(f"{where}[{j}].value: filters do not nest")
+            else:
+                out += check_param(f"{where}[{j}].value", key, entry["value"])
+        return out
+    if isinstance(value, list):
+        if not value:
+            return [f"{where}: an empty list has no value"]
+        out = []
+        for j, v in enumerate(value):
+            if isinstance(v, (list, Mapping)):
+                out.append(f"{where}[{j}]: expected a scalar inside a layer list, got {v!r}")
+            else:
+                out += check_param(f"{where}[{j}]", key, v)
+        return out
+    if isinstance(value, Mapping):
+        return [f"{where}: expected a value, a list across layers, or a list of {{filter, value}} "
+                f"(got {dict(value)!r})"]
+    kind, lo, hi = PARAM_RULES.get(key, (None, None, None))
+    if kind is None:
+        return [] if isinstance(value, (bool, int, float, str)) else [f"{where}: unsupported value {value!r}"]
+    if kind == _BOOL:
+        return [] if isinstance(value, bool) else [f"{where}: expected true or false, got {value!r}"]
+    number = as_number(value)
+    if number is None or (kind == _INT and not float(number).is_integer()):
+        return [f"{where}: expected {kind}, got {value!r}"]
+    if (lo is not None and number < lo) or (hi is not None and number > hi):
+        rng = f"between {lo:g} and {hi:g}" if lo is not None and hi is not None else \
+            f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
+        return [f"{where}: expected {kind} {rng}, got {value!r}"]
+    return []
+
+
+def as_number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):  # YAML reads 1e-3 as text; mergekit accepts it, so do we
+        try:
+            v = float(value)
+        except ValueError:
+            return None
+        return v if math.isfinite(v) else None
+    return None
