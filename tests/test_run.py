@@ -232,3 +232,37 @@ def test_a_budget_that_fits_runs_everything(llama, tmp_path):
     b = result.manifest["budget"]
     assert b["hardware"] == "a6000" and b["plan_verdict"].startswith("fits") and not b["forced"]
     assert b["eval_complete"] and b["rows_not_reached"] == 0 and b["used_s"] < 3600
+
+
+def test_a_run_interrupted_in_evaluation_resumes_after_the_merge(llama, tmp_path, monkeypatch):
+    """Ctrl-C during evaluation: the merge is already recorded in the manifest (finished: false),
+    the rerun skips it and evaluates; a killed run's stale temporary folder is removed; the
+    unfinished manifest cannot be reproduced."""
+    import mergelab.run.pipeline as pipeline
+    from mergelab.errors import ReproducibilityError
+
+    base, experts = llama
+    (tmp_path / "mc.csv").write_text(
+        "id,input,target,answer_choices,eval_type\n"
+        "a,Sentiment: I loved it. Label:,0,\"['positive', 'negative']\",multiple_choice\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["mc.csv"], "batch_size": 2})
+    real = pipeline.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, tmp_path / "run", rules=False)
+    partial = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert partial["finished"] is False and set(partial["stages"]) == {"merge"}
+    with pytest.raises(ReproducibilityError, match="did not finish"):
+        reproduce(tmp_path / "run" / "manifest.json", tmp_path / "again")
+    stale = tmp_path / "run" / ".eval.partial-999999999"   # a pid that cannot exist
+    stale.mkdir()
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    done = run_recipe(recipe, tmp_path / "run", rules=False)
+    assert {s.name: s.status for s in done.stages}["merge"] == "skipped"
+    assert {s.name: s.status for s in done.stages}["eval"] == "ran"
+    assert "finished" not in done.manifest and not stale.exists()
+    assert (tmp_path / "run" / "eval" / "mc.csv").is_file()

@@ -138,6 +138,26 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Remove ``.NAME.partial-PID`` folders left by a run whose process is gone (killed, power cut)."""
+    for tmp in out_dir.glob(".*.partial-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)) and tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
                device: str = "auto", rules: bool = True, cutoff: str | None = None,
                progress: Callable[[str], None] | None = None, quiet: bool = True,
@@ -156,276 +176,334 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     later stages their planned time, and evaluation stops at the deadline, filling the rows not
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
+
+    Each stage is recorded in ``manifest.json`` as soon as it finishes (``"finished": false``
+    until the last), so a run stopped by Ctrl-C, a kill or a power cut resumes from the last
+    finished stage when it is started again into the same folder.
     """
+    run = _Run(read_recipe(recipe_path), Path(out_dir), device=device, rules=rules, cutoff=cutoff,
+               say=progress or (lambda msg: None), quiet=quiet, force=force)
+    run.warn_to = warn or run.say
+    run.prepare(budget, hardware)
+    run.resolve()
+    run.check_rules()
+    run.plan_budget()
+    merged_dir = run.merge_stages()
+    run.evaluate_stage(merged_dir)
+    return run.finish()
 
-    t_run = time.monotonic()
-    say = progress or (lambda msg: None)
-    warn = warn or say
-    out_dir = Path(out_dir)
-    doc = read_recipe(recipe_path)
-    recipe, finetune, eval_section, root = doc.recipe, doc.finetune, doc.eval, doc.root
-    if recipe.eval and eval_section is None:
-        raise RecipeError(f"{doc.label}: eval.data: list the competition CSV files to evaluate on (got nothing)",
-                          hint="e.g. eval: {data: [test.csv], batch_size: 16}")
-    budget_s = None
-    if budget is not None:
-        budget_s = parse_budget(budget)
-        profile = get_profile(hardware)
-    deadline = t_run + budget_s if budget_s is not None else None
-    previous = None
-    if (out_dir / MANIFEST_NAME).is_file():
-        try:
-            previous = read_manifest(out_dir / MANIFEST_NAME)
-        except ReproducibilityError:
-            previous = None
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        raise OutputExistsError(f"{out_dir} exists and is not a mergelab run folder (no {MANIFEST_NAME})",
-                                hint="choose a new --out folder, or empty this one")
 
-    stages: list[StageReport] = []
-    timings: dict[str, float] = {}
-    warnings_: list[str] = []
+class _Run:
+    """The state of one ``mergelab run`` and its stages, each a method (see :func:`run_recipe`)."""
 
-    def loud(msg: str) -> None:
-        warnings_.append(msg)
-        warn(msg)
+    def __init__(self, doc, out_dir: Path, *, device: str, rules: bool, cutoff: str | None,
+                 say: Callable[[str], None], quiet: bool, force: bool):
+        self.doc, self.out_dir, self.device, self.rules, self.cutoff = doc, out_dir, device, rules, cutoff
+        self.say, self.quiet, self.force = say, quiet, force
+        self.warn_to: Callable[[str], None] = say
+        self.recipe, self.finetune, self.eval_section = doc.recipe, doc.finetune, doc.eval
+        if self.recipe.eval and self.eval_section is None:
+            raise RecipeError(f"{doc.label}: eval.data: list the competition CSV files to evaluate on (got nothing)",
+                              hint="e.g. eval: {data: [test.csv], batch_size: 16}")
+        self.t_run = time.monotonic()
+        self.stages: list[StageReport] = []
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.records: dict[str, dict] = {}          # the manifest's "stages"
+        self.previous: dict | None = None
+        self.budget_s: float | None = None
+        self.profile = self.plan = self.deadline = self.rule_report = self.data_records = None
+        self.models: list[dict] = []
 
-    # 0. fine-tuning data licences (before anything is read or written)
-    data_records = None
-    if finetune is not None:
-        data_records = check_data_licences(finetune, rules=rules, warn=loud)
+    def loud(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self.warn_to(msg)
 
-    # 1. resolve
-    t0 = time.perf_counter()
-    pinned, models = _resolve(recipe, say)
-    timings["resolve"] = time.perf_counter() - t0
-    stages.append(StageReport("resolve", "ran", timings["resolve"], f"{len(models)} model(s)"))
+    # ------------------------------------------------------------------ before anything is written
 
-    # 2. rules
-    rule_report = None
-    if rules:
-        say("checking the competition rules")
+    def prepare(self, budget: float | str | None, hardware: str) -> None:
+        if budget is not None:
+            self.budget_s = parse_budget(budget)
+            self.profile = get_profile(hardware)
+            self.deadline = self.t_run + self.budget_s
+        manifest = self.out_dir / MANIFEST_NAME
+        if manifest.is_file():
+            try:
+                self.previous = read_manifest(manifest)
+            except ReproducibilityError:
+                self.previous = None
+        elif self.out_dir.exists() and any(p for p in self.out_dir.iterdir() if ".partial-" not in p.name):
+            raise OutputExistsError(f"{self.out_dir} exists and is not a mergelab run folder (no {MANIFEST_NAME})",
+                                    hint="choose a new --out folder, or empty this one")
+        if self.out_dir.is_dir():
+            _remove_stale_partials(self.out_dir)
+        if self.finetune is not None:   # fine-tuning data licences, before anything is read or written
+            self.data_records = check_data_licences(self.finetune, rules=self.rules, warn=self.loud)
+
+    def resolve(self) -> None:
         t0 = time.perf_counter()
-        rule_report = check_models(recipe_refs(pinned), cutoff=cutoff)
-        timings["rules"] = time.perf_counter() - t0
-        stages.append(StageReport("rules", "ran", timings["rules"],
-                                  "pass" if rule_report.ok else f"{len(rule_report.failures)} failure(s)"))
-        if not rule_report.ok:
-            failed = sorted({f"{f.model} [{f.rule}]" for f in rule_report.failures})
+        self.pinned, self.models = _resolve(self.recipe, self.say)
+        self.timings["resolve"] = time.perf_counter() - t0
+        self.stages.append(StageReport("resolve", "ran", self.timings["resolve"], f"{len(self.models)} model(s)"))
+        self.inputs = {m["role"]: m["files"] for m in self.models}
+        self.normalised = self.pinned.model_dump(mode="json", exclude_none=True)
+        if self.eval_section is not None:
+            self.normalised["eval"] = {"data": [str(p) for p in self.eval_section.data], **self.eval_section.options}
+        if self.finetune is not None:
+            self.normalised["finetune"] = self.finetune.model_dump(mode="json")
+
+    def check_rules(self) -> None:
+        if not self.rules:
+            self.stages.append(StageReport("rules", "off", 0.0, "--no-rules"))
+            return
+        self.say("checking the competition rules")
+        t0 = time.perf_counter()
+        report = self.rule_report = check_models(recipe_refs(self.pinned), cutoff=self.cutoff)
+        self.timings["rules"] = time.perf_counter() - t0
+        self.stages.append(StageReport("rules", "ran", self.timings["rules"],
+                                       "pass" if report.ok else f"{len(report.failures)} failure(s)"))
+        if not report.ok:
+            failed = sorted({f"{f.model} [{f.rule}]" for f in report.failures})
             raise RulesNotMetError(
                 f"the recipe does not meet the competition rules: {', '.join(failed)}",
                 hint="`mergelab check RECIPE` shows each reason; fix the recipe, or pass --no-rules for a "
                      "run outside the competition")
-    else:
-        stages.append(StageReport("rules", "off", 0.0, "--no-rules"))
 
-    # 3. the budget plan
-    plan = None
-    if budget_s is not None:
-        say(f"planning on the {profile.name} against a budget of {budget_s / 60:.1f} min")
-        plan = plan_run(recipe, finetune, eval_section, Path(models[0]["local_path"]),
-                        [Path(m["local_path"]) for m in models[1:]], profile, budget_s)
-        if not plan.fits:
-            if not force:
-                raise BudgetError(f"the plan on the {profile.name} {plan.verdict}",
-                                  hint="`mergelab plan RECIPE` shows each stage; shrink the recipe, raise "
-                                       "--budget, or pass --force to run with the deadline enforced")
-            loud(f"--force: running although the plan on the {profile.name} {plan.verdict}")
-        else:
-            say(plan.verdict)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    def plan_budget(self) -> None:
+        if self.budget_s is not None:
+            name = self.profile.name
+            self.say(f"planning on the {name} against a budget of {self.budget_s / 60:.1f} min")
+            self.plan = plan_run(self.recipe, self.finetune, self.eval_section, Path(self.models[0]["local_path"]),
+                                 [Path(m["local_path"]) for m in self.models[1:]], self.profile, self.budget_s)
+            if not self.plan.fits:
+                if not self.force:
+                    raise BudgetError(f"the plan on the {name} {self.plan.verdict}",
+                                      hint="`mergelab plan RECIPE` shows each stage; shrink the recipe, raise "
+                                           "--budget, or pass --force to run with the deadline enforced")
+                self.loud(f"--force: running although the plan on the {name} {self.plan.verdict}")
+            else:
+                self.say(self.plan.verdict)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def time_left_for(stage: str) -> float | None:
+    def time_left_for(self, stage: str) -> float | None:
         """The deadline of ``stage``: the run's, less the planned time of the stages after it."""
-        if deadline is None:   # no budget (with one, there is always a plan)
+        if self.deadline is None:   # no budget (with one, there is always a plan)
             return None
-        names = [s.name for s in plan.stages]
+        names = [s.name for s in self.plan.stages]
         later = names[names.index(stage) + 1:] if stage in names else []
-        return deadline - sum(plan.stage(n).seconds for n in later)
+        return self.deadline - sum(self.plan.stage(n).seconds for n in later)
 
-    inputs = {m["role"]: m["files"] for m in models}
-    normalised = pinned.model_dump(mode="json", exclude_none=True)
-    if eval_section is not None:
-        normalised["eval"] = {"data": [str(p) for p in eval_section.data], **eval_section.options}
-    if finetune is not None:
-        normalised["finetune"] = finetune.model_dump(mode="json")
-    stage_records: dict[str, dict] = {}
+    # ------------------------------------------------------------------------------ the stages
 
-    def finetune_stage(model_path: Path, model_hashes: Any) -> None:
-        ft_dir = out_dir / FINETUNE_DIR
-        key = _stage_key(normalised["finetune"], [r["sha256"] for r in data_records], model_hashes)
-        if _up_to_date(previous, "finetune", key, ft_dir):
-            stages.append(StageReport("finetune", "skipped", 0.0, "inputs and outputs match the manifest"))
-            stage_records["finetune"] = previous["stages"]["finetune"]
+    def skip_if_done(self, name: str, key: str, folder: Path) -> bool:
+        """True (and the stage recorded as skipped) when the manifest says it is up to date."""
+        if not _up_to_date(self.previous, name, key, folder):
+            return False
+        self.stages.append(StageReport(name, "skipped", 0.0, "inputs and outputs match the manifest"))
+        self.records[name] = self.previous["stages"][name]
+        return True
+
+    def finished(self, name: str, record: dict) -> None:
+        """Record a finished stage and write the manifest so far: a rerun resumes after it."""
+        self.records[name] = record
+        write_manifest(self.out_dir / MANIFEST_NAME, self.manifest(finished=False))
+
+    def finetune_stage(self, model_path: Path, model_hashes: Any) -> None:
+        ft_dir = self.out_dir / FINETUNE_DIR
+        key = _stage_key(self.normalised["finetune"], [r["sha256"] for r in self.data_records], model_hashes)
+        if self.skip_if_done("finetune", key, ft_dir):
             return
-
-        say(f"fine-tuning a LoRA adapter ({finetune.when}, {finetune.steps} steps)")
+        ft = self.finetune
+        self.say(f"fine-tuning a LoRA adapter ({ft.when}, {ft.steps} steps)")
         tmp = _atomic_dir(ft_dir)
         try:
-            res = train_adapter(model_path, finetune, tmp, device=device, deadline=time_left_for("finetune"))
+            res = train_adapter(model_path, ft, tmp, device=self.device, deadline=self.time_left_for("finetune"))
             _replace_dir(tmp, ft_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        timings["finetune"] = res.seconds
+        self.timings["finetune"] = res.seconds
         detail = f"{res.steps_done}/{res.steps} steps, loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}"
         if res.stopped_by_deadline:
             detail = "DEADLINE: stopped early, " + detail
-            loud(f"fine-tuning stopped by the deadline after {res.steps_done} of {res.steps} steps")
-        stages.append(StageReport("finetune", "partial" if res.stopped_by_deadline else "ran", res.seconds, detail))
-        stage_records["finetune"] = {"key": key, "outputs": hash_tree(ft_dir, skip=VOLATILE_FILES),
-                                     "seconds": res.seconds, "data": data_records, "seed": finetune.seed,
-                                     "steps_done": res.steps_done, "losses": res.losses,
-                                     "complete": res.complete}
+            self.loud(f"fine-tuning stopped by the deadline after {res.steps_done} of {res.steps} steps")
+        self.stages.append(StageReport("finetune", "partial" if res.stopped_by_deadline else "ran", res.seconds,
+                                       detail))
+        self.finished("finetune", {"key": key, "outputs": hash_tree(ft_dir, skip=VOLATILE_FILES),
+                                   "seconds": res.seconds, "data": self.data_records, "seed": ft.seed,
+                                   "steps_done": res.steps_done, "losses": res.losses, "complete": res.complete})
 
-    # 4. fine-tune before merging: an adapter on the base, merged as one more expert
-    merge_recipe = _local_recipe(pinned, models)
-    if finetune is not None and finetune.when == "before_merge":
-        finetune_stage(Path(models[0]["local_path"]), inputs["base"])
-        data = merge_recipe.model_dump(mode="json", exclude_none=True)
-        data["experts"].append({"path": str(out_dir / FINETUNE_DIR), **finetune.expert})
-
+    def merge_recipe(self) -> Recipe:
+        """The recipe the engine runs: local folders, plus the adapter trained before the merge."""
+        local = _local_recipe(self.pinned, self.models)
+        if self.finetune is None or self.finetune.when != "before_merge":
+            return local
+        data = local.model_dump(mode="json", exclude_none=True)
+        data["experts"].append({"path": str(self.out_dir / FINETUNE_DIR), **self.finetune.expert})
         try:
-            merge_recipe = Recipe.model_validate(data)
+            return Recipe.model_validate(data)
         except (ValidationError, RecipeError) as exc:
             raise RecipeError(f"finetune: the trained adapter cannot join the merge as an expert ({exc})",
                               hint="check finetune.expert against the method's per-expert parameters") from None
 
-    # 5. merge
-    after = finetune is not None and finetune.when == "after_merge"
-    merged_dir = out_dir / (MERGED_DIR if after else MODEL_DIR)
-    merge_part = {k: v for k, v in normalised.items() if k not in ("eval", "finetune")}
-    extra = (stage_records["finetune"]["outputs"], normalised["finetune"]["expert"]) \
-        if finetune is not None and not after else None
-    merge_key = _stage_key(merge_part, inputs, *([extra] if extra else []))
-    if _up_to_date(previous, "merge", merge_key, merged_dir):
-        stages.append(StageReport("merge", "skipped", 0.0, "inputs and outputs match the manifest"))
-        stage_records["merge"] = previous["stages"]["merge"]
-    else:
-        if deadline is not None and time.monotonic() > deadline:
-            loud("the deadline passed before the merge; merging anyway so that a submission can be written")
-        say(f"merging with {recipe.method.name}")
+    def merge_stages(self) -> Path:
+        """Fine-tune before, merge, fine-tune after and fold; return the model folder evaluated."""
+        ft, out = self.finetune, self.out_dir
+        if ft is not None and ft.when == "before_merge":
+            self.finetune_stage(Path(self.models[0]["local_path"]), self.inputs["base"])
+        after = ft is not None and ft.when == "after_merge"
+        merged_dir = out / (MERGED_DIR if after else MODEL_DIR)
+        self.merge_stage(merged_dir, after)
+        self.final_outputs = self.records["merge"]["outputs"]
+        if after:
+            self.finetune_stage(merged_dir, self.records["merge"]["outputs"])
+            self.fold_stage(merged_dir)
+            self.final_outputs = self.records["fold"]["outputs"]
+        elif (out / MERGED_DIR).exists():
+            shutil.rmtree(out / MERGED_DIR)
+        if ft is None and (out / FINETUNE_DIR).exists():
+            shutil.rmtree(out / FINETUNE_DIR)
+        return out / MODEL_DIR
+
+    def merge_stage(self, merged_dir: Path, after: bool) -> None:
+        merge_part = {k: v for k, v in self.normalised.items() if k not in ("eval", "finetune")}
+        extra = (self.records["finetune"]["outputs"], self.normalised["finetune"]["expert"]) \
+            if self.finetune is not None and not after else None
+        key = _stage_key(merge_part, self.inputs, *([extra] if extra else []))
+        if self.skip_if_done("merge", key, merged_dir):
+            return
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.loud("the deadline passed before the merge; merging anyway so that a submission can be written")
+        self.say(f"merging with {self.recipe.method.name}")
         t0 = time.perf_counter()
-        result = merge(merge_recipe, merged_dir, device=device, force=True, progress=not quiet)
-        timings["merge"] = time.perf_counter() - t0
-        stages.append(StageReport("merge", "ran", timings["merge"], str(getattr(result, "method", ""))))
-        stage_records["merge"] = {"key": merge_key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),
-                                  "seconds": timings["merge"]}
+        result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet)
+        self.timings["merge"] = time.perf_counter() - t0
+        self.stages.append(StageReport("merge", "ran", self.timings["merge"], str(getattr(result, "method", ""))))
+        self.finished("merge", {"key": key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),
+                                "seconds": self.timings["merge"]})
 
-    # 6. fine-tune after merging, then fold the adapter into the merged weights
-    model_dir = out_dir / MODEL_DIR
-    final_outputs = stage_records["merge"]["outputs"]
-    if after:
-        finetune_stage(merged_dir, stage_records["merge"]["outputs"])
-        fold_key = _stage_key(stage_records["merge"]["outputs"], stage_records["finetune"]["outputs"],
-                              normalised["output"])
-        if _up_to_date(previous, "fold", fold_key, model_dir):
-            stages.append(StageReport("fold", "skipped", 0.0, "inputs and outputs match the manifest"))
-            stage_records["fold"] = previous["stages"]["fold"]
+    def fold_stage(self, merged_dir: Path) -> None:
+        """Fold the adapter trained on the merge into its weights: ``model/ = merged + ΔW``."""
+        model_dir = self.out_dir / MODEL_DIR
+        key = _stage_key(self.records["merge"]["outputs"], self.records["finetune"]["outputs"],
+                         self.normalised["output"])
+        if self.skip_if_done("fold", key, model_dir):
+            return
+        self.say("folding the trained adapter into the merged model")
+        t0 = time.perf_counter()
+        fold = {"base": {"path": str(merged_dir)},
+                "experts": [{"path": str(self.out_dir / FINETUNE_DIR), "weight": 1.0}],
+                "method": {"name": "task_arithmetic"}, "output": self.normalised["output"]}
+        merge(fold, model_dir, device=self.device, force=True, progress=not self.quiet)
+        self.timings["fold"] = time.perf_counter() - t0
+        self.stages.append(StageReport("fold", "ran", self.timings["fold"], "W + ΔW of the trained adapter"))
+        self.finished("fold", {"key": key, "outputs": hash_tree(model_dir, skip=VOLATILE_FILES),
+                               "seconds": self.timings["fold"]})
+
+    def evaluate_stage(self, model_dir: Path) -> None:
+        eval_dir, section = self.out_dir / EVAL_DIR, self.eval_section
+        if section is None:
+            self.stages.append(StageReport("eval", "off", 0.0, "no eval section"))
+            if eval_dir.exists():
+                shutil.rmtree(eval_dir)
+            return
+        data_hashes = {str(p): sha256_file(p) for p in section.data}
+        if section.options.get("shots"):
+            data_hashes[str(section.options["shots"])] = sha256_file(section.options["shots"])
+        lora = self.recipe.output.format == "lora"
+        key = _stage_key(self.normalised["eval"], self.final_outputs, data_hashes,
+                         self.inputs["base"] if lora else None)
+        if self.skip_if_done("eval", key, eval_dir):
+            return
+        self.say(f"evaluating on {len(section.data)} file(s)")
+        t0 = time.perf_counter()
+        options = section.eval_options(self.device)
+        if lora:
+            scores = evaluate(self.models[0]["local_path"], section.data, eval_dir, options, adapter=model_dir,
+                              force=True, deadline=self.deadline, label="base + model/ (adapter)")
         else:
-            say("folding the trained adapter into the merged model")
-            t0 = time.perf_counter()
-            fold = {"base": {"path": str(merged_dir)},
-                    "experts": [{"path": str(out_dir / FINETUNE_DIR), "weight": 1.0}],
-                    "method": {"name": "task_arithmetic"}, "output": normalised["output"]}
-            merge(fold, model_dir, device=device, force=True, progress=not quiet)
-            timings["fold"] = time.perf_counter() - t0
-            stages.append(StageReport("fold", "ran", timings["fold"], "W + ΔW of the trained adapter"))
-            stage_records["fold"] = {"key": fold_key, "outputs": hash_tree(model_dir, skip=VOLATILE_FILES),
-                                     "seconds": timings["fold"]}
-        final_outputs = stage_records["fold"]["outputs"]
-    elif (out_dir / MERGED_DIR).exists():
-        shutil.rmtree(out_dir / MERGED_DIR)
-    if finetune is None and (out_dir / FINETUNE_DIR).exists():
-        shutil.rmtree(out_dir / FINETUNE_DIR)
+            scores = evaluate(model_dir, section.data, eval_dir, options, force=True, deadline=self.deadline,
+                              label="model/")
+        self.timings["eval"] = time.perf_counter() - t0
+        overall = scores.get("overall", {})
+        missed = int(overall.get("not_reached", 0) or 0)
+        detail = ", ".join(f"{k}={v:.3f}" for k, v in overall.items() if isinstance(v, float))
+        status = "ran"
+        if not scores.get("complete", True):
+            status = "partial"
+            detail = (f"DEADLINE: {missed} of {overall.get('rows', missed)} rows not reached "
+                      f"(fallback: choice 0 / empty text); " + detail)
+            self.loud(f"evaluation hit the deadline: {missed} row(s) not reached got the fallback prediction; "
+                      f"the submission files are complete but those rows are guesses")
+        self.stages.append(StageReport("eval", status, self.timings["eval"], detail))
+        self.finished("eval", {"key": key, "outputs": hash_tree(eval_dir, skip=VOLATILE_FILES),
+                               "seconds": self.timings["eval"], "data": data_hashes,
+                               "complete": bool(scores.get("complete", True)), "rows_not_reached": missed})
 
-    # 7. evaluate
-    eval_dir = out_dir / EVAL_DIR
-    if eval_section is None:
-        stages.append(StageReport("eval", "off", 0.0, "no eval section"))
-        if eval_dir.exists():
-            shutil.rmtree(eval_dir)
-    else:
-        data_hashes = {str(p): sha256_file(p) for p in eval_section.data}
-        shots = eval_section.options.get("shots")
-        if shots:
-            data_hashes[str(shots)] = sha256_file(shots)
-        eval_key = _stage_key(normalised["eval"], final_outputs, data_hashes,
-                              inputs["base"] if recipe.output.format == "lora" else None)
-        if _up_to_date(previous, "eval", eval_key, eval_dir):
-            stages.append(StageReport("eval", "skipped", 0.0, "inputs and outputs match the manifest"))
-            stage_records["eval"] = previous["stages"]["eval"]
-        else:
-            say(f"evaluating on {len(eval_section.data)} file(s)")
-            t0 = time.perf_counter()
-            options = eval_section.eval_options(device)
-            if recipe.output.format == "lora":
-                scores = evaluate(models[0]["local_path"], eval_section.data, eval_dir, options,
-                                  adapter=model_dir, force=True, deadline=deadline,
-                                  label="base + model/ (adapter)")
-            else:
-                scores = evaluate(model_dir, eval_section.data, eval_dir, options, force=True,
-                                  deadline=deadline, label="model/")
-            timings["eval"] = time.perf_counter() - t0
-            overall = scores.get("overall", {})
-            missed = int(overall.get("not_reached", 0) or 0)
-            detail = ", ".join(f"{k}={v:.3f}" for k, v in overall.items() if isinstance(v, float))
-            status = "ran"
-            if not scores.get("complete", True):
-                status = "partial"
-                detail = (f"DEADLINE: {missed} of {overall.get('rows', missed)} rows not reached "
-                          f"(fallback: choice 0 / empty text); " + detail)
-                loud(f"evaluation hit the deadline: {missed} row(s) not reached got the fallback prediction; "
-                     f"the submission files are complete but those rows are guesses")
-            stages.append(StageReport("eval", status, timings["eval"], detail))
-            stage_records["eval"] = {"key": eval_key, "outputs": hash_tree(eval_dir, skip=VOLATILE_FILES),
-                                     "seconds": timings["eval"], "data": data_hashes,
-                                     "complete": bool(scores.get("complete", True)), "rows_not_reached": missed}
+    # ------------------------------------------------------------------------------ the record
 
-    if budget_s is not None:
-        used = time.monotonic() - t_run
-        budget_record = {
-            "budget_s": budget_s, "hardware": profile.name, "forced": bool(force) and not plan.fits,
+    def budget_record(self) -> dict:
+        used, plan = time.monotonic() - self.t_run, self.plan
+        record = {
+            "budget_s": self.budget_s, "hardware": self.profile.name, "forced": bool(self.force) and not plan.fits,
             "planned_s": plan.total_s, "planned": {s.name: s.seconds for s in plan.stages},
             "plan_verdict": plan.verdict,
-            "used_s": used, "used": dict(timings), "over_budget": used > budget_s,
-            "eval_complete": stage_records.get("eval", {}).get("complete", True),
-            "rows_not_reached": stage_records.get("eval", {}).get("rows_not_reached", 0),
+            "used_s": used, "used": dict(self.timings), "over_budget": used > self.budget_s,
+            "eval_complete": self.records.get("eval", {}).get("complete", True),
+            "rows_not_reached": self.records.get("eval", {}).get("rows_not_reached", 0),
         }
-        finetuned = stage_records.get("finetune", {})
+        finetuned = self.records.get("finetune", {})
         if not finetuned.get("complete", True):
-            budget_record["finetune_steps_done"] = finetuned["steps_done"]
-        if used > budget_s:
-            loud(f"the run took {used / 60:.1f} min, over the budget of {budget_s / 60:.1f} min")
+            record["finetune_steps_done"] = finetuned["steps_done"]
+        if used > self.budget_s:
+            self.loud(f"the run took {used / 60:.1f} min, over the budget of {self.budget_s / 60:.1f} min")
+        return record
 
-    outputs = {f"{MODEL_DIR}/{k}": v for k, v in final_outputs.items()}
-    if after:
-        outputs |= {f"{MERGED_DIR}/{k}": v for k, v in stage_records["merge"]["outputs"].items()}
-    if finetune is not None:
-        outputs |= {f"{FINETUNE_DIR}/{k}": v for k, v in stage_records["finetune"]["outputs"].items()}
-    outputs |= {f"{EVAL_DIR}/{k}": v for k, v in stage_records.get("eval", {}).get("outputs", {}).items()}
-    manifest = {
-        "mergelab_manifest": 1,
-        "created": now_iso(),
-        "recipe": normalised,
-        "models": models,
-        "seed": recipe.seed,
-        "rules": rule_report.to_dict() if rule_report is not None else "not checked (--no-rules)",
-        "versions": package_versions(),
-        "device": device_info(device),
-        "stages": stage_records,
-        "timings": timings,
-        "outputs": outputs,
-    }
-    if finetune is not None:
-        manifest["finetune"] = {"when": finetune.when, "seed": finetune.seed, "data": data_records}
-    if budget_s is not None:
-        manifest["budget"] = budget_record
-    if warnings_:
-        manifest["warnings"] = warnings_
-    (out_dir / "timing.json").write_text(json.dumps(timings, indent=2) + "\n")
-    write_manifest(out_dir / MANIFEST_NAME, manifest)
-    return RunResult(out_dir, manifest, stages, plan=plan, warnings=warnings_)
+    def outputs(self) -> dict[str, str]:
+        """Every output file so far with its sha256, by its path in the run folder."""
+        after = self._merge_to_merged()
+        final = self.records.get("fold" if after else "merge", {}).get("outputs", {})
+        outputs = {f"{MODEL_DIR}/{k}": v for k, v in final.items()}
+        if after:
+            outputs |= {f"{MERGED_DIR}/{k}": v for k, v in self.records.get("merge", {}).get("outputs", {}).items()}
+        if self.finetune is not None:
+            outputs |= {f"{FINETUNE_DIR}/{k}": v for k, v in self.records.get("finetune", {}).get("outputs", {}).items()}
+        outputs |= {f"{EVAL_DIR}/{k}": v for k, v in self.records.get("eval", {}).get("outputs", {}).items()}
+        return outputs
+
+    def manifest(self, *, finished: bool, budget: dict | None = None) -> dict:
+        manifest = {
+            "mergelab_manifest": 1,
+            "created": now_iso(),
+            "recipe": self.normalised,
+            "models": self.models,
+            "seed": self.recipe.seed,
+            "rules": self.rule_report.to_dict() if self.rule_report is not None else "not checked (--no-rules)",
+            "versions": package_versions(),
+            "device": device_info(self.device),
+            "stages": self.records,
+            "timings": self.timings,
+            "outputs": self.outputs(),
+        }
+        if not finished:
+            manifest["finished"] = False   # a stage is still to run: `reproduce` refuses it, a rerun resumes
+        if self.finetune is not None:
+            manifest["finetune"] = {"when": self.finetune.when, "seed": self.finetune.seed, "data": self.data_records}
+        if budget is not None:
+            manifest["budget"] = budget
+        if self.warnings:
+            manifest["warnings"] = self.warnings
+        return manifest
+
+    def _merge_to_merged(self) -> bool:
+        return self.finetune is not None and self.finetune.when == "after_merge"
+
+    def finish(self) -> RunResult:
+        budget = self.budget_record() if self.budget_s is not None else None
+        manifest = self.manifest(finished=True, budget=budget)
+        (self.out_dir / "timing.json").write_text(json.dumps(self.timings, indent=2) + "\n")
+        write_manifest(self.out_dir / MANIFEST_NAME, manifest)
+        return RunResult(self.out_dir, manifest, self.stages, plan=self.plan, warnings=self.warnings)
 
 
 def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, device: str = "auto",
@@ -436,6 +514,9 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
     whose bytes differ (or that is missing / new).
     """
     old = read_manifest(manifest_path)
+    if old.get("finished") is False:
+        raise ReproducibilityError(f"{manifest_path} is the manifest of a run that did not finish",
+                                   hint="run `mergelab run` into its folder again to finish it, then reproduce")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty", hint="reproduce into a new folder")
