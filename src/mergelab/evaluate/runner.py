@@ -27,6 +27,7 @@ from mergelab.evaluate.metrics import aggregate, row_metrics
 from mergelab.evaluate.options import EvalError, EvalOptions
 from mergelab.evaluate.prompting import ShotPool, build_prompt, extract_choice
 from mergelab.evaluate.scoring import score_multiple_choice
+from mergelab.evaluate.loading import apply_adapter, load_model_and_tokenizer
 
 FALLBACK_CHOICE = 0
 FALLBACK_TEXT = ""
@@ -91,7 +92,6 @@ def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str 
     datasets = [(f, read_competition_csv(f)) for f in files]   # validate every file before loading
     pool = ShotPool.from_csv(options.shots, options.few_shot) if options.few_shot else None
 
-    from mergelab.evaluate.loading import apply_adapter, load_model_and_tokenizer
 
     peft_model = None
     if isinstance(model, (str, os.PathLike)):

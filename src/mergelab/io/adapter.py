@@ -40,6 +40,8 @@ import torch
 
 from mergelab.errors import AdapterError
 from mergelab.methods.lowrank import LowRank
+from mergelab.io.checkpoint import CheckpointReader
+from mergelab.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -141,8 +143,6 @@ class LoraAdapter:
         self.task_type: str | None = self.config.get("task_type")
         self._check_variants()
         self.weights_file = self._weights_file()
-        from mergelab.io.checkpoint import CheckpointReader
-        from mergelab.errors import CheckpointError
 
         try:
             self._reader = CheckpointReader(self.weights_file)

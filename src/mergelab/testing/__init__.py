@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from mergelab.zoo.tasks import write_csv
 
 FAMILIES = ("llama", "mistral", "gemma", "t5")
 DECODER_FAMILIES = ("llama", "mistral", "gemma")
@@ -238,7 +239,6 @@ def write_mixed_csv(path: str | Path, n: int, *, choice_input: str, choices: lis
     """Write ``n`` competition-format rows to ``path``: odd ids multiple choice (answer 0 of
     ``choices``), even ids generation. ``choice_input``, ``gen_input`` and ``gen_target`` are
     format strings of the row number ``{i}``."""
-    from mergelab.zoo.tasks import write_csv
 
     rows = []
     for i in range(n):

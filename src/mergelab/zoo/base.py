@@ -16,10 +16,8 @@ offline demo, not a competition entry.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 

@@ -28,9 +28,13 @@ from typing import Callable
 
 from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, SOURCE_FILE, ZooError, ensure_base
 from mergelab.util import cache_root
-from mergelab.zoo.tasks import GENERATION, MULTIPLE_CHOICE, SPLITS, TASKS, get_task, write_all
+from mergelab.zoo.tasks import MULTIPLE_CHOICE, SPLITS, TASKS, get_task, write_all
 from mergelab.zoo.train import TrainConfig
 from mergelab.util import pick_device, sha256_file
+from mergelab.evaluate import EvalOptions, read_competition_csv
+from mergelab.evaluate.loading import load_model_and_tokenizer, resolve_dtype
+from mergelab.zoo.train import train_lora
+from mergelab.evaluate.runner import evaluate
 
 ZOO_FORMAT = 1
 PACKAGED_ADAPTERS = Path(__file__).parent / "adapters"
@@ -44,7 +48,6 @@ def default_zoo_dir() -> Path:
 
 def eval_options(device: str = "auto"):
     """The evaluation every zoo table uses: plain prompts, greedy answers cut at the first newline."""
-    from mergelab.evaluate import EvalOptions
 
     # 40 rows (one test file) per batch: on a CPU, greedy decoding of a small model is bound by
     # per-step overhead, so wide batches finish the generation tasks ~30% sooner (same results).
@@ -102,7 +105,6 @@ class ScoreCache:
     @staticmethod
     def key(base_sha: str, adapter_sha: str | None, data_sha: str, options) -> str:
         # `device: auto` and the device it picks give the same scores: key on what actually runs
-        from mergelab.evaluate.loading import resolve_dtype
 
         opts = options.model_dump(mode="json")
         dev = pick_device(options.device)
@@ -154,7 +156,6 @@ def _read_train_json(adapter: Path) -> dict | None:
 
 def training_examples(train_csv: Path) -> list[tuple[str, str, bool]]:
     """``(prompt, answer text, add_eos)`` triples of a training CSV (read by mergelab's reader)."""
-    from mergelab.evaluate import read_competition_csv
 
     out = []
     for row in read_competition_csv(train_csv):
@@ -270,8 +271,6 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
 
 
 def _load(base: Path, device: str):
-    from mergelab.evaluate.loading import load_model_and_tokenizer
-
     # Train and evaluate in float32 everywhere, so a GPU build scores like a CPU build.
     return load_model_and_tokenizer(base, device=device, dtype="float32")
 
@@ -292,7 +291,6 @@ def _train_one(model, tokenizer, zoo: Zoo, name: str, cfg: TrainConfig, fp: str,
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from mergelab.zoo.train import train_lora
 
     examples = training_examples(zoo.data(name, "train"))
     dst = zoo.adapter(name)
@@ -328,7 +326,6 @@ def evaluate_cached(model, tokenizer, zoo: Zoo, files: dict[str, Path], *, adapt
 
     Returns ``(scores, cached)``; results come from ``cache`` when every input is unchanged.
     """
-    from mergelab.evaluate.runner import evaluate
 
     base_sha = base_fingerprint(zoo.base)
     ad_sha = adapter_digest(adapter) if adapter is not None else None
@@ -381,8 +378,6 @@ def expert_table(model, tokenizer, zoo: Zoo, *, device: str = "auto", console=No
 
 
 def _rows(csv_path: Path) -> int:
-    from mergelab.evaluate import read_competition_csv
-
     return len(read_competition_csv(csv_path))
 
 

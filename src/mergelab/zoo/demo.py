@@ -28,6 +28,11 @@ from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, ZooError
 from mergelab.zoo.build import Zoo, build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
     expert_table, load_zoo
 from mergelab.zoo.tasks import MULTIPLE_CHOICE, TASKS
+from mergelab.merge.adapter import merge_to_adapter
+from mergelab.methods import get_method
+from mergelab.recipe import load_recipe
+from mergelab.evaluate.loading import load_model_and_tokenizer
+from mergelab.evaluate import read_competition_csv
 
 
 @dataclass(frozen=True)
@@ -63,23 +68,11 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
 )
 
 
-def _merge_api():
-    """mergelab's recipe loader and LoRA merge; a clear error if this install lacks them."""
-    try:
-        from mergelab.merge.adapter import merge_to_adapter
-        from mergelab.recipe import load_recipe
-    except ImportError as exc:  # pragma: no cover - only on a partial install
-        raise ZooError(f"the demo needs mergelab's LoRA merge ({exc})",
-                       hint="reinstall mergelab: pip install -e '.[demo]'") from None
-    return load_recipe, merge_to_adapter
-
-
 def demo_recipe(zoo: Zoo, merge: DemoMerge) -> dict:
     """The recipe (as a dict, ready for YAML) that merges every expert of ``zoo`` with ``merge``.
 
     A data-aware method (RegMean) gets each expert's unlabelled inputs: its task's validation
     file (never the test file)."""
-    from mergelab.methods import get_method
 
     data_aware = get_method(merge.method["name"]).needs_gram
     return {"base": {"path": str(zoo.base)},
@@ -102,7 +95,6 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
     out_dir = Path(out_dir)
     console.rule("[bold]mergelab demo[/]: merging LoRA experts of SmolLM2-135M-Instruct, offline")
     console.print(f"[yellow]note:[/] {NOT_COMPETITION_LEGAL}")
-    load_recipe, merge_to_adapter = _merge_api()
 
     # 1. the zoo
     t0 = time.perf_counter()
@@ -115,7 +107,6 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
     t_zoo = time.perf_counter() - t0
 
     # 2. base and experts
-    from mergelab.evaluate.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(zoo.base, device=device, dtype="float32")
     t0 = time.perf_counter()
@@ -192,8 +183,6 @@ def _select(methods: list[str] | None) -> list[DemoMerge]:
 
 
 def _rows(csv_path: Path) -> int:
-    from mergelab.evaluate import read_competition_csv
-
     return len(read_competition_csv(csv_path))
 
 

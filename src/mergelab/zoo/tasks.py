@@ -31,6 +31,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from mergelab.errors import MergelabError
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
@@ -312,8 +313,6 @@ DEFAULT_SIZES = {"train": 1000, "validation": 40, "test": 40}
 
 
 def get_task(name: str) -> Task:
-    from mergelab.errors import MergelabError
-
     try:
         return TASKS[name]
     except KeyError:
