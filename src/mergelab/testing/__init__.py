@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("llama", "mistral", "gemma", "t5")
-DECODER_FAMILIES = ("llama", "mistral", "gemma")
 
 # Target-module names of each family's linear layers (attention first, then MLP).
 LINEAR_MODULES = {
