@@ -30,14 +30,9 @@ from pathlib import Path
 
 import torch
 
+from _measure import load_text, timed
+
 PUBLIC_TEST = Path("/work/shared/data/test.csv")
-
-
-def load_average() -> str:
-    try:
-        return "/".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 def resolve_model(arg: str | None, tmp: Path) -> tuple[Path, str]:
@@ -153,7 +148,7 @@ def main() -> int:
     options = EvalOptions(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, device=args.device)
     print(f"model   : {model_desc}")
     print(f"device  : {args.device}, {torch.get_num_threads()} CPU thread(s), float32; "
-          f"load average before: {load_average()}")
+          f"load average before: {load_text()}")
     print(f"data    : {data_desc}: {len(mc)} multiple choice ({sum(len(r.choices) for r in mc)} choices), "
           f"{len(gen)} generation; max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}")
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -188,27 +183,24 @@ def main() -> int:
     ref_gen: dict[str, str] = {}
     ref_mc_s = ref_gen_s = 0.0
     for r in parsed:
-        sync()
-        t = time.perf_counter()
+        with timed(sync) as took:
+            if r.is_mc:
+                ref_mc[r.id] = starter_kit_mc(model, tok, r.input, r.choices, limit)
+            else:
+                ref_gen[r.id] = generate_reference(model, tok, [r.input], max_new_tokens=args.max_new_tokens,
+                                                   max_length=limit)[0].text
         if r.is_mc:
-            ref_mc[r.id] = starter_kit_mc(model, tok, r.input, r.choices, limit)
-            sync()
-            ref_mc_s += time.perf_counter() - t
+            ref_mc_s += took.seconds
         else:
-            ref_gen[r.id] = generate_reference(model, tok, [r.input], max_new_tokens=args.max_new_tokens,
-                                               max_length=limit)[0].text
-            sync()
-            ref_gen_s += time.perf_counter() - t
+            ref_gen_s += took.seconds
     ref_s = ref_mc_s + ref_gen_s
 
     naive_s = None
     if args.naive and mc:
-        sync()
-        t = time.perf_counter()
-        naive = score_multiple_choice_reference(model, tok, [r.input for r in mc], [r.choices for r in mc],
-                                                max_length=limit)
-        sync()
-        naive_s = time.perf_counter() - t
+        with timed(sync) as took:
+            naive = score_multiple_choice_reference(model, tok, [r.input for r in mc], [r.choices for r in mc],
+                                                    max_length=limit)
+        naive_s = took.seconds
         naive_diff = max(abs(a - b) for r, s in zip(mc, naive) for a, b in zip(s.logprobs, ref_mc[r.id]))
 
     # 3. same predictions?
@@ -234,7 +226,7 @@ def main() -> int:
           + (f"; vs the per-choice definition (MC) {naive_s / max(ours_mc_s, 1e-9):.2f}x" if naive_s else ""))
     print(f"predictions identical: {mc_same}/{len(mc)} multiple choice, {gen_same}/{len(gen)} generation; "
           f"max |delta log-prob| {diff:.2e}" + (f" (definition vs starter kit {naive_diff:.2e})" if naive_s else ""))
-    print(f"evaluate() reported {scores['timing']['rows_per_s']:.2f} rows/s; load average after: {load_average()}")
+    print(f"evaluate() reported {scores['timing']['rows_per_s']:.2f} rows/s; load average after: {load_text()}")
     return 0 if mc_same == len(mc) and gen_same == len(gen) else 1
 
 

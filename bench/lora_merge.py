@@ -35,13 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import struct
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _measure import child_result, cpu_seconds, load_average, peak_rss_mb, print_result
 
 N_ADAPTERS, LAYERS, HIDDEN, KV, RANK, ALPHA = 27, 32, 4096, 1024, 8, 16
 MODULES = (("q_proj", HIDDEN, HIDDEN), ("v_proj", KV, HIDDEN))  # name, out, in
@@ -54,6 +53,8 @@ KEY = "base_model.model.model.layers.{i}.self_attn.{m}.lora_{ab}.weight"
 def write_inputs(root: Path, layers: int = LAYERS) -> None:
     import torch
     from safetensors.torch import save_file
+
+    from mergelab.testing.hubsim import safetensors_header
 
     g = torch.Generator().manual_seed(0)
     for j in range(N_ADAPTERS):
@@ -74,33 +75,17 @@ def write_inputs(root: Path, layers: int = LAYERS) -> None:
     # the base: a safetensors header for the adapted matrices, the data a sparse (unwritten) file
     base = root / "base"
     base.mkdir(exist_ok=True)
-    header, off = {"__metadata__": {"format": "pt"}}, 0
-    for i in range(layers):
-        for m, out, inn in MODULES:
-            n = out * inn * 2
-            header[f"model.layers.{i}.self_attn.{m}.weight"] = {"dtype": "BF16", "shape": [out, inn],
-                                                                 "data_offsets": [off, off + n]}
-            off += n
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
+    shapes = {f"model.layers.{i}.self_attn.{m}.weight": ("BF16", [out, inn])
+              for i in range(layers) for m, out, inn in MODULES}
+    header = safetensors_header(shapes)
     with open(base / "model.safetensors", "wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        fh.truncate(8 + len(raw) + off)
+        fh.write(header)
+        fh.truncate(len(header) + sum(out * inn * 2 for _, (_, (out, inn)) in shapes.items()))
     (base / "config.json").write_text(json.dumps({"model_type": "mistral", "num_hidden_layers": layers,
                                                   "hidden_size": HIDDEN, "tie_word_embeddings": False}))
 
 
 # ------------------------------------------------------------------------------------ runs
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_s() -> float:
-    """CPU seconds of this process (all threads): with the cores shared, wall time is not the work."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -> dict:
@@ -112,9 +97,9 @@ def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -
                           "method": method, "output": {"format": "lora", **({"rank": rank} if rank else {})}})
     rss0 = peak_rss_mb()
     out = root / f"out-mergelab-{method['name']}-{int(exact_ties)}"
-    t, c = time.perf_counter(), cpu_s()
+    t, c = time.perf_counter(), cpu_seconds()
     res = merge_to_adapter(recipe, out, device="cpu", force=True, progress=False, exact_ties=exact_ties)
-    wall, cpu = time.perf_counter() - t, cpu_s() - c
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     report = json.loads((out / "merge_report.json").read_text())
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0,
             "rank": res.max_rank, "max_rel_error": report["summary"]["max_rel_error"],
@@ -176,7 +161,7 @@ def run_peft(root: Path, combination: str, layers: int) -> dict:
                 (d / "adapter_config.json").write_text((p / "adapter_config.json").read_text())
             src.append(d)
     rss0 = peak_rss_mb()
-    c0 = cpu_s()
+    c0 = cpu_seconds()
     t0 = time.perf_counter()
     model = PeftModel.from_pretrained(_toy_model(layers), str(src[0]), adapter_name="a0")
     for j, p in enumerate(src[1:], start=1):
@@ -190,7 +175,7 @@ def run_peft(root: Path, combination: str, layers: int) -> dict:
     out = root / f"out-peft-{combination}"
     model.save_pretrained(str(out), selected_adapters=["merged"])
     t3 = time.perf_counter()
-    return {"load_s": t1 - t0, "merge_s": t2 - t1, "save_s": t3 - t2, "wall_s": t3 - t0, "cpu_s": cpu_s() - c0,
+    return {"load_s": t1 - t0, "merge_s": t2 - t1, "save_s": t3 - t2, "wall_s": t3 - t0, "cpu_s": cpu_seconds() - c0,
             "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0, "layers": layers}
 
 
@@ -215,16 +200,11 @@ def child(args) -> None:
         res = run_peft(root, "svd", args.peft_svd_layers)
     else:
         raise SystemExit(f"unknown run {args.run}")
-    print("RESULT " + json.dumps(res))
+    print_result(res)
 
 
 def spawn(run: str, root: Path, extra: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--child", run, "--dir", str(root), *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if proc.returncode != 0 or line is None:
-        raise SystemExit(f"{run} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result([sys.executable, __file__, "--child", run, "--dir", str(root), *extra], run)
 
 
 def adapter_delta(folder: Path, module: str):
@@ -264,7 +244,7 @@ def main() -> None:
     print(f"inputs: {N_ADAPTERS} adapters × {LAYERS} layers × (q_proj {HIDDEN}×{HIDDEN}, v_proj {KV}×{HIDDEN}), "
           f"r={RANK}, alpha={ALPHA}, float32, {sum((p / 'adapter_model.safetensors').stat().st_size for p in root.iterdir() if p.name.startswith('adapter')) / 1e6:.0f} MB "
           f"(built in {time.perf_counter() - t:.1f} s) in {root}")
-    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, load average before {os.getloadavg()[0]:.2f}\n")
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, load average before {load_average()[0]:.2f}\n")
     extra = ["--peft-svd-layers", str(args.peft_svd_layers)]
     runs = [("ml-cat", "mergelab cat (exact, rank 216)"),
             ("ml-ta64", "mergelab task_arithmetic → rank 64 (QR + small SVD)"),
@@ -278,7 +258,7 @@ def main() -> None:
     for key, label in runs:
         res = spawn(key, root, extra)
         results[key] = res
-        load = os.getloadavg()[0]
+        load = load_average()[0]
         if key.startswith("ml"):
             print(f"{label:58s} {res['wall_s']:8.2f} s (CPU {res['cpu_s']:.1f} s)   peak RSS {res['peak_rss_mb']:6.0f} MB "
                   f"(after imports {res['rss_after_imports_mb']:.0f})   rank {res['rank']}, "
@@ -315,7 +295,7 @@ def main() -> None:
               f"{float((mine - theirs).abs().max()):.2e} (max |ΔW| {float(mine.abs().max()):.2e})")
         print(f"TIES → rank 64 (no PEFT equivalent without a full SVD per module: ties_svd costs as svd): "
               f"mergelab {ml_ties['wall_s']:.1f} s exact cuts, {results['ml-ties-sampled']['wall_s']:.1f} s sampled")
-    print(f"load average after {os.getloadavg()[0]:.2f}")
+    print(f"load average after {load_average()[0]:.2f}")
     if tmp is not None:
         tmp.cleanup()
 

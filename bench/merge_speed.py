@@ -29,10 +29,10 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
-import threading
 import time
 from pathlib import Path
+
+from _measure import gib, load_average, measure_command
 
 HERE = Path(__file__).resolve()
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS = 32000, 1024, 2816, 16, 8
@@ -116,53 +116,6 @@ def _compare(a: Path, b: Path) -> None:
 # ---------------------------------------------------------------------------------- driver
 
 
-def _measure(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall time, and its peak RSS (wait4) and the polled peak of its process tree."""
-    import psutil
-
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    polled = [0]
-    stop = threading.Event()
-
-    def poll():
-        try:
-            p = psutil.Process(proc.pid)
-            while not stop.is_set():
-                try:
-                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
-                    polled[0] = max(polled[0], rss)
-                except psutil.Error:
-                    pass
-                stop.wait(0.02)
-        except psutil.Error:
-            pass
-
-    th = threading.Thread(target=poll, daemon=True)
-    th.start()
-    out_chunks, err_chunks = [], []
-    readers = [threading.Thread(target=lambda s=s, c=c: c.append(s.read())) for s, c in
-               ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
-    for r in readers:
-        r.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    for r in readers:
-        r.join()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.stderr.write(err_chunks[0].decode(errors="replace")[-3000:])
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss": max(usage.ru_maxrss * 1024, polled[0]), "stdout": out_chunks[0].decode(errors="replace")}
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergelab-bench")
@@ -207,8 +160,8 @@ def main() -> None:
             args.json.write_text(json.dumps({"params": params, "input_bytes": input_bytes, "cpus": cpus,
                                              **runs, **extra}, indent=2))
 
-    _measure([sys.executable, str(HERE), "_read", str(wd)])  # warm the page cache
-    results["read once"] = _measure([sys.executable, str(HERE), "_read", str(wd)])
+    measure_command([sys.executable, str(HERE), "_read", str(wd)])  # warm the page cache
+    results["read once"] = measure_command([sys.executable, str(HERE), "_read", str(wd)])
     out_ml, out_mk = wd / "out-mergelab", wd / "out-mergekit"
     for tool, cmd, out in (
         ("mergelab", [sys.executable, "-m", "mergelab", "merge", str(cfg_file), "--out", str(out_ml),
@@ -219,16 +172,16 @@ def main() -> None:
         if tool == "mergekit" and args.skip_mergekit:
             continue
         shutil.rmtree(out, ignore_errors=True)
-        load = os.getloadavg()[0]
+        load = load_average()[0]
         print(f"running {tool} (load average {load:.1f}) ...", flush=True)
-        results[tool] = _measure(cmd)
+        results[tool] = measure_command(cmd)
         results[tool]["load"] = load
         save()
 
     print()
     print(f"{'':<10} {'wall':>9} {'CPU (user+sys)':>15} {'peak RSS':>11}")
     for name, r in results.items():
-        print(f"{name:<10} {r['wall_s']:>8.1f}s {r['cpu_s']:>14.1f}s {_gib(r['peak_rss']):>11}")
+        print(f"{name:<10} {r['wall_s']:>8.1f}s {r['cpu_s']:>14.1f}s {gib(r['peak_rss']):>11}")
     ml = results["mergelab"]
     print()
     print(f"mergelab / read once: {ml['wall_s'] / results['read once']['wall_s']:.1f}x the time of reading the inputs")
@@ -237,7 +190,7 @@ def main() -> None:
         print(f"speed-up vs mergekit: {mk['wall_s'] / ml['wall_s']:.1f}x wall, "
               f"{mk['cpu_s'] / ml['cpu_s']:.1f}x CPU time  (goal >= 2x)")
         print(f"peak RSS vs mergekit: {ml['peak_rss'] / mk['peak_rss']:.2f}x  (goal <= 0.5x)")
-        agree = json.loads(_measure([sys.executable, str(HERE), "_compare", str(out_ml), str(out_mk)])["stdout"])
+        agree = json.loads(measure_command([sys.executable, str(HERE), "_compare", str(out_ml), str(out_mk)])["stdout"])
         print(f"outputs: {100 * agree['close']:.2f}% of entries within bf16 rounding of mergekit's; "
               f"relative L2 difference {agree['rel_l2']:.2e}")
         save(agreement=agree)

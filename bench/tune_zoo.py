@@ -50,6 +50,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from _measure import load_average
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOAL_NORMALISED = 0.90       # the goals
@@ -158,7 +160,7 @@ class Bench:
             torch.set_num_threads(args.threads)
         t_all = time.perf_counter()
         started = datetime.now(timezone.utc)
-        load_start = os.getloadavg()
+        load_start = load_average()
         shutil.rmtree(self.out, ignore_errors=True)
         self.out.mkdir(parents=True)
 
@@ -179,7 +181,7 @@ class Bench:
             "command": "python bench/tune_zoo.py " + " ".join(sys.argv[1:]),
             "started_utc": started.isoformat(timespec="seconds"), "total_s": round(time.perf_counter() - t_all, 1),
             "load_average_start": [round(x, 2) for x in load_start],
-            "load_average_end": [round(x, 2) for x in os.getloadavg()],
+            "load_average_end": [round(x, 2) for x in load_average()],
             "device": str(next(self.model.parameters()).device), "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "zoo": str(self.zoo.root), "rows_per_task": args.rows_per_task,
             "seed": args.seed, "notes": self.notes}

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mergelab.errors import RecipeError
-from mergelab.finetune.train import (DataLicenceError, check_data_licences, classify_data_licence, train_adapter)
+from mergelab.finetune.loop import answer_loss, collate, encode_example
+from mergelab.finetune.train import DataLicenceError, check_data_licences, classify_data_licence, train_adapter
 from mergelab.recipe.sections import parse_finetune_section
 from mergelab.run.pipeline import run_recipe
-from mergelab.testing import write_mixed_csv
+from mergelab.testing import load_model, write_mixed_csv
 
 
 def train_csv(path: Path, n: int = 16) -> Path:
@@ -55,6 +57,19 @@ def test_section_errors_name_the_key(tmp_path, over, message):
 ])
 def test_data_licences_are_checked_against_the_open_allow_list(licence, ok):
     assert classify_data_licence(licence)[0] is ok
+
+
+def test_answer_loss_equals_the_transformers_loss(zoo):
+    from transformers import AutoTokenizer
+
+    base = zoo["llama"].base
+    model, tok = load_model(base), AutoTokenizer.from_pretrained(str(base))
+    batch = collate([encode_example(tok, "Question: what is two plus three?\n", "five", add_eos=True),
+                      encode_example(tok, "Sentiment: I loved it\n", "positive", add_eos=False),
+                      encode_example(tok, "Q\n", "a much longer answer than the others", add_eos=True)],
+                     tok.pad_token_id, "cpu")
+    with torch.no_grad():
+        assert float(answer_loss(model, batch)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
 
 
 def test_a_closed_or_unknown_data_licence_stops_a_competition_run(zoo, tmp_path):

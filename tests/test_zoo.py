@@ -167,18 +167,6 @@ def llama(zoo):
     return base, load_model(base), AutoTokenizer.from_pretrained(str(base))
 
 
-def test_answer_loss_equals_the_transformers_loss(llama):
-    from mergelab.zoo.train import answer_loss, collate, encode_example
-
-    _, model, tok = llama
-    batch = collate([encode_example(tok, "Question: what is two plus three?\n", "five", add_eos=True),
-                      encode_example(tok, "Sentiment: I loved it\n", "positive", add_eos=False),
-                      encode_example(tok, "Q\n", "a much longer answer than the others", add_eos=True)],
-                     tok.pad_token_id, "cpu")
-    with torch.no_grad():
-        assert float(answer_loss(model, batch)) == pytest.approx(float(model(**batch).loss), rel=1e-5)
-
-
 def _train(llama, out, steps, seed=0, lr=2e-2):
     from mergelab.zoo.train import TrainConfig, train_lora
 

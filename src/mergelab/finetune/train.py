@@ -25,7 +25,7 @@
 
 Data rows are ``(input, answer)`` pairs: for multiple choice the answer is the text of the target
 choice, for generation the target text followed by the end-of-sequence token; the loss covers the
-answer tokens only (as in :mod:`mergelab.zoo.train`). A sequence longer than ``max_length`` loses
+answer tokens only (:mod:`mergelab.finetune.loop`). A sequence longer than ``max_length`` loses
 the start of its prompt. Every data file declares its licence, checked against an allow-list of
 open licences (:func:`check_data_licences`): a competition run refuses anything else.
 
@@ -42,16 +42,15 @@ from pathlib import Path
 from typing import Callable
 
 
-from mergelab.errors import RecipeError, RuleCheckError
-from mergelab.recipe.sections import FinetuneSection, parse_finetune_section
-from mergelab.hub.rules import OPEN_LICENCES
-from mergelab.util import sha256_file
-from mergelab.errors import DataError
+from mergelab.errors import DataError, RecipeError, RuleCheckError
 from mergelab.evaluate import read_competition_csv
-from mergelab.zoo.train import encode_example, run_steps
 from mergelab.evaluate.loading import load_model_and_tokenizer
+from mergelab.finetune.loop import encode_example, run_steps
+from mergelab.hub.rules import OPEN_LICENCES
+from mergelab.recipe.sections import FinetuneSection, parse_finetune_section
+from mergelab.util import sha256_file
 
-#: Open licences accepted for training data: the model allow-list of :mod:`mergelab.rules`
+#: Open licences accepted for training data: the model allow-list of :mod:`mergelab.hub.rules`
 #: (open-source and Creative Commons licences) plus open data licences.
 OPEN_DATA_LICENCES = frozenset({"cdla-permissive-1.0", "cdla-permissive-2.0", "cdla-sharing-1.0",
                                 "odc-by-1.0", "odbl-1.0", "pddl-1.0", "cc-by-sa-2.0", "cc-by-sa-2.5",
@@ -66,7 +65,6 @@ class DataLicenceError(RuleCheckError):
 
 def classify_data_licence(licence: str) -> tuple[bool, str]:
     """``(open, why)`` for a declared data licence id."""
-
     key = licence.strip().lower()
     if key in OPEN_LICENCES or key in OPEN_DATA_LICENCES:
         return True, f"{key} (open licence)"
@@ -82,7 +80,6 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
     With ``rules`` a file whose licence is not open raises :class:`DataLicenceError`; without,
     ``warn`` is told and the run goes on (outside the competition).
     """
-
     records, bad = [], []
     for i, d in enumerate(section.data):
         ok, why = classify_data_licence(d.licence)
@@ -104,7 +101,6 @@ def check_data_licences(section: FinetuneSection, *, rules: bool = True,
 
 def training_examples(files: list[Path]) -> list[tuple[str, str, bool]]:
     """``(prompt, answer, add_eos)`` of competition CSV rows; every row needs its target."""
-
     out = []
     for f in files:
         for row in read_competition_csv(f):
@@ -160,7 +156,6 @@ def train_adapter(model_dir: str | Path, section: FinetuneSection, out_dir: str 
     """
     import torch
     from peft import LoraConfig, get_peft_model
-
 
     t_start = time.perf_counter()
     examples = training_examples([d.path for d in section.data])

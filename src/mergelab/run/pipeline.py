@@ -546,7 +546,3 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
             hint="on GPU, kernels may differ between cards and library versions; compare on CPU")
     return result
 
-
-def load_run_recipe(source, *, base_dir=None):  # TODO(lead): plan/ calls read_recipe directly once merged
-    doc = read_recipe(source, base_dir=base_dir)
-    return doc.recipe, doc.finetune, doc.eval, doc.root

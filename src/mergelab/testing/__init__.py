@@ -20,7 +20,6 @@ import torch
 from mergelab.zoo.tasks import write_csv
 
 FAMILIES = ("llama", "mistral", "gemma", "t5")
-DECODER_FAMILIES = ("llama", "mistral", "gemma")
 
 # Target-module names of each family's linear layers (attention first, then MLP).
 LINEAR_MODULES = {

@@ -166,9 +166,6 @@ def training_examples(train_csv: Path) -> list[tuple[str, str, bool]]:
     return out
 
 
-Reporter = Callable[[str], None]
-
-
 def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str] | None = None,
               device: str = "auto", use_packaged: bool = False, evaluate: bool = True,
               steps: int | None = None, base: str | Path | None = None,

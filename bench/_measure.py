@@ -1,0 +1,137 @@
+"""Process measurements shared by the benchmarks: child runs, peak RSS, CPU time, wall time, load.
+
+* :func:`measure_command` runs a command in a child process and returns its wall time, CPU time
+  and peak RSS: the child's ``ru_maxrss`` from ``wait4`` (its kernel high-water mark, the
+  ``VmHWM`` of ``/proc/PID/status``), cross-checked by polling its process tree with psutil;
+* :func:`child_result` / :func:`print_result`: a benchmark that re-runs itself in a fresh
+  process (``--child``) hands its figures back on one ``RESULT {json}`` line of stdout;
+* :func:`peak_rss_mb` and :func:`cpu_seconds` of this process, for figures a child takes itself;
+* :func:`timed`: wall time of a block, with an optional ``sync`` (e.g. ``torch.cuda.synchronize``)
+  before the start and before the end;
+* :func:`load_average`: the machine's load, printed with every figure (other work on the same
+  cores slows every run).
+
+Imports nothing heavy (no torch): a driver that only spawns children stays light.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+RESULT = "RESULT "
+
+
+def load_average() -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages (NaN where the platform has none)."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (math.nan, math.nan, math.nan)
+
+
+def load_text() -> str:
+    """The load averages as ``1.0/0.8/0.5`` (``?`` where the platform has none)."""
+    load = load_average()
+    return "?" if math.isnan(load[0]) else "/".join(f"{x:.1f}" for x in load)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (``ru_maxrss``: KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process (all threads): with the cores shared, wall time is not the work."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+class Elapsed:
+    """What :func:`timed` measured: ``seconds`` once the block has ended."""
+
+    seconds: float = 0.0
+
+
+@contextmanager
+def timed(sync: Callable[[], None] | None = None) -> Iterator[Elapsed]:
+    """Wall time of the ``with`` block; ``sync()`` runs before the clock starts and before it stops."""
+    sync = sync or (lambda: None)
+    out = Elapsed()
+    sync()
+    t0 = time.perf_counter()
+    yield out
+    sync()
+    out.seconds = time.perf_counter() - t0
+
+
+def measure_command(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; wall time, and its peak RSS (wait4) and the polled peak of its process tree.
+
+    Returns ``wall_s``, ``cpu_s`` (user + system of the child), ``peak_rss`` (bytes) and ``stdout``;
+    a failing command prints the end of its stderr and ends this process.
+    """
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    polled = [0]
+    stop = threading.Event()
+
+    def poll():
+        try:
+            p = psutil.Process(proc.pid)
+            while not stop.is_set():
+                try:
+                    rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
+                    polled[0] = max(polled[0], rss)
+                except psutil.Error:
+                    pass
+                stop.wait(0.02)
+        except psutil.Error:
+            pass
+
+    th = threading.Thread(target=poll, daemon=True)
+    th.start()
+    out_chunks, err_chunks = [], []
+    readers = [threading.Thread(target=lambda s=s, c=c: c.append(s.read())) for s, c in
+               ((proc.stdout, out_chunks), (proc.stderr, err_chunks))]
+    for r in readers:
+        r.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stop.set()
+    th.join()
+    for r in readers:
+        r.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.stderr.write(err_chunks[0].decode(errors="replace")[-3000:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss": max(usage.ru_maxrss * 1024, polled[0]), "stdout": out_chunks[0].decode(errors="replace")}
+
+
+def print_result(result: dict) -> None:
+    """The child's side of :func:`child_result`: its figures on one line of stdout."""
+    print(RESULT + json.dumps(result))
+
+
+def child_result(cmd: list[str], name: str) -> dict:
+    """Run ``cmd`` (a benchmark's ``--child`` run) and return the figures of its ``RESULT`` line."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT)), None)
+    if proc.returncode != 0 or line is None:
+        raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[len(RESULT):])
