@@ -20,6 +20,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """``{family: FamilyZoo}`` with a base, three full experts and three LoRA adapters each."""
-    from mergelab.testing import build_zoo
+    from mergelab.testing import build_families
 
-    return build_zoo(tmp_path_factory.mktemp("zoo"))
+    return build_families(tmp_path_factory.mktemp("zoo"))

@@ -1,4 +1,4 @@
-"""The ``mergelab`` command line.
+"""L6 — the ``mergelab`` command line.
 
 Each subcommand is a thin function in :mod:`mergelab.commands` that calls the library. User errors
 (:class:`~mergelab.errors.MergelabError`) are printed as one readable message with exit status 2;
@@ -38,7 +38,7 @@ _state = {"debug": False}
 err_console = Console(stderr=True)
 
 # Subcommand modules; each defines ``register(app)``. A module that is not there yet is skipped.
-COMMAND_MODULES = ("merge", "evaluate", "run", "check", "zoo", "tune", "plan", "info")
+COMMAND_MODULES = ("merge", "evaluate", "run", "check", "zoo", "tune", "plan")
 
 
 def _version(value: bool) -> None:

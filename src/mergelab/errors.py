@@ -1,4 +1,4 @@
-"""User-facing errors.
+"""L0 — user-facing errors: one MergelabError family, each shown as one message with an exit status.
 
 Every error a user can cause and fix derives from :class:`MergelabError`. The CLI prints its
 message (what was wrong, where, what to do) without a traceback and exits with status 2.

@@ -1,4 +1,4 @@
-"""One optional rich progress bar on stderr, shared by the merge paths."""
+"""L0 — one optional rich progress bar on stderr, shared by the merge paths."""
 from __future__ import annotations
 
 import threading

@@ -1,1 +1,1 @@
-"""Subcommands of the CLI; each module defines ``register(app)`` and imports heavy libraries lazily."""
+"""L6 — subcommands of the CLI; each module defines ``register(app)`` and imports heavy libraries lazily."""

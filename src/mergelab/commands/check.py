@@ -3,7 +3,7 @@
 Exit status: 0 when every rule passes (warnings allowed), 1 when any rule fails (a violation or a
 model that cannot be verified), 2 when the check itself could not run (e.g. the Hub is
 unreachable) or the recipe cannot be read. The failing case is raised as
-:class:`~mergelab.rules.RulesNotMetError` (exit code 1), which the CLI shows as one line.
+:class:`~mergelab.hub.rules.RulesNotMetError` (exit code 1), which the CLI shows as one line.
 """
 from __future__ import annotations
 

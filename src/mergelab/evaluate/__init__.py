@@ -1,4 +1,4 @@
-"""Evaluation on competition CSV files: multiple choice by log-probability, greedy generation,
+"""L2 — evaluation on competition CSV files: multiple choice by log-probability, greedy generation,
 prompting (chat templates, few-shot, chain of thought), metrics and submission files.
 
 Public API::

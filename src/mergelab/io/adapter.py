@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters as low-rank factors: reading, ΔW, the LoRA expert source, writing, re-factoring.
+"""PEFT LoRA adapters as low-rank factors: reading, ΔW, the LoRA expert source, writing.
 
 A LoRA adapter changes a weight matrix ``W`` (as stored in the base checkpoint) by
 
@@ -10,17 +10,13 @@ layers (``fan_in_fan_out``) and for embeddings, whose weights are stored (in, ou
 PEFT does it.
 
 This module turns an adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) into
-:class:`LowRank` factors named by the *base checkpoint's* tensor names
+:class:`~mergelab.methods.lowrank.LowRank` factors named by the *base checkpoint's* tensor names
 (``model.layers.3.self_attn.q_proj.weight``, ``encoder.block.0.layer.0.SelfAttention.q.weight``),
 with the scale folded in, so that ``ΔW = factors.B @ factors.A`` is exactly what PEFT's
 ``merge_and_unload`` adds to that tensor. On top of that:
 
-* :func:`open_lora_expert` — a :class:`~mergelab.checkpoint.TensorSource` over the base's tensor
+* :func:`open_lora_expert` — a :class:`~mergelab.io.checkpoint.TensorSource` over the base's tensor
   names that yields ``base + ΔW``; this is how every engine method works on LoRA experts.
-* :class:`LowRank` — exact SVD of ``B @ A`` from QR factorisations of ``B`` and ``Aᵀ`` and one
-  small SVD, never forming the (out × in) matrix; truncation to a rank or an energy threshold with
-  its exact relative error; :func:`lowrank_approx` does the same for a dense matrix (randomised
-  SVD for large ones, the error measured directly).
 * :func:`write_adapter` — one PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
 Variants whose effect is not ``base + ΔW`` with ``ΔW = scale · B @ A`` (DoRA, trained biases,
@@ -328,7 +324,7 @@ class LoraAdapter:
     def bind(self, base) -> dict[str, AdapterModule]:
         """Map every module to the base tensor it changes: ``{tensor_name: AdapterModule}``.
 
-        ``base`` is a :class:`~mergelab.checkpoint.TensorSource`. The name is the module path +
+        ``base`` is a :class:`~mergelab.io.checkpoint.TensorSource`. The name is the module path +
         ``.weight``; when the base stores names with a different prefix (an adapter trained on
         ``MistralModel`` rather than ``MistralForCausalLM``, or the reverse) the unique base name
         that ends the same way is used. The shape must match exactly.

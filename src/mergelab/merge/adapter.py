@@ -24,8 +24,8 @@ change ``ΔW`` is computed by the cheapest exact route the method allows:
 The adapter output is exact where the route is (ranks add up: Σ rᵢ), unless ``output.rank`` asks
 for less or ``output.energy`` for a share of the energy: then, and for the dense routes always,
 ``ΔW`` is re-factored by a truncated SVD — exact via QR of the stacked factors for the factor
-routes (:func:`~mergelab.lora.truncate`), randomised with a measured error for dense matrices
-(:func:`~mergelab.lora.lowrank_approx`). A dense route without ``output.rank`` keeps Σ rᵢ (the
+routes (:func:`~mergelab.methods.lowrank.truncate`), randomised with a measured error for dense matrices
+(:func:`~mergelab.methods.lowrank.lowrank_approx`). A dense route without ``output.rank`` keeps Σ rᵢ (the
 rank an exact linear merge would need). The relative reconstruction error
 ``‖ΔW − B'A'‖_F / ‖ΔW‖_F`` of every module is written to ``merge_report.json`` beside the adapter.
 """
@@ -203,7 +203,7 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
                        on_module: Callable[[ModuleResult], None] | None = None) -> list[ModuleResult]:
     """Merge every module that at least one adapter changes; results in the base's tensor order.
 
-    ``base`` is the base :class:`~mergelab.checkpoint.TensorSource` (read only by the
+    ``base`` is the base :class:`~mergelab.io.checkpoint.TensorSource` (read only by the
     ``dense-from-base`` route), ``params_for(name)`` the method parameters of one tensor.
     ``workers`` modules are merged at once (default: one per torch thread on the CPU, each
     running torch single-threaded, as the engine does, so the bits do not depend on ``workers``;

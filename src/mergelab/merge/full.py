@@ -1,6 +1,6 @@
 """The streaming merge engine: recipe → merged model folder, one tensor at a time.
 
-1. **Open** the base (:class:`~mergelab.checkpoint.CheckpointReader`) and the experts
+1. **Open** the base (:class:`~mergelab.io.checkpoint.CheckpointReader`) and the experts
    (:func:`open_expert`: full checkpoints, or LoRA adapters applied to the base).
 2. **Plan** from the headers alone, before anything is read or written: every tensor of the base
    must be found in every expert (directly, or through a tied alias such as T5's

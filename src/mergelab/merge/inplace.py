@@ -7,10 +7,10 @@ from what was kept at the start:
 
 ``lora`` (every expert is a PEFT LoRA adapter)
     the original weights of the adapted tensors only, and every adapter's per-module factors
-    (:class:`~mergelab.lora.LowRank`, scale folded in), read once. A trial touches only the
+    (:class:`~mergelab.methods.lowrank.LowRank`, scale folded in), read once. A trial touches only the
     adapted tensors, one module at a time. With ``output.format: full`` it runs the method on
     ``W₀`` and ``W₀ + ΔWᵢ`` exactly as the engine does with LoRA experts; with ``format: lora``
-    it computes the module's merged ``ΔW`` with :func:`mergelab.lora_merge.merge_module` — the
+    it computes the module's merged ``ΔW`` with :func:`mergelab.merge.adapter.merge_module` — the
     function ``merge_to_adapter`` uses, so the route and the rank limit (which makes e.g. TIES
     lossy in adapter form) are the same — and writes ``W₀ + B A``. Memory: one copy of the
     adapted weights plus the adapters' factors.

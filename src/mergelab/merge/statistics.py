@@ -376,7 +376,7 @@ def changed_names(expert_sources: Sequence[Any]) -> list[str] | None:
 
 def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
                     dev: torch.device, progress: bool) -> list | None:
-    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.gram`), else None.
+    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.merge.statistics`), else None.
 
     Only the tensors the experts change are measured when every expert is a LoRA adapter."""
 

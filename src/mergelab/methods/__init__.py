@@ -1,4 +1,4 @@
-"""Merge methods: pure tensor functions and their registry.
+"""L1 — merge methods: pure tensor functions (dense and LoRA-factor forms) and their one registry.
 
 The contract (shared by the full-model engine and the LoRA path):
 
@@ -10,7 +10,7 @@ The contract (shared by the full-model engine and the LoRA path):
   for its layer and module) and a ``torch.Generator`` seeded from (recipe seed, tensor name).
   A data-aware method (``needs_gram=True``, e.g. RegMean) also finds in ``p.stats`` one input
   Gram matrix per expert for a linear layer's weight (None for other tensors); the callers get
-  them from :mod:`mergelab.gram`.
+  them from :mod:`mergelab.merge.statistics`.
 * Inputs arrive in float32 on the compute device; the method returns float32 of the same shape.
 * No I/O, no globals, no device moves. The docstring states the formula and the paper.
 * Register with :func:`register`; adding a method = one function + one decorator + one test.

@@ -5,7 +5,7 @@ Each method exists twice, with the same mathematics:
 * a registry function ``fn(base, experts, p)`` on dense tensors (task vectors ``τᵢ = eᵢ − base``),
   so the methods also work on full fine-tunes and in the full-model engine;
 * a factor function in the method's registered ``factors`` form, ``fn(parts, p, shape) -> LowRank``, used by the
-  LoRA pipeline: ``parts[i]`` is expert i's ``ΔWᵢ = Bᵢ Aᵢ`` as :class:`~mergelab.lora.LowRank`
+  LoRA pipeline: ``parts[i]`` is expert i's ``ΔWᵢ = Bᵢ Aᵢ`` as :class:`~mergelab.methods.lowrank.LowRank`
   (``None`` when the adapter lacks the module: it contributes zero) and the result is the merged
   ΔW, again as factors. These never form an (out × in) matrix per expert: SVDs of sums and
   concatenations of ``Bᵢ Aᵢ`` come from QR factorisations of the stacked factors and one SVD of a

@@ -9,7 +9,7 @@ on that expert's inputs) is
 
 mergelab computes it in ΔW space — ``W = W₀ + (Σᵢ wᵢ δᵢ Gᵢ)(Σᵢ wᵢ Gᵢ)⁻¹``, which is the same
 matrix because ``W₀ M M⁻¹ = W₀`` — so LoRA experts need only their factors (see
-:func:`regmean_factors`). The Gram matrices come from :mod:`mergelab.gram` (the callers put one
+:func:`regmean_factors`). The Gram matrices come from :mod:`mergelab.merge.statistics` (the callers put one
 per expert in :attr:`MethodParams.stats`).
 
 Parameters: ``alpha`` (default 0.9) scales the off-diagonal entries of every ``Gᵢ``

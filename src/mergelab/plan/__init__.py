@@ -1,4 +1,4 @@
-"""The budget planner (`mergelab plan`): hardware profiles, model sizes, workload, per-stage estimate, calibration."""
+"""L4 — the budget planner (`mergelab plan`): hardware profiles, model sizes, workload, per-stage estimate, calibration."""
 from mergelab.plan.calibrate import calibrate, calibrated_profile
 from mergelab.plan.estimate import (DEFAULT_PASSES, METHOD_PASSES, Plan, StageEstimate, estimate_eval,
                                     estimate_finetune, estimate_merge, estimate_statistics, fmt_bytes, parse_budget,

@@ -82,7 +82,7 @@ class ModelRef(BaseModel):
         return self
 
     def resolve(self) -> Path:
-        """The local folder: ``path`` itself, or the Hub snapshot via :mod:`mergelab.sources`."""
+        """The local folder: ``path`` itself, or the Hub snapshot via :mod:`mergelab.hub.sources`."""
         if self.path is not None:
             return Path(self.path)
 

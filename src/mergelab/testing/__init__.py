@@ -1,4 +1,4 @@
-"""Tiny, deterministic models for tests and examples.
+"""Test fixtures (outside the layers; the product never imports it): tiny deterministic models, adapters, CSVs, and a Hub imitation.
 
 Everything here builds in a temporary folder in seconds, with a fixed seed, and needs no network:
 
@@ -8,7 +8,7 @@ Everything here builds in a temporary folder in seconds, with a fixed seed, and 
 * :func:`make_expert` writes a "fine-tune": the base plus a structured perturbation (low-rank plus
   sparse) that differs per seed;
 * :func:`make_lora` writes a PEFT LoRA adapter of a base with non-zero ``B``;
-* :func:`build_zoo` does all of the above for every family.
+* :func:`build_families` does all of the above for every family.
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ class FamilyZoo:
     loras: list[Path] = field(default_factory=list)
 
 
-def build_zoo(root: str | Path, families: tuple[str, ...] = FAMILIES, n_experts: int = 3) -> dict[str, FamilyZoo]:
+def build_families(root: str | Path, families: tuple[str, ...] = FAMILIES, n_experts: int = 3) -> dict[str, FamilyZoo]:
     """Build base, ``n_experts`` full experts and three LoRA adapters for each family.
 
     The adapters differ in rank and target modules: (r=4, attention q/v), (r=8, q/k/v/o, rsLoRA)

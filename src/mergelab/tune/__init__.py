@@ -1,10 +1,10 @@
-"""``mergelab tune``: learn a recipe's merge parameters on validation rows, honestly.
+"""L4 — ``mergelab tune``: learn a recipe's merge parameters on validation rows, honestly.
 
 * :mod:`mergelab.tune.config` — the ``tune:`` section (search space, objective, data, budget) and
   the search space's mapping back into a plain recipe;
 * :mod:`mergelab.tune.objective` — the deterministic search/check split and the objectives
   (``score`` on labelled rows, ``entropy`` on unlabelled inputs);
-* :mod:`mergelab.tune.inplace` — each trial's merge written into the loaded base in memory;
+* :mod:`mergelab.merge.inplace` — each trial's merge written into the loaded base in memory;
 * :mod:`mergelab.tune.study` — the optuna study, budgets, resuming, and the outputs
   (``recipe.tuned.yaml``, ``trials.csv``, ``report.md``, ``search.png``).
 

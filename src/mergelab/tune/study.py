@@ -7,7 +7,7 @@
 3. The optuna study is created or continued in ``storage`` (default ``sqlite:///DIR/study.db``)
    under ``study`` (default ``<recipe stem>-<fingerprint>``). A study remembers the fingerprint
    of what its trials depend on; continuing it with another recipe, space or data is refused.
-4. The base model is loaded once; :class:`~mergelab.tune.inplace.InPlaceMerger` writes each
+4. The base model is loaded once; :class:`~mergelab.merge.inplace.InPlaceMerger` writes each
    trial's merge into it; the objective is computed on the search part (returned to the sampler)
    and on the check part (recorded only).
 5. The study stops at ``trials`` (this invocation's trials) or after ``time_limit`` (checked

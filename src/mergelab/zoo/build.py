@@ -35,6 +35,7 @@ from mergelab.evaluate import EvalOptions, read_competition_csv
 from mergelab.evaluate.loading import load_model_and_tokenizer, resolve_dtype
 from mergelab.zoo.train import train_lora
 from mergelab.evaluate.runner import evaluate
+from mergelab.finetune.train import training_examples
 
 ZOO_FORMAT = 1
 PACKAGED_ADAPTERS = Path(__file__).parent / "adapters"
@@ -152,18 +153,6 @@ def _read_train_json(adapter: Path) -> dict | None:
         return json.loads(f.read_text())
     except ValueError:
         return None
-
-
-def training_examples(train_csv: Path) -> list[tuple[str, str, bool]]:
-    """``(prompt, answer text, add_eos)`` triples of a training CSV (read by mergelab's reader)."""
-
-    out = []
-    for row in read_competition_csv(train_csv):
-        if row.eval_type == MULTIPLE_CHOICE:
-            out.append((row.input, row.choices[int(row.target)], False))
-        else:
-            out.append((row.input, str(row.target), True))
-    return out
 
 
 def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str] | None = None,
@@ -289,7 +278,7 @@ def _train_one(model, tokenizer, zoo: Zoo, name: str, cfg: TrainConfig, fp: str,
         TimeRemainingColumn
 
 
-    examples = training_examples(zoo.data(name, "train"))
+    examples = training_examples([zoo.data(name, "train")])
     dst = zoo.adapter(name)
     tmp = dst.with_name(f".{name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)

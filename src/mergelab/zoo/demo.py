@@ -5,7 +5,7 @@ The demo is mergelab doing its main job end to end, offline, in minutes on a CPU
 1. the zoo (base + one LoRA expert per synthetic task) is built if missing — the experts
    shipped with mergelab are used when they match, so nothing is trained on a fresh machine;
 2. every method below merges *all* experts into one LoRA adapter through mergelab's own recipe
-   and LoRA-merge APIs (merges happen in ΔW space; see :mod:`mergelab.lora_merge`);
+   and LoRA-merge APIs (merges happen in ΔW space; see :mod:`mergelab.merge.adapter`);
 3. the base is loaded once; the base, each expert (on its own task) and each merged adapter (on
    every task) are evaluated with :func:`mergelab.evaluate.evaluate` on the test CSVs;
 4. a table of per-task scores and normalised scores (merged ÷ expert) is printed, and
