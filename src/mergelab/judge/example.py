@@ -31,7 +31,7 @@ from mergelab.hubsim import Commit, Repo, files_from_folder
 from mergelab.testing import make_base, make_expert
 
 APACHE = {"license": "apache-2.0"}
-WORDS = ["yes", "no", "red", "green", "blue", "fox", "dog", "true", "false", "café", "SQL", "quick"]
+WORDS = ["A", "B", "C", "D", "0", "1", "2", "3", "x", "y", "+", "="]   # one token each: no length bias
 TOPICS = ["Sentiment", "Translate", "Dates", "Question", "Merging"]
 
 
