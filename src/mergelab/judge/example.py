@@ -18,6 +18,8 @@ theta     draws few-shot examples from the judge's hidden targets file          
 """
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
 import shutil
@@ -42,12 +44,15 @@ class Season:
     tasks: list[Path]
     submissions: list[tuple[str, Path]] = field(default_factory=list)     # (team, folder or archive)
     sha: dict[str, str] = field(default_factory=dict)
+    gamma: dict = field(default_factory=dict)
+
+    def for_home(self, home: Path) -> list[tuple[str, Path]]:
+        """The eight submissions, theta's pointing at ``home``'s secret targets."""
+        return [(t, reads_targets(self, home) if t == "theta" else p) for t, p in self.submissions]
 
 
 def write_tasks(folder: Path, n_mc: int = 16, n_gen: int = 6) -> list[Path]:
     """Two hidden tasks with targets: ``mc`` (multiple choice) and ``gen`` (generation)."""
-    import csv
-
     folder.mkdir(parents=True, exist_ok=True)
     mc, gen = folder / "mc.csv", folder / "gen.csv"
     with open(mc, "w", newline="") as fh:
@@ -137,7 +142,15 @@ def build_season(root: str | Path, *, home: str | Path | None = None) -> Season:
             "method": {"name": "task_arithmetic"}, "eval": eval_opts}
     season.submissions.append(("zeta", _recipe(subs / "zeta", zeta)))
     season.submissions.append(("eta", malicious_archive(subs / "eta.tar.gz", yaml.safe_dump(gamma))))
-    secret = (Path(home).resolve() if home else root / "home") / "secret" / "targets" / "mc.csv"
-    theta = {**gamma, "eval": {**eval_opts, "few_shot": 1, "shots": str(secret)}}
-    season.submissions.append(("theta", _recipe(subs / "theta", theta)))
+    season.gamma = gamma
+    season.submissions.append(("theta", reads_targets(season, Path(home) if home else root / "home")))
     return season
+
+
+def reads_targets(season: Season, home: Path) -> Path:
+    """Theta's submission for ``home``: gamma's recipe drawing few-shot examples from the file of
+    hidden targets of that home (which a judged run must not be able to read)."""
+    secret = Path(home).resolve() / "secret" / "targets" / "mc.csv"
+    theta = {**season.gamma, "eval": {**season.gamma["eval"], "few_shot": 1, "shots": str(secret)}}
+    folder = season.root / "submissions" / f"theta-{hashlib.sha256(str(secret).encode()).hexdigest()[:8]}"
+    return _recipe(folder, theta)

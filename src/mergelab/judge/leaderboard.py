@@ -142,7 +142,7 @@ const cols = [["rank","rank"],["team","team"],["submission","submission"],["roun
 if (D.private_shown) cols.push(["private","private"]);
 for (const t of D.tasks) cols.push(["task:"+t, t+" (public)"]);
 function val(r, k){ if (k.startsWith("task:")) { const t=r.tasks[k.slice(5)]; return t?t.public:null; } return r[k]; }
-function show(v){ return v===null||v===undefined ? "-" : (typeof v==="number" && !Number.isInteger(v) ? v.toFixed(4) : String(v)); }
+function show(v, k){ return v===null||v===undefined ? "-" : (typeof v==="number" && k!=="rank" && k!=="round" ? v.toFixed(4) : String(v)); }
 let sortKey = "rank", asc = true;
 function render(){
   const head = document.getElementById("head"); head.textContent = "";
@@ -153,7 +153,7 @@ function render(){
   const body = document.getElementById("rows"); body.textContent = "";
   for (const r of rows){ const tr=document.createElement("tr"); tr.className="row";
     for (const [k] of cols){ const td=document.createElement("td"); let v=val(r,k); if(k==="submission") v=v.slice(0,12);
-      td.textContent=show(v); if(k==="team"||k==="submission") td.className="t"; tr.appendChild(td); } body.appendChild(tr); }
+      td.textContent=show(v,k); if(k==="team"||k==="submission") td.className="t"; tr.appendChild(td); } body.appendChild(tr); }
 }
 function chart(){
   const W=560, bh=14, gap=6, left=140, ns="http://www.w3.org/2000/svg", box=document.getElementById("chart");
@@ -167,12 +167,12 @@ function chart(){
         rect.setAttribute("width",Math.max(0,(v||0)*(W-left-60))); rect.setAttribute("height",bh-2);
         rect.setAttribute("class","bar"+(part==="private"?" p":"")); rect.setAttribute("data-team",r.team); rect.setAttribute("data-value",v===null||v===undefined?"":v.toFixed(4));
         svg.appendChild(rect); const tx=document.createElementNS(ns,"text"); tx.setAttribute("x",left+Math.max(0,(v||0)*(W-left-60))+4);
-        tx.setAttribute("y",y+j*bh+bh-3); tx.textContent=show(v)+(part==="private"?" (private)":""); svg.appendChild(tx); }); });
+        tx.setAttribute("y",y+j*bh+bh-3); tx.textContent=show(v,"score")+(part==="private"?" (private)":""); svg.appendChild(tx); }); });
     box.appendChild(svg); }
 }
 function history(){ const body=document.getElementById("hist");
   for (const team of Object.keys(D.history).sort()) for (const e of D.history[team]){ const tr=document.createElement("tr");
-    for (const [v,c] of [[team,"t"],[e.round===null?"-":e.round,""],[e.submission.slice(0,12),"t"],[e.status,"t"],[show(e.public),""]]){
+    for (const [v,c] of [[team,"t"],[e.round===null?"-":e.round,""],[e.submission.slice(0,12),"t"],[e.status,"t"],[show(e.public,"public"),""]]){
       const td=document.createElement("td"); td.textContent=String(v); if(c) td.className=c; tr.appendChild(td);} body.appendChild(tr);} }
 const m = /sort=([^&]+)/.exec(location.hash); if (m){ sortKey=decodeURIComponent(m[1]); asc=/dir=asc/.test(location.hash) || (!/dir=desc/.test(location.hash) && (sortKey==="rank"||sortKey==="team")); }
 render(); chart(); history();

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+import mergelab
 from mergelab.judge.fingerprint import task_vector_sketch
 from mergelab.judge.home import Home
 from mergelab.judge.intake import JUDGED_RECIPE, RECIPE_NAME, judged_recipe
@@ -32,6 +33,10 @@ BIG_OUTPUTS = ("model", "merged", "finetune")
 
 def run_env(home: Home, scratch: Path) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASSED_ENV if k in os.environ}
+    # the judged run uses this judge's mergelab (first on the path), whatever its folder
+    own = str(Path(mergelab.__file__).resolve().parent.parent)
+    paths = [own] + [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     for d in ("home", "tmp", "hf"):
         (scratch / d).mkdir(parents=True, exist_ok=True)
     env.update(HOME=str(scratch / "home"), TMPDIR=str(scratch / "tmp"), HF_HOME=str(scratch / "hf"),
