@@ -28,7 +28,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+_SRC = str(Path(__file__).resolve().parent.parent / "src")
+sys.path.insert(0, _SRC)
+# Ray workers import mergelab by name: this checkout's, like the driver
+os.environ["PYTHONPATH"] = os.pathsep.join([_SRC, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 from mergelab.hubsim import HubSim  # noqa: E402
 from mergelab.judge.example import build_season  # noqa: E402

@@ -126,6 +126,12 @@ def test_a_slower_judge_gets_a_longer_limit(tmp_path, tasks):
     assert cpu.speed_factor < 0.05 and cpu.time_limit_s == pytest.approx(3600 / cpu.speed_factor)
 
 
+def test_calibrate_measures_the_judge_against_the_a6000(tmp_path, tasks):
+    comp = init_home(tmp_path / "cal", tasks, budget="60m", hardware="cpu", calibrate_here=True).load()
+    assert comp.judge_hardware == "cpu+calibrated" and 0 < comp.speed_factor < 1
+    assert comp.time_limit_s == pytest.approx(3600 / comp.speed_factor)
+
+
 def test_public_split_is_a_hash_of_the_row_id():
     import hashlib
 

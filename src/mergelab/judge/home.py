@@ -36,7 +36,7 @@ class Competition:
     reference_hardware: str = "a6000"
     judge_hardware: str = "a6000"        # the profile of the judge's own machine (or "<name>+calibrated")
     speed_factor: float = 1.0            # judge throughput / reference throughput (< 1: a slower judge)
-    memory_limit_gb: float = 64.0        # address-space cap of a judged run (RLIMIT_AS)
+    memory_limit_gb: float = 64.0        # private-memory cap of a judged run (RLIMIT_DATA)
     submissions_per_round: int | None = None   # per team; None = unlimited
     public_fraction: float = 0.3
     tasks: list[str] = field(default_factory=list)

@@ -1,8 +1,10 @@
 """Run one command under the judge's limits: wall clock, memory, no network, hidden folders.
 
 * **wall clock**: the command runs in its own process group, killed (SIGKILL) at the limit;
-* **memory**: ``RLIMIT_AS`` (address space) is set in the child before it starts; the peak
-  resident memory is read from ``wait4``;
+* **memory**: ``RLIMIT_DATA`` (private writable memory: heap and anonymous mappings) is set in
+  the child before it starts; unlike ``RLIMIT_AS`` it leaves alone the large address-space
+  reservations a CUDA driver makes (which an address-space cap breaks). The peak resident memory
+  is read from ``wait4``;
 * **no network**: ``HF_HUB_OFFLINE=1`` always; where the OS allows it (``unshare -rnm`` works:
   user, network and mount namespaces), the command also runs in a fresh network namespace (only
   a loopback that is down: not even 127.0.0.1 of the host is reachable);
@@ -80,7 +82,7 @@ def namespaces_available() -> bool:
 def _preexec(memory_bytes: int | None):
     def setup() -> None:
         if memory_bytes:
-            resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+            resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
