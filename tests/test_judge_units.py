@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import socket
 import sys
 import tarfile
@@ -24,9 +25,11 @@ from mergelab.judge.example import write_tasks
 from mergelab.judge.fingerprint import cosine, task_vector_sketch
 from mergelab.judge.home import JudgeError, init_home, is_public
 from mergelab.judge.intake import submit
+from mergelab.judge.rounds import run_round
 from mergelab.judge.sandbox import namespaces_available, run_limited
 from mergelab.judge.scoring import GarbageOutput, read_predictions, score
 from mergelab.judge.similar import expected_agreement, recipe_equivalent
+from mergelab.testing import make_base
 
 
 # ------------------------------------------------------------------------------------ archives
@@ -340,3 +343,31 @@ def test_sandbox_kills_at_the_limit_and_caps_memory(tmp_path):
     small = run_limited([sys.executable, "-c", "x = bytearray(200 << 20); x[::4096] = b'1' * len(x[::4096])"],
                         scratch=tmp_path / "c", time_limit_s=30, memory_bytes=None, env=dict(os.environ))
     assert small.returncode == 0 and 200 < small.peak_mem_mb < 400
+
+
+# ------------------------------------------------------------------------------------ commands
+def test_command_errors_are_one_message_and_an_empty_round_is_no_round(tmp_path, tasks, capsys):
+    assert main(["judge", "leaderboard", str(tmp_path / "nowhere")]) == 2
+    assert "is not a competition home" in " ".join(capsys.readouterr().err.split())   # rich wraps lines
+    home = init_home(tmp_path / "home", tasks)
+    assert main(["judge", "round", str(home.root)]) == 0
+    assert capsys.readouterr().out == "nothing to judge\n"
+    assert main(["judge", "round", str(home.root), "--backend", "slurm"]) == 2
+    assert "unknown backend 'slurm'" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_run_the_judge_cannot_even_start_is_a_recorded_failure(tmp_path, tasks, capsys):
+    """A submission whose stored files vanished: the round records `failed` and goes on."""
+    home = init_home(tmp_path / "home", tasks)
+    folder = sub(tmp_path, "local", {"base": {"path": "m"}, "experts": [{"path": "m"}],
+                                     "method": {"name": "linear"}})
+    make_base("llama", folder / "m", hidden=32, layers=1)
+    receipt = submit(home.root, folder, "solo")
+    assert receipt.status == "received", receipt.reasons
+    shutil.rmtree(home.store / receipt.content)
+    report = run_round(home.root)
+    assert [(j["team"], j["status"]) for j in report.judged] == [("solo", "failed")]
+    conn = connect(home.database)
+    detail = conn.execute("SELECT detail FROM results").fetchone()[0]
+    conn.close()
+    assert detail.startswith("the judge could not run it: FileNotFoundError")
