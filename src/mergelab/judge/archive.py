@@ -48,7 +48,7 @@ def _inside(base: str, target: str) -> str | None:
     if target.startswith("/"):
         return None
     joined = posixpath.normpath(posixpath.join(base, target))
-    return None if joined == ".." or joined.startswith("../") or joined.startswith("/") else joined
+    return None if joined == ".." or joined.startswith(("../", "/")) else joined
 
 
 def _write(dest: Path, rel: str, src, budget: list[int], caps: Caps) -> None:

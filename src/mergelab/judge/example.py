@@ -110,7 +110,7 @@ def build_season(root: str | Path, *, home: str | Path | None = None) -> Season:
     wide = make_base("llama", models / "wide", seed=5, hidden=48, layers=2)
     repos = [Repo("org/base", [Commit(files_from_folder(base), date="2024-03-01T00:00:00Z")], card_data=APACHE)]
     for i, e in enumerate(experts):
-        repos.append(Repo(f"org/expert{i}", [Commit(files_from_folder(e), date="2024-04-0{}T00:00:00Z".format(i + 1))],
+        repos.append(Repo(f"org/expert{i}", [Commit(files_from_folder(e), date=f"2024-04-0{i + 1}T00:00:00Z")],
                           card_data=APACHE))
     repos.append(Repo("late/expert", [Commit(files_from_folder(experts[0]), date="2024-07-01T00:00:00Z")],
                       card_data=APACHE))

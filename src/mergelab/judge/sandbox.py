@@ -18,13 +18,12 @@ Where namespaces are not available, the command runs without them and :class:`Ou
 """
 from __future__ import annotations
 
-import ctypes
 import os
-import resource
 import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -73,21 +72,27 @@ def namespaces_available() -> bool:
         return False
     try:
         r = subprocess.run(["unshare", "-rnm", "sh", "-c", "mount -t tmpfs t /mnt && mount --bind /mnt /mnt"],
-                           capture_output=True, timeout=20)
+                           capture_output=True, timeout=20, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
 
 
-def _preexec(memory_bytes: int | None):
-    def setup() -> None:
-        if memory_bytes:
-            resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    return setup
+# The judged command's first process: sets the memory cap and the parent-death signal, then
+# becomes the command (exec). Done in a fresh interpreter rather than in a ``preexec_fn``, which is
+# unsafe in a judge that has threads (Ray, the Hub imitation of the tests).
+_BOOT = """import ctypes, os, resource, signal, sys
+m = int(sys.argv[1])
+if m:
+    resource.setrlimit(resource.RLIMIT_DATA, (m, m))
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
+if os.getppid() != int(sys.argv[2]):              # the judge died before the line above
+    os._exit(137)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
 
 
 def run_limited(cmd: list[str], *, scratch: Path, time_limit_s: float, memory_bytes: int | None,
@@ -117,9 +122,9 @@ def run_limited(cmd: list[str], *, scratch: Path, time_limit_s: float, memory_by
         log.write(("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n").encode())
         log.flush()
         try:
-            proc = subprocess.Popen(full, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=_preexec(memory_bytes))
+            boot = [sys.executable, "-c", _BOOT, str(memory_bytes or 0), str(os.getpid())]
+            proc = subprocess.Popen(boot + full, cwd=scratch, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             log.write(f"cannot start: {exc}\n".encode())
             return Outcome(None, 0.0, 0.0, False, _tail(log_path), isolation)

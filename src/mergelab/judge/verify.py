@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergelab.judge.db import connect
-from mergelab.judge.home import Home, JudgeError
-from mergelab.judge.home import Competition
+from mergelab.judge.home import Competition, Home, JudgeError
 from mergelab.judge.sandbox import run_limited
 from mergelab.judge.worker import BIG_OUTPUTS, run_env
 
