@@ -104,7 +104,8 @@ def tasks(tmp_path):
 
 
 def test_init_writes_inputs_without_targets_and_the_settings(tmp_path, tasks):
-    assert main(["judge", "init", str(tmp_path / "home"), "--tasks", str(tmp_path / "hidden" / "*.csv"),
+    # as a shell passes `--tasks hidden/*.csv`: the files one after the other
+    assert main(["judge", "init", str(tmp_path / "home"), "--tasks", str(tasks[1]), str(tasks[0]),
                  "--budget", "60m", "--hardware", "a6000", "--per-round", "2", "--public", "0.5"]) == 0
     home = tmp_path / "home"
     comp = yaml.safe_load((home / "competition.yaml").read_text())
@@ -120,6 +121,9 @@ def test_init_writes_inputs_without_targets_and_the_settings(tmp_path, tasks):
     assert (home / "secret" / "judge.sqlite").is_file()
     with pytest.raises(JudgeError, match="already a competition home"):
         init_home(home, tasks)
+    # a quoted glob works too
+    assert main(["judge", "init", str(tmp_path / "home2"), "--tasks", str(tmp_path / "hidden" / "*.csv")]) == 0
+    assert yaml.safe_load((tmp_path / "home2" / "competition.yaml").read_text())["tasks"] == ["gen", "mc"]
 
 
 def test_a_slower_judge_gets_a_longer_limit(tmp_path, tasks):

@@ -28,6 +28,8 @@ def register(app: typer.Typer) -> None:
     @judge.command("init")
     def init_cmd(
         home: Path = typer.Argument(..., help="New competition home folder.", show_default=False),
+        more: Optional[List[str]] = typer.Argument(None, help="More task files (what a shell makes of "
+                                                   "--tasks hidden/*.csv).", show_default=False),
         tasks: List[str] = typer.Option(..., "--tasks", help="Hidden task CSV files (with targets); globs work."),
         cutoff: str = typer.Option("2024-05-31", "--cutoff", help="Models must be uploaded on or before this date."),
         max_params: float = typer.Option(8e9, "--max-params", help="Largest allowed model (parameters)."),
@@ -41,7 +43,7 @@ def register(app: typer.Typer) -> None:
         public: float = typer.Option(0.3, "--public", help="Share of hidden rows in the public part."),
     ) -> None:
         """Create a competition home from the hidden task files."""
-        files = [f for pattern in tasks for f in (sorted(glob.glob(pattern)) or [pattern])]
+        files = [f for pattern in [*tasks, *(more or [])] for f in (sorted(glob.glob(pattern)) or [pattern])]
         h = init_home(home, files, cutoff=cutoff, max_params=int(max_params), budget=budget, hardware=hardware,
                       calibrate_here=calibrate, speed_factor=speed_factor, memory_limit_gb=memory_gb,
                       submissions_per_round=per_round, public_fraction=public)
