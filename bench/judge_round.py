@@ -76,9 +76,12 @@ def main() -> None:
                                               "max": round(max(intake), 3), "n": len(intake)}
         figures["local"] = summary(run_round(root / "local", device="cpu"))
         print(json.dumps({"local": figures["local"]}), flush=True)
-        if not args.no_ray:
+        try:
             import ray
-
+        except ImportError:
+            ray = None
+            figures["ray"] = "not installed (pip install 'mergelab[cluster]')"
+        if ray is not None and not args.no_ray:
             home_for(season, root / "ray", args.budget)
             t = time.perf_counter()
             ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False)
