@@ -39,7 +39,8 @@ def files(tmp_path):
     return a, b
 
 
-def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
+def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal setting must not squeeze what goes to a pipe
     a, b = files
     out = tmp_path / "out"
     code = main(["eval", str(zoo["gemma"].base), "--data", str(a), "--data", str(b), "--out", str(out),
@@ -47,7 +48,7 @@ def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "rows/s" in captured.err and "4/4" in captured.err  # the progress bar, on stderr
-    assert "overall" in captured.out
+    assert "overall" in captured.out and "a.csv" in captured.out  # the scores table, not cut at 40 columns
     with (out / "a.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["id", "prediction", "dummy_field"] and [r[0] for r in rows[1:]] == ["3", "1", "2"]
