@@ -39,7 +39,8 @@ def files(tmp_path):
     return a, b
 
 
-def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
+def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal setting must not squeeze what goes to a pipe
     a, b = files
     out = tmp_path / "out"
     code = main(["eval", str(zoo["gemma"].base), "--data", str(a), "--data", str(b), "--out", str(out),
@@ -47,7 +48,7 @@ def test_eval_writes_submissions_and_scores(tmp_path, files, zoo, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "rows/s" in captured.err and "4/4" in captured.err  # the progress bar, on stderr
-    assert "overall" in captured.out
+    assert "overall" in captured.out and "a.csv" in captured.out  # the scores table, not cut at 40 columns
     with (out / "a.csv").open(newline="", encoding="utf-8") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["id", "prediction", "dummy_field"] and [r[0] for r in rows[1:]] == ["3", "1", "2"]
@@ -127,3 +128,61 @@ def test_unescape_stop_strings():
     assert unescape(r"\n\nInput:") == "\n\nInput:"
     assert unescape(r"a\tb\\n") == "a\tb\\n"      # an escaped backslash stays one backslash
     assert unescape(r"\q 東京") == r"\q 東京"      # unknown escapes and unicode are kept
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle was (not) loaded."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_model(src, dst, payload=None):
+    """A copy of the model at ``src`` whose weights are ``pytorch_model.bin`` (what safe_serialization=False writes)."""
+    import shutil
+
+    from mergelab.testing import load_model
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    state = dict(load_model(src).state_dict())  # transformers 5 always writes safetensors: torch.save it ourselves
+    if payload is not None:  # a payload inside: weights_only would block it with a hint to unblock it
+        state["payload"] = _Payload(payload)
+    torch.save(state, dst / "pytorch_model.bin")
+    return dst
+
+
+def test_eval_refuses_pickle_model_weights_with_the_conversion_command(tmp_path, files, zoo, capsys):
+    a, _ = files
+    marker = tmp_path / "payload-ran"
+    model = _pickle_model(zoo["llama"].base, tmp_path / "pickled", payload=marker)
+    out = tmp_path / "out"
+    assert main(["eval", str(model), "--data", str(a), "--out", str(out)]) == 2
+    err = " ".join(_one_error(capsys).split())
+    assert "pytorch_model.bin" in err and "never unpickles a file" in err
+    assert "save_pretrained(" in err and "safe_serialization=True" in err  # the conversion command
+    assert "weights_only=False" not in err
+    assert not marker.exists() and not out.exists()
+
+
+def test_eval_refuses_a_pickle_adapter_with_the_conversion_command(tmp_path, files, zoo, capsys):
+    import shutil
+
+    from peft import PeftModel
+    from mergelab.testing import load_model
+
+    a, _ = files
+    adapter = tmp_path / "adapter"
+    PeftModel.from_pretrained(load_model(zoo["llama"].base), str(zoo["llama"].loras[0])).save_pretrained(
+        adapter, safe_serialization=False)
+    assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
+    out = tmp_path / "out"
+    assert main(["eval", str(zoo["llama"].base), "--adapter", str(adapter), "--data", str(a),
+                 "--out", str(out)]) == 2
+    err = " ".join(_one_error(capsys).split())
+    assert "adapter_model.bin" in err and "never unpickles a file" in err
+    assert f"PeftModel.from_pretrained(M.from_pretrained('{zoo['llama'].base}'), '{adapter}')" in err
+    assert "safe_serialization=True" in err and not out.exists()
+    shutil.rmtree(adapter)

@@ -240,7 +240,7 @@ def test_require_pass_names_each_failure(hub):
     with pytest.raises(RuleCheckError) as err:
         report.require_pass()
     message = str(err.value)
-    assert "2 failing checks" in message and "huge/model" in message and "late/created" in message
+    assert "2 models break or cannot be checked against a rule" in message and "huge/model" in message and "late/created" in message
     assert "--no-rules" in message
 
 
@@ -296,3 +296,42 @@ def test_cli_exit_codes(hub, tmp_path, capsys, monkeypatch):
     assert time.monotonic() - start < 5
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "could not run" in err and "did not answer within 1 s" in err
+
+
+def test_run_on_local_folders_says_in_words_what_cannot_be_verified(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")  # the message must not depend on the terminal's width
+    folders = []
+    for name in ("base", "e1", "e2"):
+        folder = tmp_path / "a-rather-long-folder-name-for-the-models" / name
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(weights(10**6))
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        folders.append(folder)
+    recipe = write_recipe(tmp_path / "r.yaml", {"path": str(folders[0])},
+                          [{"path": str(f), "weight": 0.5} for f in folders[1:]])
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "[available]" not in err and "[date]" not in err  # words, not rule ids
+    lines = err.splitlines()
+    for role, folder in zip(("base", "expert 1", "expert 2"), folders):
+        assert f"  - {role}: {folder}" in lines  # each path whole, on its own line
+    assert "3 local folders cannot be verified" in err
+    assert err.count("its Hub upload date and public availability cannot be verified "
+                     "(only a Hub repository has them)") == 3
+    flat = " ".join(err.split())
+    assert "use Hub references pinned to a commit" in flat and "revision: cutoff" in flat
+    assert "or pass --no-rules for a run outside the competition" in flat
+    assert not (tmp_path / "out" / "model").exists()
+
+
+def test_explain_failures_words_hub_violations_too(hub):
+    from mergelab.hub.rules import explain_failures
+
+    report = check_models([("expert 1", {"model": "late/created"}), ("expert 2", {"model": "old/pickle"})])
+    message, hint = explain_failures(report)
+    assert "2 models break or cannot be checked against a rule" in message
+    assert "  - expert 1: late/created@main (" in message  # the label as `mergelab check` shows it
+    assert "\n      uploaded on or before the cut-off (violated): repository created 2024-10-31, after the cut-off" \
+        in message
+    assert "size (cannot be verified): no safetensors weights (pickle only)" in message
+    assert "local folder" not in message and "`mergelab check RECIPE`" in hint and "--no-rules" in hint

@@ -1,8 +1,28 @@
-"""L0 — one optional rich progress bar on stderr, shared by the merge paths."""
+"""L0 — the consoles the commands print on, and one optional rich progress bar on stderr."""
 from __future__ import annotations
 
 import threading
 from typing import Any, Callable, Sequence
+
+#: The width of a console that is not a terminal (a pipe, a file, a log, a test's capture): tables
+#: are laid out for it (they take only the width their cells need); text is never wrapped at all.
+PLAIN_WIDTH = 240
+
+
+def make_console(stderr: bool = False):
+    """A rich ``Console`` on stdout (or stderr): a terminal's own width, else never wrapped.
+
+    On a terminal rich fits tables and text to its width (``COLUMNS`` included). Elsewhere
+    text is never wrapped (``soft_wrap``: a wrapped path cannot be copied) and tables are laid
+    out for :data:`PLAIN_WIDTH` columns whatever ``COLUMNS`` says, so what a script or a log
+    reads does not depend on the width of a terminal that is not there.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, width=PLAIN_WIDTH, soft_wrap=True)
 
 
 class ProgressBar:
@@ -16,10 +36,9 @@ class ProgressBar:
         self.show = show and total > 0
         self._lock = threading.Lock()
         if self.show:
-            from rich.console import Console
             from rich.progress import Progress
 
-            self.progress = Progress(*columns(), console=Console(stderr=True))
+            self.progress = Progress(*columns(), console=make_console(stderr=True))
             self.task = self.progress.add_task("", total=total, **fields)
 
     def __enter__(self) -> "ProgressBar":

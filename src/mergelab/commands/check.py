@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
 
         Exit status 0: all rules pass; 1: a rule fails; 2: the check could not run.
         """
-        from rich.console import Console
+        from mergelab.progress import make_console
 
         from mergelab.hub.rules import RulesNotMetError, check_models, report_table
 
@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:
-            Console().print(report_table(report))
+            make_console().print(report_table(report))
         if not report.ok:  # exit status 1: a MergelabError with its own exit code, shown as one message
             raise RulesNotMetError(
                 f"{recipe} does not pass the competition rules ({summary})"
@@ -59,4 +59,4 @@ def register(app: typer.Typer) -> None:
                 hint="pin revisions on or before the cut-off (`revision: cutoff`) and use public Hub models of at "
                      "most the allowed size; docs/rules.md explains each rule")
         if not as_json:
-            Console().print(f"{recipe} [bold green]passes[/] the competition rules ({summary}).", highlight=False)
+            make_console().print(f"{recipe} [bold green]passes[/] the competition rules ({summary}).", highlight=False)

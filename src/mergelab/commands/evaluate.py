@@ -41,7 +41,7 @@ def _fmt(v) -> str:
 
 
 def _print_summary(scores: dict, out: Path) -> None:
-    from rich.console import Console
+    from mergelab.progress import make_console
     from rich.table import Table
 
     table = Table(title=f"scores ({out / 'scores.json'})")
@@ -54,7 +54,7 @@ def _print_summary(scores: dict, out: Path) -> None:
         table.add_row(name, str(s["rows"]), _fmt(mc["accuracy"]), _fmt(gen["exact_match"]),
                       _fmt(gen["rouge1"]), _fmt(gen["rouge2"]), _fmt(gen["rougeL"]), _fmt(s["score"]),
                       str(s["not_reached"]))
-    console = Console()
+    console = make_console()
     console.print(table)
     t = scores["timing"]
     rate = f"{t['rows_per_s']:.2f} rows/s" if t["rows_per_s"] else "-"
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, \
             TextColumn, TimeElapsedColumn, TimeRemainingColumn
-        from rich.console import Console
+        from mergelab.progress import make_console
         from rich.text import Text
 
         from transformers.utils import logging as hf_logging
@@ -118,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 return Text(f"{rate:.1f} rows/s")
 
         progress = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), RowsPerSecond(),
-                            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=make_console(stderr=True))
         task = None
 
         def on_progress(done: int, total: int) -> None:

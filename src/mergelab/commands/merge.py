@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     ) -> None:
         """Merge the models of a recipe into one model folder, streaming tensor by tensor."""
-        from rich.console import Console
+        from mergelab.progress import make_console
 
         from mergelab.merge import merge
         from mergelab.errors import RecipeError
@@ -47,4 +47,4 @@ def register(app: typer.Typer) -> None:
                 raise RecipeError(f"{opts}: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}",
                                   hint="--dtype is float32, float16 or bfloat16; --shard-size like 5GB or 500MB") from None
         result = merge(r, out, device=device, force=force, progress=not quiet)
-        Console(stderr=True).print(f"[green]✓[/] {result}", highlight=False)
+        make_console(stderr=True).print(f"[green]✓[/] {result}", highlight=False)

@@ -59,11 +59,11 @@ def register(app: typer.Typer) -> None:
         evaluation files and the finetune section, speeds from mergelab/data/hardware.yaml.
         Exit status 0 when the recipe fits, 1 when it does not.
         """
-        from rich.console import Console
+        from mergelab.progress import make_console
 
         from mergelab.plan import plan_recipe
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         plan = plan_recipe(recipe, hardware=hardware, budget=budget, calibrate_probe=calibrate,
                            progress=None if as_json else (lambda m: console.print(f"[bold]›[/] {m}", highlight=False)))
         if as_json:

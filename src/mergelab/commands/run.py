@@ -8,7 +8,7 @@ import typer
 
 
 def _summary(result, title: str) -> None:
-    from rich.console import Console
+    from mergelab.progress import make_console
     from rich.markup import escape
     from rich.table import Table
 
@@ -20,7 +20,7 @@ def _summary(result, title: str) -> None:
     colour = {"ran": "green", "skipped": "cyan", "off": "dim", "partial": "bold red"}
     for s in result.stages:
         table.add_row(s.name, f"[{colour.get(s.status, 'white')}]{s.status}[/]", f"{s.seconds:.1f}", s.detail)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     console.print(table)
     budget = result.manifest.get("budget")
     if budget:
@@ -34,9 +34,9 @@ def _summary(result, title: str) -> None:
 
 
 def _progress(quiet: bool):
-    from rich.console import Console
+    from mergelab.progress import make_console
 
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     return (lambda msg: None) if quiet else (lambda msg: console.print(f"[bold]›[/] {msg}", highlight=False))
 
 
@@ -82,11 +82,11 @@ def register(app: typer.Typer) -> None:
         Exit status 0 when all outputs match; 1 naming each input that changed and each output
         that differs.
         """
-        from rich.console import Console
+        from mergelab.progress import make_console
 
         from mergelab.run.pipeline import reproduce
 
         result = reproduce(manifest, out, device=device, progress=_progress(quiet), quiet=quiet)
         _summary(result, f"mergelab reproduce → {out}")
-        Console(stderr=True).print(f"[green]✓[/] all {len(result.manifest['outputs'])} output files "
+        make_console(stderr=True).print(f"[green]✓[/] all {len(result.manifest['outputs'])} output files "
                                    "match the manifest", highlight=False)

@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
 
         Ctrl-C stops the search and still writes the best trial so far.
         """
-        from rich.console import Console
+        from mergelab.progress import make_console
         from rich.markup import escape
 
         from mergelab.tune import run_tune
 
-        console = Console(stderr=True)
+        console = make_console(stderr=True)
         say = (lambda msg: None) if quiet else (lambda msg: console.print(f"[bold]›[/] {escape(msg)}",
                                                                           highlight=False))
         result = run_tune(recipe, out, storage=storage, study=study, trials=trials, time_limit=time_limit,

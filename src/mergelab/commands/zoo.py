@@ -44,13 +44,13 @@ def register(app: typer.Typer) -> None:
 
         The base GGUF is converted once; adapters and scores are cached by content, so a second
         run reuses them."""
-        from rich.console import Console
+        from mergelab.progress import make_console
 
         from mergelab.zoo.base import NOT_COMPETITION_LEGAL
         from mergelab.zoo.build import build_zoo
 
         _quiet()
-        console = Console()
+        console = make_console()
         zoo = build_zoo(directory, seed=seed, tasks=_task_list(tasks), device=device,
                         use_packaged=from_package, evaluate=not no_eval, console=console)
         t = zoo.manifest.get("timings_s", {})
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
     @zoo_app.command("tasks")
     def list_tasks() -> None:
         """List the zoo's synthetic tasks."""
-        from rich.console import Console
+        from mergelab.progress import make_console
         from rich.table import Table
 
         from mergelab.zoo.tasks import TASKS
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
         table = Table("task", "type", "skill", "training steps")
         for t in TASKS.values():
             table.add_row(t.name, t.eval_type, t.skill, str(t.steps))
-        Console().print(table)
+        make_console().print(table)
 
     app.add_typer(zoo_app, name="zoo")
 

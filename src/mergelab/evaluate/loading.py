@@ -1,4 +1,10 @@
-"""Loading a model to evaluate: a local folder (decoder-only or T5), plus an optional PEFT adapter."""
+"""Loading a model to evaluate: a local folder (decoder-only or T5), plus an optional PEFT adapter.
+
+Weights are read from safetensors only, as ``merge`` does: a folder (or adapter) with pickle
+weights only (``pytorch_model.bin``, ``adapter_model.bin``...) is refused with the command that
+converts it, before transformers or PEFT could unpickle anything (``weights_only=True`` blocks a
+payload, but its error then suggests ``weights_only=False``).
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +14,7 @@ import torch
 
 from mergelab.errors import AdapterError, CheckpointError
 from mergelab.evaluate.options import EvalError
+from mergelab.io.checkpoint import PICKLE_SUFFIXES, CheckpointReader
 from mergelab.util import pick_device
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +41,28 @@ def _check_model_dir(path: Path) -> None:
                               hint="pass a local folder with config.json, tokenizer and safetensors weights")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json; this is not a Hugging Face model folder")
+    if not any(f.name != "adapter_model.safetensors" for f in path.glob("*.safetensors")):
+        # no safetensors weights: the reader's own message (pickle only, with the conversion
+        # command, or no weights at all), never transformers' pickle loader
+        CheckpointReader(path).close()
+
+
+def _check_adapter_weights(adapter: Path, base: Path | None) -> None:
+    """Refuse an adapter whose weights are pickle only (PEFT would unpickle ``adapter_model.bin``)."""
+    if (adapter / "adapter_model.safetensors").is_file():
+        return
+    pickles = sorted(p.name for p in adapter.glob("adapter_model.*") if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise AdapterError(f"{adapter}: no adapter_model.safetensors",
+                           hint="the adapter folder needs its weights (adapter_model.safetensors)")
+    model = f"M.from_pretrained('{base}')" if base is not None else "M.from_pretrained(BASE)"
+    raise AdapterError(
+        f"{adapter}: has only pickle weights ({', '.join(pickles)}); mergelab reads safetensors only and never "
+        "unpickles a file (a pickle can run arbitrary code)",
+        hint="convert it once, in an environment you trust: python -c \"from transformers import "
+             f"AutoModelForCausalLM as M; from peft import PeftModel; PeftModel.from_pretrained({model}, "
+             f"'{adapter}').save_pretrained('{adapter}-safetensors', safe_serialization=True)\" "
+             "(AutoModelForSeq2SeqLM for T5)")
 
 
 def load_tokenizer(path: str | Path):
@@ -68,20 +97,23 @@ def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None
         raise CheckpointError(f"{path}: cannot read config.json ({exc})") from None
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
-        model = cls.from_pretrained(str(path), dtype=torch_dtype)
+        model = cls.from_pretrained(str(path), dtype=torch_dtype, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot load the model ({exc})",
                               hint="the folder needs safetensors weights that match config.json") from None
     tokenizer = load_tokenizer(path)
     model.to(dev)
     if adapter is not None:
-        model = apply_adapter(model, adapter).merge_and_unload()
+        model = apply_adapter(model, adapter, base=path).merge_and_unload()
     model.eval()
     return model, tokenizer
 
 
-def apply_adapter(model, adapter: str | Path):
+def apply_adapter(model, adapter: str | Path, base: str | Path | None = None):
     """Wrap ``model`` with the PEFT adapter in ``adapter``; errors name the adapter folder.
+
+    Pickle-only adapter weights are refused (``base``, the model's folder, goes into the
+    conversion command of that message).
 
     The returned ``PeftModel`` shares (and modifies) ``model``'s modules; call ``unload()`` on it
     to get the original model back, or ``merge_and_unload()`` to fold the adapter in.
@@ -96,6 +128,7 @@ def apply_adapter(model, adapter: str | Path):
         peft_type = json.loads(cfg_file.read_text()).get("peft_type", "?")
     except ValueError as exc:
         raise AdapterError(f"{adapter}/adapter_config.json: not valid JSON ({exc})") from None
+    _check_adapter_weights(adapter, Path(base) if base is not None else None)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except (RuntimeError, ValueError, KeyError, OSError) as exc:

@@ -103,14 +103,57 @@ class Report:
                 "findings": [asdict(f) for f in self.findings], "models": self.models}
 
     def require_pass(self) -> None:
-        """Raise :class:`RulesNotMetError` naming every failing finding (for ``mergelab run``)."""
-        if self.ok:
-            return
-        lines = "\n".join(f"  - {f.model} ({f.role}) {f.rule}: {f.reason}" for f in self.failures)
-        raise RulesNotMetError(f"the recipe does not pass the competition rules ({len(self.failures)} "
-                             f"failing check{'s' if len(self.failures) > 1 else ''}):\n{lines}",
-                             hint="fix the recipe (`mergelab check RECIPE` shows every rule), or pass --no-rules "
-                                  "for a run that is not a competition entry")
+        """Raise :class:`RulesNotMetError` saying in words what failed and what to do (``mergelab run``)."""
+        if not self.ok:
+            message, hint = explain_failures(self)
+            raise RulesNotMetError(message, hint=hint)
+
+
+#: What each rule asks, in words (for messages).
+RULE_WORDS = {"available": "public on the Hub", "date": "uploaded on or before the cut-off",
+              "params": "size", "licence": "licence"}
+
+
+def explain_failures(report: Report) -> tuple[str, str]:
+    """``(message, hint)`` for a report that does not pass: what could not be verified or broke a rule, and why.
+
+    One line per model (its path or ``org/name@revision`` whole, never cut), saying in words what
+    failed. A local folder gets one sentence: it has no Hub upload date and no public
+    availability to check, so it cannot be verified — the fix is a Hub reference pinned to a
+    commit (or ``--no-rules`` outside the competition).
+    """
+    by_model: dict[tuple[str, str], list[Finding]] = {}
+    for f in report.failures:
+        by_model.setdefault((f.model, f.role), []).append(f)
+    local = {key for key, found in by_model.items()
+             if any(f.rule == "available" and f.status == UNVERIFIABLE and f.reason.startswith("local folder")
+                    for f in found)}
+    lines = []
+    for (model, role), found in by_model.items():
+        if (model, role) in local:
+            what = ("a local folder: its Hub upload date and public availability cannot be verified "
+                    "(only a Hub repository has them)")
+            rest = [f for f in found if f.rule not in ("available", "date")]
+        else:
+            what, rest = "", found
+        words = [f"{RULE_WORDS.get(f.rule, f.rule)} ({'cannot be verified' if f.status == UNVERIFIABLE else 'violated'})"
+                 f": {f.reason}" for f in rest]
+        lines.append(f"  - {role}: {model}\n      " + "\n      ".join(([what] if what else []) + words))
+    n_local = len(local)
+    n_rules = len(by_model) - n_local
+    parts = ([f"{n_local} local folder{'s' if n_local > 1 else ''} cannot be verified"] if n_local else []) + (
+        [f"{n_rules} model{'s' if n_rules > 1 else ''} break{'' if n_rules > 1 else 's'} or cannot be checked "
+         "against a rule"] if n_rules else [])
+    message = (f"the recipe does not pass the competition rules ({' and '.join(parts)}):\n" + "\n".join(lines))
+    fixes = []
+    if n_local:
+        fixes.append("for a competition entry, use Hub references pinned to a commit "
+                     "(`model: org/name` with `revision: cutoff` or a 40-character commit sha) instead of `path:`")
+    if n_rules:
+        fixes.append("fix the models named above (`mergelab check RECIPE` shows every rule; docs/rules.md explains "
+                     "them)")
+    fixes.append("or pass --no-rules for a run outside the competition")
+    return message, "; ".join(fixes)
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -17,7 +17,13 @@ Every Hub failure becomes one :class:`~mergelab.errors.SourceError` subclass tha
 wrong and what to do: :class:`HubNotFoundError` (repo or revision), :class:`HubAccessError`
 (gated, private, bad token), :class:`HubUnreachableError` (network, ``HF_ENDPOINT``, timeout,
 offline mode), :class:`HubResponseError` (an answer that is not the Hub's) and
-:class:`PickleOnlyError`. Requests time out after ``MERGELAB_HUB_TIMEOUT`` seconds (default 10).
+:class:`PickleOnlyError`.
+
+``MERGELAB_HUB_TIMEOUT`` (seconds, default 10) is the time allowed for one whole Hub operation —
+resolving a revision (with the commit listing it needs), reading safetensors headers, reading a
+small file — not for each read: a server that trickles its answer is cut off at the deadline
+(:mod:`mergelab.hub.deadline`). A snapshot download gets that time plus one second per megabyte
+to download (:data:`DOWNLOAD_MIN_RATE`).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from typing import Any, Iterator
 from urllib.parse import quote
 
 from mergelab.errors import CheckpointError, SourceError
+from mergelab.hub import deadline as hub_deadline
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ DEFAULT_CUTOFF = datetime(2024, 5, 31, 23, 59, 59, tzinfo=timezone.utc)
 #: The ``revision`` value that asks for the last commit on or before the cut-off.
 CUTOFF_REVISION = "cutoff"
 DEFAULT_TIMEOUT = 10.0
+#: A snapshot download may take MERGELAB_HUB_TIMEOUT plus its size at this rate (bytes per second).
+DOWNLOAD_MIN_RATE = 1_000_000
 
 #: Files (at the repository root) that merging and evaluation need besides the weights.
 NEEDED_FILES = frozenset({
@@ -106,6 +115,7 @@ class HubModel:
     card: dict = field(default_factory=dict)  # model card metadata (license, license_name, base_model...)
     files: tuple[str, ...] = ()
     hub_parameters: int | None = None  # the Hub's own count, available even for gated repos
+    sizes: dict = field(default_factory=dict)  # file name -> bytes, where the Hub says
 
 
 @dataclass(frozen=True)
@@ -190,6 +200,20 @@ def describe_ref(ref) -> str:
 # ------------------------------------------------------------------------------------------------
 # The Hub client
 # ------------------------------------------------------------------------------------------------
+_LOCAL_HINT = "or download the model elsewhere and put `path: /local/folder` in the recipe instead of `model:`"
+
+
+def _parse_timeout(value) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise SourceError(f"MERGELAB_HUB_TIMEOUT must be a number of seconds above 0 (got {value!r})",
+                          hint="e.g. MERGELAB_HUB_TIMEOUT=30: the time allowed for one whole Hub operation")
+    return seconds
+
+
 def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
     """(timeout errors, other transport errors) of the HTTP library huggingface_hub uses."""
     timeouts: list[type] = [TimeoutError]
@@ -203,10 +227,11 @@ def _transport_errors() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 
 class HubClient:
-    """One connection setting to the Hub: endpoint, token and a per-request timeout.
+    """One connection setting to the Hub: endpoint, token and the time allowed for one operation.
 
     ``endpoint`` defaults to ``HF_ENDPOINT`` read *now* (``huggingface_hub`` reads it once at
-    import), ``timeout`` to ``MERGELAB_HUB_TIMEOUT`` (seconds, default 10). Every method raises a
+    import), ``timeout`` to ``MERGELAB_HUB_TIMEOUT`` (seconds, default 10): the total time of each
+    public method call (an operation), whatever the server does. Every method raises a
     :class:`~mergelab.errors.SourceError` subclass on failure.
     """
 
@@ -215,24 +240,68 @@ class HubClient:
         from huggingface_hub import HfApi, constants
 
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-        self.timeout = float(timeout if timeout is not None
-                             else os.environ.get("MERGELAB_HUB_TIMEOUT") or DEFAULT_TIMEOUT)
+        self.timeout = _parse_timeout(timeout if timeout is not None
+                                      else os.environ.get("MERGELAB_HUB_TIMEOUT") or DEFAULT_TIMEOUT)
         self.token = token
         self.api = HfApi(endpoint=self.endpoint, token=token)
+        hub_deadline.install()
+        self._operations: list[tuple[float, str]] = []  # (seconds allowed, what it does), outermost first
+
+    @contextlib.contextmanager
+    def operation(self, seconds: float | None = None, doing: str = "looking up") -> Iterator[None]:
+        """One Hub operation: all its traffic ends within ``seconds`` (default: ``self.timeout``).
+
+        A nested operation keeps the outer deadline when that one is earlier.
+        """
+        allowed = self.timeout if seconds is None else seconds
+        self._operations.append((allowed, doing))
+        try:
+            with hub_deadline.deadline(allowed):
+                yield
+        finally:
+            self._operations.pop()
+
+    def _deadline_error(self, what: str, local_hint: str) -> HubUnreachableError:
+        allowed, doing = self._operations[0] if self._operations else (self.timeout, "looking up")
+        extra = "" if allowed == self.timeout else ": MERGELAB_HUB_TIMEOUT plus 1 s per MB to download"
+        return HubUnreachableError(
+            f"the Hub at {self.endpoint} did not answer within {allowed:g} s ({doing} {what}{extra})",
+            hint=f"MERGELAB_HUB_TIMEOUT (now {self.timeout:g} s) is the time allowed for one whole Hub operation: "
+                 f"check your network and HF_ENDPOINT (now {self.endpoint}), raise MERGELAB_HUB_TIMEOUT for a slow "
+                 f"link, or retry later; {local_hint}")
 
     # -- error translation -----------------------------------------------------------------------
     @contextlib.contextmanager
     def errors(self, repo: str, revision: str | None = None) -> Iterator[None]:
-        """Turn whatever ``huggingface_hub`` / the HTTP layer raises into one clear SourceError."""
+        """Turn whatever ``huggingface_hub`` / the HTTP layer raises into one clear SourceError.
+
+        A failure after the operation's deadline passed is reported as the deadline, whatever
+        ``huggingface_hub`` wrapped it in (e.g. "cannot find the file in the local cache").
+        """
+        what = f"'{repo}'" + (f" at revision '{revision}'" if revision else "")
+        try:
+            with self._translated(what, repo, revision):
+                yield
+        except (HubNotFoundError, HubAccessError):
+            raise
+        except Exception:
+            left = hub_deadline.remaining()
+            if left is not None and left <= 0:
+                raise self._deadline_error(what, _LOCAL_HINT) from None
+            raise
+
+    @contextlib.contextmanager
+    def _translated(self, what: str, repo: str, revision: str | None) -> Iterator[None]:
         from huggingface_hub import errors as hf
 
         timeouts, transport = _transport_errors()
-        what = f"'{repo}'" + (f" at revision '{revision}'" if revision else "")
-        local_hint = "or download the model elsewhere and put `path: /local/folder` in the recipe instead of `model:`"
+        local_hint = _LOCAL_HINT
         try:
             yield
         except SourceError:
             raise
+        except hub_deadline.HubDeadlineExceeded:
+            raise self._deadline_error(what, local_hint) from None
         except hf.OfflineModeIsEnabled:
             raise HubUnreachableError(
                 f"cannot look up {what}: offline mode is on (HF_HUB_OFFLINE=1)",
@@ -277,10 +346,7 @@ class HubClient:
             raise HubUnreachableError(f"cannot download {what} from {self.endpoint}: {exc}",
                                       hint=f"check your network and HF_ENDPOINT, {local_hint}") from None
         except timeouts:
-            raise HubUnreachableError(
-                f"the Hub at {self.endpoint} did not answer within {self.timeout:g} s (looking up {what})",
-                hint=f"check your network and HF_ENDPOINT (now {self.endpoint}); raise MERGELAB_HUB_TIMEOUT for a "
-                     f"slow link; {local_hint}") from None
+            raise self._deadline_error(what, local_hint) from None
         except transport as exc:
             raise HubUnreachableError(
                 f"cannot connect to the Hub at {self.endpoint} (looking up {what}): {exc}",
@@ -307,7 +373,7 @@ class HubClient:
         url: str | None = f"{self.endpoint}/api/models/{repo}/commits/{quote(revision, safe='')}"
         headers = build_hf_headers(token=self.token)
         while url:
-            with self.errors(repo, revision):
+            with self.operation(), self.errors(repo, revision):  # one page at a time: never held across a yield
                 response = get_session().get(url, headers=headers, timeout=self.timeout)
                 hf_raise_for_status(response)
                 page = [HubCommit(item["id"], parse_datetime(item["date"]), item.get("title", ""))
@@ -318,10 +384,15 @@ class HubClient:
     def commit_on_or_before(self, repo: str, cutoff: datetime, branch: str = "main") -> HubCommit:
         """The last commit of ``branch`` dated on or before ``cutoff``."""
         oldest = None
-        for commit in self.commits(repo, branch):
-            if commit.date <= cutoff:
-                return commit
-            oldest = commit
+        with self.operation():
+            commits = self.commits(repo, branch)
+            try:
+                for commit in commits:
+                    if commit.date <= cutoff:
+                        return commit
+                    oldest = commit
+            finally:
+                commits.close()
         first = f" (its first commit is dated {_iso(oldest.date)})" if oldest else ""
         raise NoCommitBeforeCutoffError(
             f"'{repo}' has no commit on or before the cut-off {_iso(cutoff)}{first}",
@@ -330,19 +401,25 @@ class HubClient:
 
     def model(self, repo: str, revision: str | None = None, *, cutoff: datetime | None = None) -> HubModel:
         """Metadata of ``repo`` at ``revision`` (branch, tag, sha or ``"cutoff"``), sha resolved."""
+        with self.operation():
+            return self._model(repo, revision, cutoff)
+
+    def _model(self, repo: str, revision: str | None, cutoff: datetime | None) -> HubModel:
         requested = revision or "main"
         if requested == CUTOFF_REVISION:
             pinned = self.commit_on_or_before(repo, parse_cutoff(cutoff))
             revision = pinned.sha
         with self.errors(repo, requested):
-            info = self.api.model_info(repo, revision=revision, timeout=self.timeout)
+            info = self.api.model_info(repo, revision=revision, timeout=self.timeout, files_metadata=True)
             sha = info.sha
             if not isinstance(sha, str) or not _SHA.fullmatch(sha):
                 raise ValueError(f"model info has no commit sha (sha={sha!r})")
         if requested == CUTOFF_REVISION:
             commit = pinned
         else:
-            commit = next(self.commits(repo, sha), None)
+            commits = self.commits(repo, sha)
+            commit = next(commits, None)
+            commits.close()
             if commit is None or commit.sha != sha:
                 raise HubResponseError(f"the Hub listed no commit {sha} for '{repo}'",
                                        hint="check that HF_ENDPOINT points to a Hugging Face Hub")
@@ -352,6 +429,7 @@ class HubClient:
             created_at=info.created_at, private=bool(info.private), gated=info.gated or False, card=card,
             files=tuple(s.rfilename for s in info.siblings or ()),
             hub_parameters=info.safetensors.total if info.safetensors else None,
+            sizes={s.rfilename: s.size for s in info.siblings or () if isinstance(s.size, int)},
         )
 
     def parameter_count(self, model: HubModel) -> int:
@@ -364,7 +442,8 @@ class HubClient:
         weights = [f for f in select_files(model.files) if f.endswith(".safetensors")]
         if not weights:
             raise _pickle_or_empty(model)
-        with self.errors(model.repo, model.sha), _quiet_progress():
+        with self.operation(doing="reading the safetensors headers of"), self.errors(model.repo, model.sha), \
+                _quiet_progress():
             if "model.safetensors" in model.files or "model.safetensors.index.json" in model.files:
                 meta = self.api.get_safetensors_metadata(model.repo, revision=model.sha, timeout=self.timeout)
                 return sum(meta.parameter_count.values())
@@ -376,7 +455,7 @@ class HubClient:
         """A small JSON file of ``model`` at its pinned commit (e.g. ``adapter_config.json``)."""
         from huggingface_hub import hf_hub_download
 
-        with self.errors(model.repo, model.sha):
+        with self.operation(doing=f"reading {filename} of"), self.errors(model.repo, model.sha):
             path = hf_hub_download(model.repo, filename, revision=model.sha, endpoint=self.endpoint,
                                    token=self.token, cache_dir=cache_dir, etag_timeout=self.timeout)
             return json.loads(Path(path).read_text())
@@ -388,7 +467,9 @@ class HubClient:
         files = select_files(model.files)
         if not any(f.endswith(".safetensors") for f in files):
             raise _pickle_or_empty(model)
-        with self.errors(model.repo, model.sha):
+        size = sum(model.sizes.get(f, 0) for f in files)
+        with self.operation(self.timeout + size / DOWNLOAD_MIN_RATE, doing="downloading"), \
+                self.errors(model.repo, model.sha):
             folder = snapshot_download(
                 model.repo, revision=model.sha, cache_dir=cache_dir, endpoint=self.endpoint, token=self.token,
                 allow_patterns=[glob.escape(f) for f in files], etag_timeout=self.timeout,

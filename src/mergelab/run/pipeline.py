@@ -41,7 +41,7 @@ from mergelab.recipe import Recipe
 from mergelab.merge import merge
 from mergelab.plan import get_profile, parse_budget, plan_run
 from mergelab.finetune.train import check_data_licences, train_adapter
-from mergelab.hub.rules import check_models, recipe_refs, RulesNotMetError
+from mergelab.hub.rules import check_models, recipe_refs
 from mergelab.errors import BudgetError, OutputExistsError
 from mergelab.evaluate.runner import evaluate
 
@@ -262,12 +262,7 @@ class _Run:
         self.timings["rules"] = time.perf_counter() - t0
         self.stages.append(StageReport("rules", "ran", self.timings["rules"],
                                        "pass" if report.ok else f"{len(report.failures)} failure(s)"))
-        if not report.ok:
-            failed = sorted({f"{f.model} [{f.rule}]" for f in report.failures})
-            raise RulesNotMetError(
-                f"the recipe does not meet the competition rules: {', '.join(failed)}",
-                hint="`mergelab check RECIPE` shows each reason; fix the recipe, or pass --no-rules for a "
-                     "run outside the competition")
+        report.require_pass()  # RulesNotMetError saying in words what failed, why, and what to do
 
     def plan_budget(self) -> None:
         if self.budget_s is not None:

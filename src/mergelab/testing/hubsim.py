@@ -14,7 +14,8 @@ reading safetensors headers)::
 Errors have the Hub's shape: status 401/403/404 with an ``X-Error-Code`` header
 (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``) that ``huggingface_hub``
 turns into its typed exceptions. :meth:`HubSim.set_fault` makes the server hang (to test
-timeouts), answer malformed JSON or fail with HTTP 500. Every request is logged in
+timeouts), trickle its answers one byte at a time (to test the overall deadline), answer
+malformed JSON or fail with HTTP 500. Every request is logged in
 :attr:`HubSim.requests`, so a test can assert what was (not) fetched.
 
 Usage::
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -184,6 +186,7 @@ class HubSim:
         self.page_size = page_size
         self.requests: list[LoggedRequest] = []
         self._fault: tuple[str, str | None] | None = None
+        self.trickle_interval = 3.0
         self._stop = threading.Event()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -193,15 +196,18 @@ class HubSim:
         self.repos[repo.repo_id] = repo
         return repo
 
-    def set_fault(self, kind: str | None, path_contains: str | None = None) -> None:
+    def set_fault(self, kind: str | None, path_contains: str | None = None, *, interval: float = 3.0) -> None:
         """Misbehave on requests whose path contains ``path_contains`` (all when None).
 
-        ``kind``: ``"hang"`` (never answer, until the server stops), ``"malformed"`` (HTTP 200 with
-        a body that is not JSON), ``"500"`` (internal error), or None to behave again.
+        ``kind``: ``"hang"`` (never answer, until the server stops), ``"trickle"`` (send the right
+        answer, status line first, one byte every ``interval`` seconds: each read gets a byte long
+        before a per-read timeout, so only an overall deadline stops the client), ``"malformed"``
+        (HTTP 200 with a body that is not JSON), ``"500"`` (internal error), or None to behave again.
         """
-        if kind not in (None, "hang", "malformed", "500"):
+        if kind not in (None, "hang", "trickle", "malformed", "500"):
             raise ValueError(f"unknown fault {kind!r}")
         self._fault = None if kind is None else (kind, path_contains)
+        self.trickle_interval = interval
 
     @property
     def url(self) -> str:
@@ -304,12 +310,35 @@ class _Handler(BaseHTTPRequestHandler):
                 sim._stop.wait(120)
                 self.close_connection = True
                 return
+            if fault[0] == "trickle":
+                return self._trickle(method, parts.path, query)
             if fault[0] == "500":
                 return self._error(_Answer(500, "Internal Error"))
             if fault[0] == "malformed" and parts.path.startswith("/api/"):
                 return self._send(200, b"<html>Service temporarily unavailable</html>", "application/json")
+        self._answer(method, parts.path, query)
+
+    def _trickle(self, method: str, path: str, query: dict) -> None:
+        """Write the right answer one byte per ``sim.trickle_interval`` s, until done or the server stops."""
+        wire, self.wfile = self.wfile, io.BytesIO()
         try:
-            segments = [unquote(s) for s in parts.path.strip("/").split("/")]
+            self._answer(method, path, query)
+            data = self.wfile.getvalue()
+        finally:
+            self.wfile = wire
+        self.close_connection = True
+        for i in range(len(data)):
+            if self.sim._stop.wait(self.sim.trickle_interval):
+                return
+            try:
+                wire.write(data[i:i + 1])
+                wire.flush()
+            except OSError:  # the client gave up
+                return
+
+    def _answer(self, method: str, path: str, query: dict) -> None:
+        try:
+            segments = [unquote(s) for s in path.strip("/").split("/")]
             if segments[:2] == ["api", "models"] and method == "GET":
                 self._api(segments[2:], query)
             elif "resolve" in segments:
