@@ -67,6 +67,29 @@ CASES = {
                                    base_model=str(fz.base)),
     "model_stock_filter_wise": lambda fz: _cfg(fz, "model_stock", [{"model": str(e)} for e in fz.experts],
                                                base_model=str(fz.base), parameters={"filter_wise": True}),
+    # the spherical and selection methods of mergekit 0.1.5 (issue 18)
+    "karcher": lambda fz: _cfg(fz, "karcher", [  # base_model not among models: one more input
+        {"model": str(e), "parameters": {"weight": w}} for e, w in zip(fz.experts, [1.0, 0.2, 0.5])],
+        base_model=str(fz.base), parameters={"max_iter": 20, "tol": 1e-6}),
+    "karcher_without_base": lambda fz: _cfg(fz, "karcher", [{"model": str(e)} for e in fz.experts]),
+    "nuslerp": lambda fz: _cfg(fz, "nuslerp", [
+        {"model": str(fz.experts[0]), "parameters": {"weight": 0.3}},
+        {"model": str(fz.experts[1]), "parameters": {"weight": [0.9, 0.1]}}], base_model=str(fz.base)),
+    "nuslerp_rows_without_base": lambda fz: _cfg(fz, "nuslerp", [
+        {"model": str(fz.experts[0]), "parameters": {"weight": 1.0}},
+        {"model": str(fz.experts[2]), "parameters": {"weight": 0.6}}],
+        parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "multislerp": lambda fz: _cfg(fz, "multislerp", [
+        {"model": str(e), "parameters": {"weight": w}} for e, w in zip(fz.experts, [1.0, 0.5, [0.1, 0.8]])],
+        base_model=str(fz.base)),
+    "multislerp_without_base": lambda fz: _cfg(fz, "multislerp", [
+        {"model": str(e), "parameters": {"weight": w}} for e, w in zip(fz.experts, [0.2, 0.5, 0.3])],
+        parameters={"normalize_weights": False}),
+    "sce": lambda fz: _cfg(fz, "sce", [{"model": str(fz.base)}] + [{"model": str(e)} for e in fz.experts],
+                           base_model=str(fz.base), parameters={"select_topk": [0.1, 0.6]}),
+    "sce_all": lambda fz: _cfg(fz, "sce", [{"model": str(e)} for e in fz.experts[:2]], base_model=str(fz.base)),
+    "nearswap": lambda fz: _cfg(fz, "nearswap", [{"model": str(fz.base)}, {"model": str(fz.experts[1])}],
+                                base_model=str(fz.base), parameters={"t": [0.001, 0.03]}),
     "slerp": lambda fz: {
         "merge_method": "slerp", "base_model": str(fz.base),
         "slices": [{"sources": [{"model": str(fz.base), "layer_range": [0, 2]},

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.lowrank import LowRank, rank_tol, concat
+from mergelab.methods.lowrank import LowRank, concat, polar, rank_tol, thin_svd
 from mergelab.methods import MethodParams, get_method, register
 
 # ------------------------------------------------------------------------------------ helpers
@@ -49,22 +49,6 @@ def _number(p: MethodParams, key: str, default: float) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise RecipeError(f"parameter {key!r} must be a number, got {v!r}")
     return float(v)
-
-
-def _dense_svd(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD of a dense matrix with the numerically-zero part dropped."""
-    u, s, vh = torch.linalg.svd(t.float(), full_matrices=False)
-    keep = int((s > rank_tol(s, t.shape)).sum())
-    return u[:, :keep], s[:keep], vh[:keep]
-
-
-def _polar(x: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ`` (nearest matrix with orthonormal
-    columns or rows, Procrustes)."""
-    if x.numel() == 0:
-        return x
-    p_, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p_ @ qh
 
 
 def _task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -119,8 +103,8 @@ def _tsv(svds, w: Sequence[float], lam: float, k: int, shape: tuple[int, int], d
         vhs.append(vh[:k])
     if not us:
         return LowRank.zeros(shape, device=device)
-    u_perp = _polar(torch.cat(us, dim=1))
-    vh_perp = _polar(torch.cat(vhs, dim=0))
+    u_perp = polar(torch.cat(us, dim=1))
+    vh_perp = polar(torch.cat(vhs, dim=0))
     return LowRank(u_perp * (lam * torch.cat(ss)), vh_perp)
 
 
@@ -153,7 +137,7 @@ def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) ->
     if base.dim() != 2:
         return _mean_weighted(base, taus, w, lam)
     shape = tuple(base.shape)
-    svds = [_dense_svd(t) for t in taus]
+    svds = [thin_svd(t) for t in taus]
     return base + _tsv(svds, w, lam, _tsv_k(p, shape, len(taus)), shape, base.device).dense()
 
 
@@ -191,7 +175,7 @@ def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     if base.dim() != 2:
         return _mean_weighted(base, taus, w, lam)
     m = sum(wi * t for wi, t in zip(w, taus))
-    return base + _iso(*_dense_svd(m), lam).dense()
+    return base + _iso(*thin_svd(m), lam).dense()
 
 
 # ------------------------------------------------------------------------------------ KnOTS
@@ -272,7 +256,7 @@ def knots(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     if base.dim() != 2:
         return _inner_method(p).fn(base, experts, p)
     taus = _task_vectors(base, experts)
-    u, s, _ = _dense_svd(torch.cat(taus, dim=1))
+    u, s, _ = thin_svd(torch.cat(taus, dim=1))
     # Vhᵢ = S⁻¹ Uᵀ τᵢ (the i-th block of Vh): exactly zero for an expert that changes nothing,
     # where the SVD's block would hold rounding noise that TIES would count as votes
     vhs = [(u.T @ t) / s[:, None] for t in taus]

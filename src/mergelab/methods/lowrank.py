@@ -91,6 +91,23 @@ def rank_tol(s: torch.Tensor, shape: Sequence[int]) -> float:
     return float(s.max()) * max(shape) * torch.finfo(torch.float32).eps
 
 
+def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``U, S, Vh`` of a dense matrix with the numerically-zero part (σ ≤
+    max(out, in)·ε·σ₁) dropped: those directions are arbitrary, so no result should depend on them."""
+    u, s, vh = torch.linalg.svd(m.float(), full_matrices=False)
+    keep = int((s > rank_tol(s, m.shape)).sum())
+    return u[:, :keep], s[:keep], vh[:keep]
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ``: the nearest matrix with orthonormal
+    columns (or rows) to ``x`` (Procrustes)."""
+    if x.numel() == 0:
+        return x
+    p_, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p_ @ qh
+
+
 def concat(parts: Sequence[LowRank | None], coeffs: Sequence[float] | None = None,
            shape: Sequence[int] | None = None) -> LowRank:
     """``Σ cᵢ Bᵢ Aᵢ`` as one factorisation ``[c₁B₁ … c_TB_T] @ [A₁; …; A_T]`` (exact; rank Σ kᵢ;

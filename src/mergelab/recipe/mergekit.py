@@ -10,10 +10,17 @@ from mergelab.errors import RecipeError
 
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                    "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp")
+                    "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp",
+                    "karcher", "nuslerp", "multislerp", "sce", "nearswap")
 
 
 _MERGEKIT_IGNORED = {"int8_mask"}
+#: per-model parameters that mergekit 0.1.5 accepts and ignores for a method (dropped here)
+_MERGEKIT_IGNORED_BY_METHOD = {"karcher": {"weight"}, "sce": {"weight"}}
+#: methods whose base_model, if any, is one more averaged input (mergekit ignores the base role)
+_BASE_IS_AN_INPUT = ("linear", "karcher")
+#: methods that interpolate the models themselves when there is no base_model (`use_base: false`)
+_BASE_OPTIONAL = ("nuslerp", "multislerp")
 
 
 def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
@@ -64,22 +71,25 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
 
     base_ref = _mergekit_ref(cfg["base_model"], root, "base_model") if cfg.get("base_model") else None
     experts = [(ref, params) for ref, params in entries if ref != base_ref]
+    global_params = {k: v for k, v in (cfg.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
     if base_ref is None:
-        if method != "linear":
+        if method not in _BASE_IS_AN_INPUT + _BASE_OPTIONAL:
             fail("base_model", f"{method} needs a base_model")
         base_ref = entries[0][0]  # mergekit takes config and tokenizer from the first model
         experts = entries
-    elif method == "linear" and len(experts) == len(entries):
+        if method in _BASE_OPTIONAL:
+            global_params["use_base"] = False
+    elif method in _BASE_IS_AN_INPUT and len(experts) == len(entries):
         # mergekit adds a base_model that is not among `models` to the average as one more input
         experts = entries + [(base_ref, {})]
-    elif method == "linear":
+    elif method in _BASE_IS_AN_INPUT:
         experts = entries  # the base is one of the averaged models, with its own weight
 
-    global_params = {k: v for k, v in (cfg.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
+    ignored = _MERGEKIT_IGNORED | _MERGEKIT_IGNORED_BY_METHOD.get(method, set())
     dtype = cfg.get("out_dtype") or cfg.get("dtype")
     out: dict[str, Any] = {
         "base": base_ref,
-        "experts": [{**ref, **{k: v for k, v in params.items() if k not in _MERGEKIT_IGNORED}}
+        "experts": [{**ref, **{k: v for k, v in params.items() if k not in ignored}}
                     for ref, params in experts],
         "method": {"name": method, **global_params},
     }

@@ -1,0 +1,113 @@
+"""Entry-wise selection merges: SCE (select, calculate, erase) and NearSwap (as mergekit 0.1.5 has them).
+
+Notation as in :mod:`mergelab.methods.basic`: ``θ_0`` base, ``θ_i`` experts, ``δ_i = θ_i − θ_0``.
+Both work entry by entry in chunks of the flattened tensor (see :mod:`mergelab.methods.sparsify`),
+so the temporaries stay small.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mergelab.errors import RecipeError
+from mergelab.methods import MethodParams, register
+from mergelab.methods.sparsify import chunks, topk_mask
+
+
+def _variance(b: torch.Tensor, es: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per entry, the population variance of the task vectors ``e − b`` across experts (flat)."""
+    out = torch.empty_like(b)
+    for sl in chunks(b.numel(), b.device):
+        torch.var(torch.stack([e[sl] - b[sl] for e in es]), dim=0, unbiased=False, out=out[sl])
+    return out
+
+
+@register("sce", global_params=("select_topk", "lambda"))
+def sce(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """SCE: select the entries where the experts differ most, weigh each expert by its energy,
+    erase the entries that disagree with the elected sign.
+
+    1. **select**: with ``select_topk < 1``, keep in every ``δ_i`` only the ``k`` entries of
+       largest variance across the experts, ``v = Var_i(δ_i)`` (population variance),
+       ``k = ⌊select_topk · #(v ≠ 0)⌋`` (the product taken in float32, as mergekit does);
+    2. **calculate**: ``c_i = mean(δ̃_i²) / Σ_j mean(δ̃_j²)`` (equal ``1/T`` when that sum is below
+       1e-6 — mergekit's threshold, met by small task vectors);
+    3. **erase**: ``s = sign(Σ_i δ̃_i)`` (``+`` for 0), ``a_i = [sign δ̃_i = s]``, and
+
+        θ = θ_0 + λ · Σ_i a_i c_i δ̃_i / max(Σ_i a_i c_i, 1e-6).
+
+    Defaults: ``select_topk`` 1 (no selection), ``lambda`` 1 (not in mergekit). Among entries of
+    equal variance at the cut, the lower index is kept (mergekit's ``topk`` picks arbitrarily).
+    The experts' ``weight`` plays no part (as in mergekit).
+
+    Paper: Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (arXiv:2408.07990).
+    """
+    topk = float(p.get("select_topk", 1.0))
+    lam = float(p.get("lambda", 1.0))
+    shape, device, n = base.shape, base.device, base.numel()
+    b = base.reshape(-1)
+    es = [e.reshape(-1) for e in experts]
+    keep = None
+    if topk < 1:
+        k = 0
+        if topk > 0:
+            var = _variance(b, es)
+            k = int(torch.tensor(int(torch.count_nonzero(var))) * topk)  # in float32, as mergekit
+        keep = topk_mask(var, torch.zeros_like(var), k) if k > 0 else torch.zeros(n, dtype=torch.bool, device=device)
+
+    def deltas(sl: slice) -> list[torch.Tensor]:
+        ds = [torch.sub(e[sl], b[sl]) for e in es]
+        if keep is not None:
+            for d in ds:
+                d.mul_(keep[sl])
+        return ds
+
+    energies = [0.0] * len(es)
+    for sl in chunks(n, device):
+        for i, d in enumerate(deltas(sl)):
+            energies[i] += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
+    energies = [x / max(n, 1) for x in energies]
+    total = sum(energies)
+    coefs = [1.0 / len(es)] * len(es) if abs(total) < 1e-6 else [x / total for x in energies]
+    out = torch.empty_like(b)
+    for sl in chunks(n, device):
+        ds = deltas(sl)
+        mixed = torch.stack(ds).sum(dim=0)
+        sign = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed.zero_()
+        divisor = torch.zeros_like(mixed)
+        for d, c in zip(ds, coefs):
+            weight = (torch.sign(d) == sign).to(d.dtype).mul_(c)
+            mixed.addcmul_(d, weight)
+            divisor.add_(weight)
+        mixed.div_(divisor.clamp_(min=1e-6))
+        torch.add(b[sl], mixed, alpha=lam, out=out[sl])
+    return out.view(shape)
+
+
+@register("nearswap", n_experts=(1, 1), global_params=("t",))
+def nearswap(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """NearSwap: take the expert's value where it is near the base's, keep the base's elsewhere.
+
+    Per entry, ``a = |θ_1 − θ_0|`` and ``w = clamp(t / max(a, 1e-6), 0, 1)``:
+
+        θ = w θ_1 + (1 − w) θ_0,
+
+    so entries closer than ``t`` are swapped to the expert entirely and farther ones move towards
+    it by ``t/a``. ``t`` is required (> 0; a list varies it across layers). Exactly one expert.
+
+    Reference: alchemonaut, "QuartetAnemoi-70B" (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001),
+    mergekit's ``nearswap``.
+    """
+    t = p.get("t")
+    if t is None:
+        raise RecipeError("nearswap needs the parameter t (entries closer than t take the expert's value)",
+                          hint="add e.g. `t: 0.0001` to the method")
+    t = float(t)
+    a, b = base.reshape(-1), experts[0].reshape(-1)
+    out = torch.empty_like(a)
+    for sl in chunks(a.numel(), a.device):
+        w = (t / torch.sub(a[sl], b[sl]).abs_().clamp_(min=1e-6)).clamp_(0, 1)
+        out[sl] = w * b[sl] + (1 - w) * a[sl]
+    return out.view(base.shape)
