@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
         from mergelab.merge import merge
         from mergelab.errors import RecipeError
         from mergelab.recipe import Recipe, load_recipe
+        from mergelab.util import check_output_path
 
+        check_output_path(out, [recipe])   # the models are checked by merge() itself
         r = load_recipe(recipe)
         overrides = {k: v for k, v in (("shard_size", shard_size), ("dtype", dtype)) if v is not None}
         if overrides:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from mergelab.merge.adapter import LoraMergeResult, merge_to_adapter
 from mergelab.merge.full import MergeResult, merge_full
 from mergelab.recipe import Recipe, load_recipe
+from mergelab.util import check_output_path
 
 __all__ = ["merge", "MergeResult", "LoraMergeResult"]
 
@@ -26,6 +27,8 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     ``workers`` (tensors or modules merged at once) never changes the output bytes.
     ``exact_ties=False`` lets the adapter path take TIES' magnitude cuts from a sample.
     """
+    if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too
+        check_output_path(out_dir, [recipe])
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.output.format == "lora":

@@ -50,8 +50,8 @@ from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key
-from mergelab.util import atomic_output_dir, check_output_dir, pick_device
-from mergelab.merge.inputs import check_not_an_input, open_inputs
+from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
+from mergelab.merge.inputs import input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
@@ -290,6 +290,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
     check_output_dir(out_dir, force)
     dev = pick_device(device)
     spec = get_method(recipe.method.name)
@@ -301,7 +302,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
                 f"experts[{i}] ({path}): output format lora needs every expert to be a LoRA adapter, "
                 "and this is not one (no adapter_config.json)",
                 hint="use output format full to merge full fine-tunes, alone or mixed with LoRA adapters")
-    check_not_an_input(out_dir, [base_path, *expert_paths])
+    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened, open_lora_expert)

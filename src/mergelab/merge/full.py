@@ -35,13 +35,13 @@ from pathlib import Path
 import torch
 
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
-from mergelab.util import atomic_output_dir, check_output_dir
+from mergelab.util import atomic_output_dir, check_output_dir, check_output_path
 from mergelab.errors import RecipeError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import pick_device
-from mergelab.merge.inputs import open_inputs, TensorTask, align_tensors, check_not_an_input
+from mergelab.merge.inputs import open_inputs, TensorTask, align_tensors, input_paths
 from mergelab.merge.statistics import data_statistics
 
 __all__ = ["merge_full", "MergeResult"]
@@ -84,13 +84,14 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
     check_output_dir(out_dir, force)
     dev = pick_device(device)
     spec = get_method(recipe.method.name)
 
     base_path = recipe.base.resolve()
     expert_paths = [e.resolve() for e in recipe.experts]
-    check_not_an_input(out_dir, [base_path, *expert_paths])
+    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)

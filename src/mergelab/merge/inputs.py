@@ -184,11 +184,10 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
     return tasks
 
 
-def check_not_an_input(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output folder that is, or holds, one of the inputs (``--force`` would delete it)."""
-    out_abs = out_dir.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if p == out_abs or out_abs in p.parents:
-            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
-                                hint="write the merge to a new folder")
+def input_paths(recipe: Recipe, base_path=None, expert_paths: Sequence = ()) -> list[Path]:
+    """Every file or folder the merge reads: base, experts (local, or resolved when given) and the
+    experts' data files — what the output must never be, hold or lie inside."""
+    paths = [Path(p) for p in (base_path, *expert_paths) if p is not None]
+    paths += [Path(r.path) for r in (recipe.base, *recipe.experts) if r.path is not None]
+    paths += [Path(f) for e in recipe.experts for f in (e.data or [])]
+    return paths

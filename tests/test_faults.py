@@ -1,0 +1,322 @@
+"""Faults and dangerous inputs: an output that would destroy an input, OS errors while writing,
+Ctrl-C and SIGKILL, non-finite values, experts of another model. Each ends in one message (exit 2,
+130 for Ctrl-C) and leaves the inputs and any earlier output as they were."""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergelab.cli import main
+
+
+def _write(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _digest(path: Path) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of the file itself)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f.relative_to(path.parent)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".mergelab-tmp-" in p.name or ".mergelab-old-" in p.name)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _recipe(tmp_path: Path, base: Path, experts: list[Path], name="r.yaml", **extra) -> Path:
+    return _write(tmp_path / name, {"base": {"path": str(base)},
+                                    "experts": [{"path": str(e)} for e in experts],
+                                    "method": {"name": "task_arithmetic", "lambda": 0.5}, **extra})
+
+
+def _csv(path: Path) -> Path:
+    from mergelab.testing import write_mixed_csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_mixed_csv(path, 4, choice_input="Pick {i}", choices=["yes", "no"],
+                           gen_input="Say {i}", gen_target="{i}")
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    return " ".join(err.split())   # whatever the console width
+
+
+# ------------------------------------------------------------------ 1. one output-path guard
+
+
+def test_eval_out_is_the_model_refused_even_with_force(zoo, tmp_path, capsys):
+    model = _copy(zoo["llama"].base, tmp_path / "M")
+    data = _csv(tmp_path / "x.csv")
+    before = _digest(model)
+    assert main(["eval", str(model), "--data", str(data), "--out", str(model), "--force",
+                 "--device", "cpu"]) == 2
+    err = _error(capsys)
+    assert f"the output {model} is the input {model}" in err and "--force never overrides" in err
+    assert _digest(model) == before
+
+
+def test_eval_out_is_the_folder_of_the_data_refused(zoo, tmp_path, capsys):
+    data = _csv(tmp_path / "D" / "x.csv")
+    before = _digest(data.parent)
+    assert main(["eval", str(zoo["llama"].base), "--data", str(data), "--out", str(data.parent), "--force",
+                 "--device", "cpu"]) == 2
+    assert f"holds the input {data}" in _error(capsys)
+    assert _digest(data.parent) == before
+
+
+def test_evaluate_api_refuses_an_out_inside_the_adapter(zoo, tmp_path):
+    from mergelab.errors import OutputPathError
+    from mergelab.evaluate import evaluate
+
+    adapter = _copy(zoo["llama"].loras[0], tmp_path / "A")
+    with pytest.raises(OutputPathError, match="lies inside the input folder"):
+        evaluate(zoo["llama"].base, [_csv(tmp_path / "x.csv")], adapter / "eval", adapter=adapter, force=True)
+    assert not (adapter / "eval").exists()
+
+
+def test_merge_out_is_a_shard_of_the_base_refused(zoo, tmp_path, capsys):
+    base = _copy(zoo["llama"].base, tmp_path / "BASE")
+    recipe = _recipe(tmp_path, base, zoo["llama"].experts[:1])
+    shard = base / "model-00001-of-00009.safetensors"
+    before = _digest(base)
+    assert main(["merge", str(recipe), "--out", str(shard), "--force", "-q"]) == 2
+    assert f"the output {shard} lies inside the input folder {base}" in _error(capsys)
+    assert shard.is_file() and _digest(base) == before
+
+
+def test_merge_out_is_the_recipe_refused(zoo, tmp_path, capsys):
+    recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].experts[:1])
+    text = recipe.read_text()
+    assert main(["merge", str(recipe), "--out", str(recipe), "--force", "-q"]) == 2
+    assert f"the output {recipe} is the input {recipe}" in _error(capsys)
+    assert recipe.read_text() == text
+
+
+@pytest.mark.parametrize("where", ["inside_base", "expert", "holds_data"])
+def test_merge_out_overlapping_an_input_refused_on_both_paths(zoo, tmp_path, where):
+    from mergelab.errors import OutputPathError
+    from mergelab.merge import merge
+
+    fz = zoo["llama"]
+    base = _copy(fz.base, tmp_path / "BASE")
+    lora = _copy(fz.loras[0], tmp_path / "L0")
+    before = {**_digest(base), **_digest(lora)}
+    if where == "holds_data":   # a data-aware method reads CSV files: their folder is an input too
+        data = _csv(tmp_path / "D" / "x.csv")
+        recipe = {"base": {"path": str(base)}, "experts": [{"path": str(lora), "data": [str(data)]}],
+                  "method": {"name": "regmean"}, "output": {"format": "lora"}}
+        out = data.parent
+    else:
+        recipe = {"base": {"path": str(base)}, "experts": [{"path": str(lora)}],
+                  "method": {"name": "task_arithmetic"}}
+        out = base / "merged" if where == "inside_base" else lora
+    for fmt in ("full", "lora"):
+        recipe["output"] = {"format": fmt}
+        with pytest.raises(OutputPathError):
+            merge(recipe, out, force=True, progress=False)
+    assert {**_digest(base), **_digest(lora)} == before
+    assert not (base / "merged").exists()
+
+
+def test_run_out_holding_the_recipe_or_the_eval_data_refused(zoo, tmp_path, capsys):
+    data = _csv(tmp_path / "data" / "x.csv")
+    recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].experts[:1], eval={"data": [str(data)]})
+    before = {**_digest(recipe), **_digest(data)}
+    assert main(["run", str(recipe), "--out", str(tmp_path), "--no-rules", "-q"]) == 2
+    assert f"holds the input {recipe}" in _error(capsys)
+    assert main(["run", str(recipe), "--out", str(data.parent), "--no-rules", "-q"]) == 2
+    assert "holds the input" in _error(capsys)
+    assert {**_digest(recipe), **_digest(data)} == before and not (tmp_path / "manifest.json").exists()
+
+
+def test_tune_out_is_the_recipe_refused(zoo, tmp_path, capsys):
+    data = _csv(tmp_path / "val.csv")
+    recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].loras[:2],
+                     tune={"params": {"lambda": {"low": 0.0, "high": 1.0}}, "data": [str(data)], "trials": 2})
+    text = recipe.read_text()
+    assert main(["tune", str(recipe), "--out", str(recipe), "-q"]) == 2
+    assert f"the output {recipe} is the input" in _error(capsys)
+    assert main(["tune", str(recipe), "--out", str(tmp_path), "-q"]) == 2
+    assert "holds the input" in _error(capsys)
+    assert recipe.read_text() == text and not (tmp_path / "split").exists()
+
+
+# ------------------------------------------------------------------------ 2. OS errors
+
+
+def _full_and_lora(zoo, tmp_path):
+    fz = zoo["llama"]
+    full = _recipe(tmp_path, fz.base, fz.experts[:2], name="full.yaml")
+    lora = _recipe(tmp_path, fz.base, fz.loras[:2], name="lora.yaml", output={"format": "lora"})
+    return full, lora
+
+
+@pytest.mark.parametrize("fmt", ["full", "lora"])
+def test_disk_full_while_merging_is_one_message_and_leaves_nothing(zoo, tmp_path, capsys, monkeypatch, fmt):
+    recipes = dict(zip(("full", "lora"), _full_and_lora(zoo, tmp_path)))
+    out = tmp_path / "out"
+    assert main(["merge", str(recipes[fmt]), "--out", str(out), "-q"]) == 0
+    before = _digest(out)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full_disk)           # the shard writer of a full merge
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)  # the adapter writer
+    assert main(["merge", str(recipes[fmt]), "--out", str(out), "--force", "-q"]) == 2
+    err = _error(capsys)
+    assert f"could not write {out}: no space left on the device" in err
+    assert "free space on that disk" in err and "Traceback" not in err
+    assert _digest(out) == before and _temps(tmp_path) == []   # the old output as it was, no temp folder
+
+
+def test_file_size_limit_is_a_real_kernel_error_mapped_to_one_message(zoo, tmp_path):
+    """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG): a real OS error, not a mock."""
+    recipe, _ = _full_and_lora(zoo, tmp_path)
+    out = tmp_path / "out"
+    script = tmp_path / "limited.py"
+    script.write_text(textwrap.dedent(f"""
+        import resource, signal, sys
+        from mergelab.cli import main
+        import mergelab.merge, mergelab.methods, torch   # imported before the limit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # an error, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        sys.exit(main(["merge", {str(recipe)!r}, "--out", {str(out)!r}, "-q", "--device", "cpu"]))
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "file size limit" in r.stderr and "ulimit -f" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and _temps(tmp_path) == []
+
+
+def test_read_only_output_folder_is_one_message(zoo, tmp_path, capsys, monkeypatch):
+    recipe, _ = _full_and_lora(zoo, tmp_path)
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    if os.geteuid() == 0:   # root writes through chmod: make the folder refuse like a read-only one
+        real_mkdir = Path.mkdir
+
+        def refuse(self, *args, **kwargs):
+            if self.parent == parent:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+    else:
+        parent.chmod(0o555)
+    try:
+        assert main(["merge", str(recipe), "--out", str(parent / "out"), "-q"]) == 2
+    finally:
+        parent.chmod(0o755)
+    err = _error(capsys)
+    assert f"could not write {parent / 'out'}: permission denied" in err and "you may write to" in err
+    assert list(parent.iterdir()) == []
+
+
+def test_eval_disk_full_is_one_message(zoo, tmp_path, capsys, monkeypatch):
+    from mergelab.errors import OutputWriteError
+    from mergelab.evaluate import evaluate
+    from mergelab.evaluate.options import EvalOptions
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("mergelab.evaluate.runner.write_submission", full_disk)
+    with pytest.raises(OutputWriteError, match="no space left"):
+        evaluate(zoo["llama"].base, [_csv(tmp_path / "x.csv")], tmp_path / "out", EvalOptions(device="cpu"))
+    assert not (tmp_path / "out").exists() and _temps(tmp_path) == []
+
+
+# ------------------------------------------------------------------- 3. Ctrl-C and SIGKILL
+
+_SLOW_MERGE = """
+import sys, time
+from mergelab.cli import main
+from mergelab.methods import register
+
+@register("slow_copy", expert_params=("weight",))
+def slow_copy(base, experts, p):   # 0.4 s per tensor: long enough to be interrupted
+    time.sleep(0.4)
+    return experts[0].clone()
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_slow_merge(zoo, tmp_path, out: Path) -> subprocess.Popen:
+    fz = zoo["llama"]
+    recipe = _write(tmp_path / "slow.yaml", {"base": {"path": str(fz.base)},
+                                             "experts": [{"path": str(fz.experts[0])}],
+                                             "method": {"name": "slow_copy"}})
+    script = tmp_path / "slow_merge.py"
+    script.write_text(_SLOW_MERGE)
+    proc = subprocess.Popen([sys.executable, str(script), "merge", str(recipe), "--out", str(out), "-q",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not _temps(out.parent):   # wait until it writes
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the merge did not start"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    return proc
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(zoo, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_merge(zoo, tmp_path, out)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert " ".join(err.split()) == f"interrupted; nothing was written to {out} (it was left as it was)"
+    assert not out.exists() and _temps(tmp_path) == []
+
+
+def test_sigkilled_merge_leaves_a_temp_with_its_pid_that_the_next_merge_removes(zoo, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_merge(zoo, tmp_path, out)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = _temps(tmp_path)
+    assert len(left) == 1 and left[0].startswith(f".out.mergelab-tmp-{proc.pid}-")
+    # a temp folder of a live process (another merge into the same place) is kept
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = tmp_path / f".out.mergelab-tmp-{live.pid}-0badc0de"
+        busy.mkdir()
+        recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].experts[:1])
+        assert main(["merge", str(recipe), "--out", str(out), "-q"]) == 0
+        assert _temps(tmp_path) == [busy.name]
+    finally:
+        live.kill()
+        live.wait()
+    assert main(["merge", str(recipe), "--out", str(out), "--force", "-q"]) == 0
+    assert _temps(tmp_path) == []
+
+
+def test_run_refolder_with_a_killed_merges_temp_is_resumed_not_refused(zoo, tmp_path):
+    """A run killed during its first merge leaves only a temp folder: the rerun goes ahead."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".model.mergelab-tmp-999999999-0badc0de").mkdir()   # no such pid
+    recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].experts[:1])
+    assert main(["run", str(recipe), "--out", str(run), "--no-rules", "-q"]) == 0
+    assert (run / "manifest.json").is_file() and _temps(run) == []
