@@ -320,3 +320,107 @@ def test_run_refolder_with_a_killed_merges_temp_is_resumed_not_refused(zoo, tmp_
     recipe = _recipe(tmp_path, zoo["llama"].base, zoo["llama"].experts[:1])
     assert main(["run", str(recipe), "--out", str(run), "--no-rules", "-q"]) == 0
     assert (run / "manifest.json").is_file() and _temps(run) == []
+
+
+# ---------------------------------------------------------------------- 4. non-finite values
+
+
+def _poison(folder: Path, value: float, *, key_part: str = "q_proj", index: int = 3) -> str:
+    """Put ``value`` into one entry of the first tensor whose name holds ``key_part``; its name."""
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(f))
+        name = next((n for n in sorted(tensors) if key_part in n), None)
+        if name is not None:
+            tensors[name].view(-1)[index] = value
+            save_file(tensors, str(f), metadata={"format": "pt"})
+            return name
+    raise AssertionError(f"no tensor with {key_part!r} in {folder}")
+
+
+def test_nan_in_a_full_expert_is_refused_naming_tensor_and_expert(zoo, tmp_path, capsys):
+    fz = zoo["llama"]
+    bad = _copy(fz.experts[1], tmp_path / "bad")
+    name = _poison(bad, float("nan"))
+    recipe = _recipe(tmp_path, fz.base, [fz.experts[0], bad])
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = _error(capsys)
+    assert f"tensor {name!r} of expert 1 ({bad}) holds 1 NaN value(s)" in err and "allow_nonfinite" in err
+    assert not (tmp_path / "out").exists() and _temps(tmp_path) == []
+
+
+def test_inf_in_the_base_is_refused(zoo, tmp_path):
+    from mergelab.errors import NonFiniteError
+    from mergelab.merge import merge
+
+    base = _copy(zoo["llama"].base, tmp_path / "base")
+    name = _poison(base, float("-inf"), key_part="down_proj")
+    with pytest.raises(NonFiniteError, match=rf"tensor '{name}' of the base holds 1 infinite"):
+        merge(_recipe(tmp_path, base, zoo["llama"].experts[:2]), tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["full", "lora"])
+def test_nan_in_a_lora_expert_is_refused_on_both_paths(zoo, tmp_path, fmt):
+    from mergelab.errors import NonFiniteError
+    from mergelab.merge import merge
+
+    fz = zoo["llama"]
+    bad = _copy(fz.loras[0], tmp_path / "bad")
+    _poison(bad, float("nan"), key_part="lora_B")
+    recipe = _recipe(tmp_path, fz.base, [fz.loras[1], bad], output={"format": fmt})
+    with pytest.raises(NonFiniteError, match=rf"of expert 1 \({bad}\).* holds \d+ NaN"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_overflow_in_the_result_is_refused_as_the_merged_result(zoo, tmp_path):
+    """Finite inputs, but 1e6 does not fit in float16: the cast makes it infinite."""
+    from mergelab.errors import NonFiniteError
+    from mergelab.merge import merge
+
+    big = _copy(zoo["llama"].experts[0], tmp_path / "big")
+    name = _poison(big, 1e6)
+    recipe = _recipe(tmp_path, zoo["llama"].base, [big], output={"dtype": "float16"})
+    with pytest.raises(NonFiniteError, match=rf"tensor '{name}' of the merged result holds 1 infinite"):
+        merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_allow_nonfinite_merges_anyway_by_flag_or_recipe_key(zoo, tmp_path):
+    from mergelab.io.checkpoint import CheckpointReader
+
+    fz = zoo["llama"]
+    bad = _copy(fz.experts[1], tmp_path / "bad")
+    name = _poison(bad, float("nan"))
+    recipe = _recipe(tmp_path, fz.base, [fz.experts[0], bad])
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "a"), "-q", "--allow-nonfinite"]) == 0
+    keyed = _recipe(tmp_path, fz.base, [fz.experts[0], bad], name="keyed.yaml", output={"allow_nonfinite": True})
+    assert main(["merge", str(keyed), "--out", str(tmp_path / "b"), "-q"]) == 0
+    for out in ("a", "b"):
+        with CheckpointReader(tmp_path / out) as merged:
+            assert merged.get(name).isnan().sum() == 1
+
+
+def test_run_allow_nonfinite_is_recorded_in_the_manifest(zoo, tmp_path):
+    fz = zoo["llama"]
+    bad = _copy(fz.experts[1], tmp_path / "bad")
+    _poison(bad, float("nan"))
+    recipe = _recipe(tmp_path, fz.base, [bad])
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--no-rules", "-q"]) == 2
+    assert not (tmp_path / "run" / "model").exists()
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--no-rules", "-q", "--allow-nonfinite"]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["recipe"]["output"]["allow_nonfinite"] is True
+
+
+def test_in_place_merger_refuses_nan_experts(zoo, tmp_path):
+    from mergelab.errors import NonFiniteError
+    from mergelab.merge.inplace import InPlaceMerger
+    from mergelab.recipe import load_recipe
+    from mergelab.testing import load_model
+
+    fz = zoo["llama"]
+    bad = _copy(fz.loras[0], tmp_path / "bad")
+    _poison(bad, float("nan"), key_part="lora_A")
+    with pytest.raises(NonFiniteError, match="expert 0"):
+        InPlaceMerger(load_recipe(_recipe(tmp_path, fz.base, [bad])), load_model(fz.base))

@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype",
                                             help="Output dtype: float32, float16 or bfloat16 (overrides the recipe)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                             help="Merge although an input or the result holds NaN/Inf "
+                                                  "(output.allow_nonfinite; refused by default)."),
     ) -> None:
         """Merge the models of a recipe into one model folder, streaming tensor by tensor."""
         from rich.console import Console
@@ -38,7 +41,8 @@ def register(app: typer.Typer) -> None:
 
         check_output_path(out, [recipe])   # the models are checked by merge() itself
         r = load_recipe(recipe)
-        overrides = {k: v for k, v in (("shard_size", shard_size), ("dtype", dtype)) if v is not None}
+        overrides = {k: v for k, v in (("shard_size", shard_size), ("dtype", dtype),
+                                       ("allow_nonfinite", allow_nonfinite or None)) if v is not None}
         if overrides:
             try:
                 r = Recipe.model_validate({**r.model_dump(), "output": {**r.output.model_dump(), **overrides}})

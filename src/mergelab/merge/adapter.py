@@ -51,7 +51,7 @@ from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key
 from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
-from mergelab.merge.inputs import input_paths, open_inputs
+from mergelab.merge.inputs import RESULT, check_finite, describe_expert, input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
@@ -200,7 +200,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
                        params_for: Callable[[str], MethodParams], *, rank: int | None = None,
                        energy: float | None = None, device: torch.device = torch.device("cpu"),
                        seed: int = 0, workers: int | None = None, exact_ties: bool = True,
-                       on_module: Callable[[ModuleResult], None] | None = None) -> list[ModuleResult]:
+                       on_module: Callable[[ModuleResult], None] | None = None,
+                       finite: bool = True) -> list[ModuleResult]:
     """Merge every module that at least one adapter changes; results in the base's tensor order.
 
     ``base`` is the base :class:`~mergelab.io.checkpoint.TensorSource` (read only by the
@@ -208,6 +209,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
     ``workers`` modules are merged at once (default: one per torch thread on the CPU, each
     running torch single-threaded, as the engine does, so the bits do not depend on ``workers``;
     one on a GPU); only their factors (and, on the dense routes, their ΔWᵢ) are held.
+    ``finite``: refuse NaN/Inf in an expert's factors or in the merged factors
+    (:class:`~mergelab.errors.NonFiniteError`).
     """
     names = sorted({n for e in experts for n in e.modules}, key=natural_key)
     threads = torch.get_num_threads()
@@ -215,11 +218,20 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
 
     def work(name: str) -> ModuleResult:
         parts = [e.factors(name) for e in experts]
+        if finite:
+            for i, (e, q) in enumerate(zip(experts, parts)):
+                if q is not None:
+                    check_finite(q.B, name, f"{describe_expert(i, e)} (LoRA B)")
+                    check_finite(q.A, name, f"{describe_expert(i, e)} (LoRA A)")
         parts = [None if q is None else q.to(device) for q in parts]
         res = merge_module(name, parts, spec, params_for(name), tuple(base.shape(name)), rank=rank,
                            energy=energy, base_tensor=lambda: base.get(name), seed=seed, device=device,
                            exact_ties=exact_ties)
-        return ModuleResult(res.name, res.factors.to("cpu"), res.route, res.input_rank, res.rel_error)
+        out = res.factors.to("cpu")
+        if finite:
+            check_finite(out.B, name, RESULT)
+            check_finite(out.A, name, RESULT)
+        return ModuleResult(res.name, out, res.route, res.input_rank, res.rel_error)
 
     results: list[ModuleResult] = []
     if device.type == "cpu":  # single-threaded torch per module: the same bits for any worker count
@@ -328,7 +340,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
             results = merge_lora_experts(base, experts, spec, params_for, rank=recipe.output.rank,
                                          energy=recipe.output.energy, device=dev, seed=recipe.seed,
                                          workers=workers, exact_ties=exact_ties and recipe.output.ties_cuts == "exact",
-                                         on_module=bar.advance)
+                                         on_module=bar.advance, finite=not recipe.output.allow_nonfinite)
         t_merge = time.perf_counter()
         modules = {r.name: OutputModule(r.factors, kinds[r.name]) for r in results}
         dtype = recipe.output.torch_dtype or _common((e.adapter.dtype for e in experts), torch.float32)

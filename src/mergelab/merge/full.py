@@ -41,7 +41,8 @@ from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import pick_device
-from mergelab.merge.inputs import open_inputs, TensorTask, align_tensors, input_paths
+from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, describe_expert, input_paths,
+                                   open_inputs)
 from mergelab.merge.statistics import data_statistics
 
 __all__ = ["merge_full", "MergeResult"]
@@ -206,6 +207,12 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
         else:  # the method ignores it: a zero view costs nothing
             base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
         experts = [_read_float32(src, n, dev, pool, held) for src, n in expert_inputs]
+        finite = not recipe.output.allow_nonfinite
+        if finite:   # each input as it streams by: one isfinite pass over what is in memory
+            if spec.needs_base:
+                check_finite(base, task.name, "the base")
+            for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
+                check_finite(e, task.name, describe_expert(i, src))
         params = resolve_params(recipe, task.name, task.num_layers)
         if grams is not None:
             params.stats = [g.get(task.name, dev) for g in grams]
@@ -228,6 +235,8 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
             cast = _view(buf, task.shape, task.out_dtype)
             cast.copy_(out)
             out = cast
+        if finite:   # after the cast: an overflow to float16 counts too
+            check_finite(out, task.name, RESULT)
         writer.add(task.name, out)
     finally:
         pool.give(*held)

@@ -157,6 +157,7 @@ class OutputConfig(BaseModel):
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     ties_cuts: Literal["exact", "sampled"] = "exact"   # TIES → LoRA: magnitude cuts from every entry or a sample
+    allow_nonfinite: bool = False   # merge although an input or the result holds NaN/Inf (else refused)
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -152,7 +152,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
                device: str = "auto", rules: bool = True, cutoff: str | None = None,
                progress: Callable[[str], None] | None = None, quiet: bool = True,
                budget: float | str | None = None, hardware: str = "a6000", force: bool = False,
-               warn: Callable[[str], None] | None = None) -> RunResult:
+               warn: Callable[[str], None] | None = None, allow_nonfinite: bool = False) -> RunResult:
     """Run a recipe into ``out_dir``: resolve, check the rules, (fine-tune,) merge, (fine-tune,
     fold,) evaluate; write the manifest.
 
@@ -167,6 +167,9 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
 
+    ``allow_nonfinite`` sets the recipe's ``output.allow_nonfinite`` (merge although an input or
+    the result holds NaN/Inf; the manifest records it).
+
     Each stage is recorded in ``manifest.json`` as soon as it finishes (``"finished": false``
     until the last), so a run stopped by Ctrl-C, a kill or a power cut resumes from the last
     finished stage when it is started again into the same folder.
@@ -174,7 +177,12 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     recipe_file = None if isinstance(recipe_path, Mapping) else Path(recipe_path)
     if recipe_file is not None:
         check_output_path(out_dir, [recipe_file])
-    run = _Run(read_recipe(recipe_path), Path(out_dir), device=device, rules=rules, cutoff=cutoff,
+    doc = read_recipe(recipe_path)
+    if allow_nonfinite and not doc.recipe.output.allow_nonfinite:
+        data = doc.recipe.model_dump(mode="json", exclude_none=True)
+        data["output"]["allow_nonfinite"] = True
+        doc = replace(doc, recipe=Recipe.model_validate(data))
+    run = _Run(doc, Path(out_dir), device=device, rules=rules, cutoff=cutoff,
                say=progress or (lambda msg: None), quiet=quiet, force=force)
     run.warn_to = warn or run.say
     run.prepare(budget, hardware)
