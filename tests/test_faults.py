@@ -424,3 +424,99 @@ def test_in_place_merger_refuses_nan_experts(zoo, tmp_path):
     _poison(bad, float("nan"), key_part="lora_A")
     with pytest.raises(NonFiniteError, match="expert 0"):
         InPlaceMerger(load_recipe(_recipe(tmp_path, fz.base, [bad])), load_model(fz.base))
+
+
+# ------------------------------------------------------------------------ 5. identity checks
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma"])
+def test_expert_of_another_family_with_equal_width_is_refused_naming_both(zoo, tmp_path, capsys, family):
+    base, other = zoo["llama"].base, zoo[family].experts[0]
+    recipe = _recipe(tmp_path, base, [zoo["llama"].experts[0], other])
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = _error(capsys)
+    assert f"expert 1 ({other}) is another model than the base {base}: model_type '{family}' (base 'llama')" in err
+    assert "experts[1].accept_mismatch: true" in err and not (tmp_path / "out").exists()
+
+
+def test_expert_of_another_size_is_refused_by_its_config(zoo, tmp_path):
+    from mergelab.errors import ModelMismatchError
+    from mergelab.merge import merge
+
+    other = _copy(zoo["llama"].experts[0], tmp_path / "wide")   # same tensors, config of a larger model
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["num_hidden_layers"] = 32
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelMismatchError, match=r"num_hidden_layers 32 \(base 2\)"):
+        merge(_recipe(tmp_path, zoo["llama"].base, [other]), tmp_path / "out", progress=False)
+
+
+def test_accept_mismatch_merges_on_purpose_with_a_warning(zoo, tmp_path, capsys):
+    base, other = zoo["llama"].base, zoo["mistral"].experts[0]
+    recipe = _write(tmp_path / "r.yaml", {"base": {"path": str(base)},
+                                          "experts": [{"path": str(other), "accept_mismatch": True}],
+                                          "method": {"name": "task_arithmetic"}})
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "out"), "-q"]) == 0
+    err = _error(capsys)
+    assert "warning: expert 0" in err and "model_type 'mistral' (base 'llama')" in err and "(accepted" in err
+
+
+def _with_recorded_base(lora: Path, dst: Path, recorded: str) -> Path:
+    _copy(lora, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = recorded
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["full", "lora"])
+def test_adapter_of_another_base_folder_is_refused(zoo, tmp_path, fmt):
+    """The adapter records the Mistral base (a folder here whose config differs): an error."""
+    from mergelab.errors import ModelMismatchError
+    from mergelab.merge import merge
+
+    lora = _with_recorded_base(zoo["llama"].loras[0], tmp_path / "L", str(zoo["mistral"].base))
+    recipe = _recipe(tmp_path, zoo["llama"].base, [lora], output={"format": fmt})
+    with pytest.raises(ModelMismatchError, match=rf"LoRA adapter of another base .*trained on {zoo['mistral'].base}, "
+                                                 r"another model: model_type 'mistral' \(base 'llama'\)"):
+        merge(recipe, tmp_path / "out", progress=False)
+
+
+def test_adapter_of_another_hub_model_is_refused_and_a_name_difference_only_warned(zoo, tmp_path, monkeypatch):
+    from mergelab.errors import ModelMismatchError
+    from mergelab.merge.inputs import adapter_base_verdict
+    from mergelab.recipe import load_recipe
+
+    base = zoo["llama"].base
+    hub = load_recipe({"base": {"model": "meta-llama/Llama-2-7b-hf"},
+                       "experts": [{"path": str(zoo["llama"].loras[0])}], "method": {"name": "linear"}}).base
+    local = load_recipe(_recipe(tmp_path, base, zoo["llama"].loras[:1])).base
+    cfg = json.loads((base / "config.json").read_text())
+    assert adapter_base_verdict("meta-llama/Llama-2-7b-hf", hub, base, cfg) is None
+    assert adapter_base_verdict("Meta-Llama/llama-2-7b-hf/", hub, base, cfg) is None          # spelling
+    assert adapter_base_verdict("mistralai/Mistral-7B-v0.1", hub, base, cfg)[0] == "error"
+    assert adapter_base_verdict("NousResearch/Llama-2-7b-hf", hub, base, cfg)[0] == "warn"   # a re-upload
+    assert adapter_base_verdict("meta-llama/Llama-2-7b-hf", local, base, cfg)[0] == "warn"   # path vs Hub id
+    assert adapter_base_verdict("/no/such/folder", local, base, cfg)[0] == "warn"
+    assert adapter_base_verdict(str(base), local, base, cfg) is None
+    snapshot = tmp_path / "hub" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "abc123"
+    assert adapter_base_verdict("meta-llama/Llama-2-7b-hf", local, snapshot, cfg) is None  # a resolved Hub base
+
+    # through merge: an adapter naming another Hub repo, the base a snapshot of the recorded one
+    from mergelab.merge import merge
+
+    lora = _with_recorded_base(zoo["llama"].loras[0], tmp_path / "L", "mistralai/Mistral-7B-v0.1")
+    with pytest.raises(ModelMismatchError, match="trained on mistralai/Mistral-7B-v0.1"):
+        merge(_recipe(tmp_path, snapshot_of(base, tmp_path), [lora]), tmp_path / "out", progress=False)
+    named = _with_recorded_base(zoo["llama"].loras[0], tmp_path / "N", "HuggingFaceTB/SmolLM2-135M")
+    seen: list[str] = []
+    result = merge(_recipe(tmp_path, base, [named]), tmp_path / "out", progress=False, warn=seen.append)
+    assert len(seen) == 1 and "cannot be compared" in seen[0] and result.warnings == seen
+
+
+def snapshot_of(base: Path, tmp_path: Path) -> Path:
+    """``base`` laid out as a Hub cache snapshot of meta-llama/Llama-2-7b-hf."""
+    snap = tmp_path / "cache" / "models--meta-llama--Llama-2-7b-hf" / "snapshots" / "abc123"
+    if not snap.exists():
+        shutil.copytree(base, snap)
+    return snap

@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge the models of a recipe into one model folder, streaming tensor by tensor."""
         from rich.console import Console
+        from rich.markup import escape
 
         from mergelab.merge import merge
         from mergelab.errors import RecipeError
@@ -52,5 +53,10 @@ def register(app: typer.Typer) -> None:
                 opts = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
                 raise RecipeError(f"{opts}: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}",
                                   hint="--dtype is float32, float16 or bfloat16; --shard-size like 5GB or 500MB") from None
-        result = merge(r, out, device=device, force=force, progress=not quiet)
-        Console(stderr=True).print(f"[green]✓[/] {result}", highlight=False)
+        console = Console(stderr=True)
+
+        def warn(msg: str) -> None:
+            console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+        result = merge(r, out, device=device, force=force, progress=not quiet, warn=warn)
+        console.print(f"[green]✓[/] {result}", highlight=False)

@@ -51,7 +51,7 @@ from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key
 from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
-from mergelab.merge.inputs import RESULT, check_finite, describe_expert, input_paths, open_inputs
+from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
@@ -270,6 +270,7 @@ class LoraMergeResult:
     device: str
     method: str
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items()))
@@ -286,7 +287,7 @@ def _common(values, default=None):
 
 def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
                      progress: bool = True, workers: int | None = None,
-                     exact_ties: bool = True) -> LoraMergeResult:
+                     exact_ties: bool = True, warn: Callable[[str], None] | None = None) -> LoraMergeResult:
     """Merge the recipe's LoRA experts into one PEFT adapter in ``out_dir`` (``output.format: lora``).
 
     Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``merge_report.json`` (method,
@@ -318,6 +319,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened, open_lora_expert)
+        warnings = check_identity(recipe, base, experts, warn)
         kinds = {}
         for e in experts:
             for name, mod in e.modules.items():
@@ -363,7 +365,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
         out_dir=out_dir, modules=len(written), max_rank=max((r.factors.rank for r in written), default=0),
         parameters=sum(r.factors.B.numel() + r.factors.A.numel() for r in written),
         max_rel_error=max((r.rel_error for r in results), default=0.0), routes=routes, device=str(dev),
-        method=spec.name, seconds={"merge": t_merge - t0, "total": t_end - t0})
+        method=spec.name, seconds={"merge": t_merge - t0, "total": t_end - t0}, warnings=warnings)
 
 
 def _report(recipe, spec: MethodSpec, experts: Sequence[LoraExpertSource], results: Sequence[ModuleResult],

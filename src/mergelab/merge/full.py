@@ -6,12 +6,14 @@
    must be found in every expert (directly, or through a tied alias such as T5's
    ``shared``/``encoder.embed_tokens``, or ``lm_head`` ↔ ``embed_tokens`` when the weights are
    tied), with the same shape (a vocabulary-size difference is an error, never truncated) and a
-   compatible dtype. Only the base's tensor names are written, so the output matches the base's
+   compatible dtype; each expert's config.json (or adapter's recorded base) must name the base's
+   model (:func:`~mergelab.merge.inputs.check_identity`). Only the base's tensor names are written, so the output matches the base's
    config. The shard layout is fixed here too.
 3. **Stream**: worker threads each take one tensor — read its inputs, convert to float32 on the
    compute device, resolve the method parameters for its layer and module
    (:func:`~mergelab.recipe.resolve_params`), call the method, cast to the output dtype, and write
-   its bytes straight into the planned place of its shard. The tensors in flight are bounded by
+   its bytes straight into the planned place of its shard. Inputs and result are checked for
+   NaN/Inf on the way (one float32 sum each; refused unless ``output.allow_nonfinite``). The tensors in flight are bounded by
    memory (``1.25 ×`` what the largest tensor needs), so peak memory is about
    ``(inputs + 2) × the largest tensor``, whatever the model size. On the CPU, each worker runs
    torch with one thread and the workers run in parallel (one per core): this keeps every core busy
@@ -31,6 +33,7 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -41,8 +44,8 @@ from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import pick_device
-from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, describe_expert, input_paths,
-                                   open_inputs)
+from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert,
+                                   input_paths, open_inputs)
 from mergelab.merge.statistics import data_statistics
 
 __all__ = ["merge_full", "MergeResult"]
@@ -69,6 +72,7 @@ class MergeResult:
     workers: int
     seconds: dict[str, float] = field(default_factory=dict)
     copied_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"merged {self.tensors} tensors ({self.bytes_written / 1e9:.2f} GB) with {self.method} "
@@ -76,12 +80,14 @@ class MergeResult:
 
 
 def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
-               progress: bool = True, workers: int | None = None) -> MergeResult:
+               progress: bool = True, workers: int | None = None,
+               warn: Callable[[str], None] | None = None) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir``, a Hugging Face model folder (``output.format: full``).
 
     ``device="auto"`` uses CUDA when present. An existing ``out_dir`` is refused unless ``force``.
     ``workers`` (tensors merged at once) defaults to the number of torch threads on the CPU and 2
-    on a GPU; the output bytes do not depend on it. Callers go through :func:`mergelab.merge.merge`.
+    on a GPU; the output bytes do not depend on it. ``warn`` receives the warnings of the identity
+    check (:func:`~mergelab.merge.inputs.check_identity`), also kept in the result. Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -96,6 +102,7 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)
+        warnings = check_identity(recipe, base, experts, warn)
         tasks = align_tensors(recipe, base, experts, spec)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         t_plan = time.perf_counter()
@@ -125,7 +132,7 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
                 src.close()
     t_end = time.perf_counter()
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
-                       device=str(dev), method=spec.name, workers=n_workers, copied_files=copied,
+                       device=str(dev), method=spec.name, workers=n_workers, copied_files=copied, warnings=warnings,
                        seconds={"plan": t_plan - t_start, "merge": t_end - t_plan, "total": t_end - t_start})
 
 

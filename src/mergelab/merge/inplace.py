@@ -39,7 +39,7 @@ from mergelab.recipe import layer_of, resolve_params
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.io.adapter import is_adapter_dir, open_lora_expert
 from mergelab.methods import get_method
-from mergelab.merge.inputs import RESULT, align_tensors, check_finite, describe_expert, open_expert
+from mergelab.merge.inputs import RESULT, align_tensors, check_finite, check_identity, describe_expert, open_expert
 from mergelab.merge.adapter import merge_module
 from mergelab.merge.statistics import recipe_grams
 
@@ -103,6 +103,7 @@ class InPlaceMerger:
     def _init_lora(self, paths: list[Path]) -> None:
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
+            check_identity(self.recipe, self.base, experts)
             names = sorted({n for e in experts for n in e.modules}, key=natural_key)
             depth = layer_depths(self.base.keys())
             self.parts: dict[str, list] = {}
@@ -126,6 +127,7 @@ class InPlaceMerger:
     def _init_dense(self, paths: list[Path], memory_fraction: float) -> None:
         experts = [open_expert(p, self.base) for p in paths]
         try:
+            check_identity(self.recipe, self.base, experts)
             tasks = [t for t in align_tensors(self.recipe, self.base, experts, self.spec) if t.floating]
             need = sum(t.numel for t in tasks) * 4 * (len(experts) + 1)
             have = available_memory(self.device)

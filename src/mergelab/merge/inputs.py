@@ -2,16 +2,17 @@
 base), and aligning their tensors by name, shape and dtype before anything is read or written."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from mergelab.errors import MergelabError, NonFiniteError, ShapeMismatchError
+from mergelab.errors import ModelMismatchError, NonFiniteError, ShapeMismatchError
 from mergelab.io.adapter import open_lora_expert
 from mergelab.io.checkpoint import CheckpointReader, TensorSource
 from mergelab.methods import MethodSpec
@@ -106,6 +107,122 @@ class TensorTask:
 
 def describe_expert(i: int, src: TensorSource) -> str:
     return f"expert {i} ({getattr(src, 'path', src)})"
+
+
+# config.json keys that say which model a checkpoint is: its family and its dimensions.
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size", "vocab_size",
+                 "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads",   # T5
+                 "n_embd", "n_layer", "n_head", "n_inner")                                     # GPT-2
+
+
+def config_differences(base: Mapping[str, Any] | None, other: Mapping[str, Any] | None) -> list[str]:
+    """How ``other``'s config.json says another model than ``base``'s: ``["model_type 'mistral'
+    (base 'llama')", ...]``; keys only one of them sets are not compared (nothing to compare)."""
+    if not isinstance(base, Mapping) or not isinstance(other, Mapping):
+        return []
+    out = []
+    for key in IDENTITY_KEYS:
+        a, b = base.get(key), other.get(key)
+        if a is not None and b is not None and a != b:
+            out.append(f"{key} {b!r} (base {a!r})")
+    if base.get("model_type") is None or other.get("model_type") is None:
+        a, b = base.get("architectures"), other.get("architectures")
+        if a and b and a != b:
+            out.append(f"architectures {b!r} (base {a!r})")
+    a, b = base.get("text_config"), other.get("text_config")
+    out += [f"text_config.{d}" for d in config_differences(a, b)]
+    return out
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
+
+
+def _hub_id(ref, path: Path | None) -> str | None:
+    """The Hub repo id of the base: the recipe's ``model``, or read off a Hub cache snapshot path."""
+    if getattr(ref, "model", None):
+        return str(ref.model)
+    m = _HUB_CACHE.search(str(path).replace(os.sep, "/")) if path is not None else None
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def adapter_base_verdict(recorded: str | None, base_ref, base_path: Path, base_config) -> tuple[str, str] | None:
+    """Whether an adapter's recorded ``base_model_name_or_path`` names the recipe's base.
+
+    ``None``: it does (or records nothing); ``("warn", why)``: only a name that cannot be
+    checked differs (a local path vs a Hub id, another owner of the same repo name, a folder not
+    here, a copy of the base with the same config); ``("error", why)``: it names another model
+    (another Hub repo, or a folder whose config.json differs from the base's).
+    """
+    rec = (recorded or "").strip().rstrip("/")
+    if not rec:
+        return None
+    hub = _hub_id(base_ref, base_path)
+    rec_path = Path(rec).expanduser()
+    if rec_path.is_absolute() or rec.startswith((".", "~")) or rec_path.exists():
+        if not rec_path.exists():
+            return "warn", f"it was trained on {rec}, a folder that is not here, so this cannot be checked"
+        if rec_path.resolve() == Path(base_path).resolve():
+            return None
+        rec_hub = _hub_id(None, rec_path.resolve())
+        if hub and rec_hub and rec_hub.lower() == hub.lower():
+            return None   # another snapshot of the same Hub repo
+        cfg = rec_path / "config.json"
+        try:
+            diffs = config_differences(base_config, json.loads(cfg.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return "warn", f"it was trained on {rec}, whose config.json cannot be read, so this cannot be checked"
+        if diffs:
+            return "error", f"it was trained on {rec}, another model: {', '.join(diffs)}"
+        return "warn", f"it was trained on {rec}, another folder than the base {base_path} (their configs agree)"
+    if not _HUB_ID.fullmatch(rec):
+        return "warn", f"it records its base as {rec!r}, which is neither a folder here nor a Hub id"
+    if hub is None:
+        return "warn", (f"it was trained on the Hub model {rec}, the base is the local folder {base_path}, "
+                        "so the two names cannot be compared")
+    if rec.lower() == hub.lower():
+        return None
+    if rec.split("/")[-1].lower() == hub.split("/")[-1].lower():
+        return "warn", f"it was trained on {rec}, the base is {hub}: the same name under another owner"
+    return "error", f"it was trained on {rec}, but the recipe's base is {hub}"
+
+
+def check_identity(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
+                   warn: Callable[[str], None] | None = None) -> list[str]:
+    """Refuse experts of another model than the base, before any tensor is read.
+
+    A checkpoint expert's ``config.json`` must agree with the base's in family and dimensions
+    (:data:`IDENTITY_KEYS`); a LoRA expert's recorded ``base_model_name_or_path`` must name the
+    base (:func:`adapter_base_verdict`). Raises :class:`ModelMismatchError` naming both, unless
+    the expert has ``accept_mismatch: true``; names that cannot be checked are warnings, passed
+    to ``warn`` and returned.
+    """
+    warnings: list[str] = []
+    base_path = Path(base.path)
+    for i, (ref, src) in enumerate(zip(recipe.experts, experts)):
+        who = describe_expert(i, src)
+        adapter = getattr(src, "adapter", None)
+        if adapter is not None:
+            verdict = adapter_base_verdict(adapter.base_model_name_or_path, recipe.base, base_path, base.config)
+            if verdict is None:
+                continue
+            kind, why = verdict
+            what = f"{who} is a LoRA adapter of another base than {base_path}: {why}"
+        else:
+            diffs = config_differences(base.config, getattr(src, "config", None))
+            if not diffs:
+                continue
+            kind, what = "error", f"{who} is another model than the base {base_path}: {', '.join(diffs)}"
+        if kind == "error" and not ref.accept_mismatch:
+            raise ModelMismatchError(what, hint=f"experts must be fine-tunes of the base; to merge it on purpose "
+                                                f"(e.g. a re-upload of the same weights), set "
+                                                f"experts[{i}].accept_mismatch: true")
+        warnings.append(what + (" (accepted: accept_mismatch)" if kind == "error" else ""))
+    for w in warnings:
+        if warn is not None:
+            warn(w)
+    return warnings
 
 
 NONFINITE_INPUT_HINT = ("the input is broken (a diverged fine-tune, or a bad conversion to float16?): fix or "

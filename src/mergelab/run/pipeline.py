@@ -395,7 +395,8 @@ class _Run:
             self.loud("the deadline passed before the merge; merging anyway so that a submission can be written")
         self.say(f"merging with {self.recipe.method.name}")
         t0 = time.perf_counter()
-        result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet)
+        result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet,
+                       warn=self.loud)
         self.timings["merge"] = time.perf_counter() - t0
         self.stages.append(StageReport("merge", "ran", self.timings["merge"], str(getattr(result, "method", ""))))
         self.finished("merge", {"key": key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),
