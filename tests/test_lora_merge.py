@@ -359,7 +359,7 @@ def test_errors_leave_no_output(zoo, tmp_path):
     shutil.copytree(fz.loras[1], outer / "adapter")
     inside = _recipe(fz, {"name": "cat"}, experts=[{"path": str(fz.loras[0])}, {"path": str(outer / "adapter")}],
                      output={"format": "lora"})
-    with pytest.raises(MergelabError, match="holds an input"):
+    with pytest.raises(MergelabError, match="holds the input"):
         merge(inside, outer, force=True, progress=False)
     assert (outer / "adapter" / "adapter_config.json").is_file()
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mergelab import __version__
-from mergelab.errors import MergelabError
+from mergelab.errors import MergelabError, OutputWriteError
 
 try:  # newer typer raises the exceptions of its own copy of click
     from typer._click import ClickException as _TyperClickException
@@ -71,6 +71,41 @@ def _register_commands() -> None:
 _register_commands()
 
 
+INTERRUPTED = 130   # typer turns Ctrl-C (KeyboardInterrupt) into this status, silently
+
+
+def _option(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if name.startswith("--") and arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """The one line shown after Ctrl-C: what became of the command's output."""
+    command = next((a for a in argv if not a.startswith("-")), "")
+    out = _option(argv, "--out", "-o")
+    if out is None:
+        return "interrupted"
+    if command in ("run", "reproduce"):
+        return (f"interrupted; the stages finished so far are recorded in {out}/manifest.json: "
+                "run the same command again to resume")
+    if command == "tune":
+        return f"interrupted; the trials finished so far are kept in the study (see {out})"
+    return f"interrupted; nothing was written to {out} (it was left as it was)"
+
+
+def _print_error(exc: MergelabError) -> int:
+    if _state["debug"]:
+        err_console.print_exception()
+    # soft_wrap: never hard-wrap a message at the console width (a wrapped path cannot be copied)
+    err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False, soft_wrap=True)
+    return exc.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -78,22 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = app(args=argv, prog_name="mergelab", standalone_mode=False)
     except MergelabError as exc:
-        if _state["debug"]:
-            err_console.print_exception()
-        # soft_wrap: never hard-wrap a message at the console width (a wrapped path cannot be copied)
-        err_console.print("[bold red]error:[/] " + escape(str(exc)), highlight=False, soft_wrap=True)
-        return exc.exit_code
+        return _print_error(exc)
     except _EXIT as exc:
-        return exc.exit_code
+        rc = exc.exit_code
     except _USAGE as exc:
         exc.show()
         return exc.exit_code
-    except _ABORT:
-        err_console.print("aborted")
-        return 130
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        return 130
+    except (*_ABORT, KeyboardInterrupt):
+        rc = INTERRUPTED
+    except OSError as exc:   # disk full, read-only, ... anywhere not already mapped: one message too
+        mapped = OutputWriteError.from_os_error(exc)
+        if mapped is None:
+            raise
+        mapped.__cause__ = exc
+        return _print_error(mapped)
+    if rc == INTERRUPTED:
+        err_console.print(escape(interrupted_message(argv)), highlight=False, soft_wrap=True)
     return rc if isinstance(rc, int) else 0
 
 

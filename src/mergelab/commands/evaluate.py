@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
 
         from mergelab.evaluate.runner import check_output_folder, evaluate
 
-        check_output_folder(out, force)  # before loading anything
+        check_output_folder(out, force, [model, adapter, *data, shots])  # before loading anything
         hf_logging.disable_progress_bar()  # ours shows the evaluation; theirs would interleave
 
         class RowsPerSecond(ProgressColumn):

@@ -27,16 +27,24 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype",
                                             help="Output dtype: float32, float16 or bfloat16 (overrides the recipe)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                             help="Merge although an input or the result holds NaN/Inf "
+                                                  "(output.allow_nonfinite; refused by default)."),
     ) -> None:
         """Merge the models of a recipe into one model folder, streaming tensor by tensor."""
+        from rich.markup import escape
+
         from mergelab.progress import make_console
 
         from mergelab.merge import merge
         from mergelab.errors import RecipeError
         from mergelab.recipe import Recipe, load_recipe
+        from mergelab.util import check_output_path
 
+        check_output_path(out, [recipe])   # the models are checked by merge() itself
         r = load_recipe(recipe)
-        overrides = {k: v for k, v in (("shard_size", shard_size), ("dtype", dtype)) if v is not None}
+        overrides = {k: v for k, v in (("shard_size", shard_size), ("dtype", dtype),
+                                       ("allow_nonfinite", allow_nonfinite or None)) if v is not None}
         if overrides:
             try:
                 r = Recipe.model_validate({**r.model_dump(), "output": {**r.output.model_dump(), **overrides}})
@@ -46,5 +54,10 @@ def register(app: typer.Typer) -> None:
                 opts = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in overrides.items())
                 raise RecipeError(f"{opts}: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}",
                                   hint="--dtype is float32, float16 or bfloat16; --shard-size like 5GB or 500MB") from None
-        result = merge(r, out, device=device, force=force, progress=not quiet)
-        make_console(stderr=True).print(f"[green]✓[/] {result}", highlight=False)
+        console = make_console(stderr=True)
+
+        def warn(msg: str) -> None:
+            console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
+
+        result = merge(r, out, device=device, force=force, progress=not quiet, warn=warn)
+        console.print(f"[green]✓[/] {result}", highlight=False)

@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
         hardware: str = typer.Option("a6000", "--hardware", help="Profile the plan is made for (with --budget)."),
         force: bool = typer.Option(False, "--force", help="With --budget: run even when the plan does not fit "
                                    "(the deadline is still enforced)."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                             help="Merge although an input or the result holds NaN/Inf "
+                                                  "(sets output.allow_nonfinite; recorded in the manifest)."),
     ) -> None:
         """Resolve → check rules → (fine-tune) → merge → evaluate → submission files, with a manifest.
 
@@ -66,7 +69,7 @@ def register(app: typer.Typer) -> None:
 
         result = run_recipe(recipe, out, device=device, rules=not no_rules, cutoff=cutoff,
                             progress=_progress(quiet), quiet=quiet, budget=budget, hardware=hardware,
-                            force=force, warn=lambda m: None)
+                            force=force, warn=lambda m: None, allow_nonfinite=allow_nonfinite)
         _summary(result, f"mergelab run → {out}")
 
     @app.command("reproduce")

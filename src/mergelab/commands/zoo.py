@@ -100,8 +100,11 @@ def register(app: typer.Typer) -> None:
         Builds the zoo if missing, merges all experts with linear, task arithmetic, TIES,
         DARE-TIES, TSV and Iso-C, evaluates the base, each expert and each merge on every task's
         test file, and writes report.md and chart.png."""
+        from mergelab.util import check_output_path
+        from mergelab.zoo.build import default_zoo_dir
         from mergelab.zoo.demo import run_demo
 
+        check_output_path(out, [zoo_dir or default_zoo_dir()])   # the demo replaces --out
         _quiet()
         run_demo(out, zoo_dir=zoo_dir, methods=_task_list(methods), use_packaged=not retrain,
                  device=device)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mergelab.util import atomic_output_dir, check_output_dir
+from mergelab.util import atomic_output_dir, check_output_dir, check_output_path
 from mergelab.errors import DataError
 from mergelab.evaluate.data import read_competition_csv, write_submission
 from mergelab.evaluate.generate import generate_texts
@@ -51,9 +51,12 @@ def _as_paths(data_files) -> list[Path]:
     return files
 
 
-def check_output_folder(out_dir: Path | None, force: bool) -> None:
-    """Refuse an existing output folder before any work is done (unless ``force``)."""
+def check_output_folder(out_dir: Path | None, force: bool, inputs: Sequence = ()) -> None:
+    """Refuse, before any work is done, an output folder that is, holds or lies inside one of
+    ``inputs`` (model, adapter, data and shots files; even with ``force``), or that exists
+    (unless ``force``)."""
     if out_dir is not None:
+        check_output_path(out_dir, inputs)
         check_output_dir(out_dir, force)
 
 
@@ -88,7 +91,8 @@ def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str 
     options = options or EvalOptions()
     files = _as_paths(data_files)
     out_path = Path(out_dir) if out_dir is not None else None
-    check_output_folder(out_path, force)
+    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    check_output_folder(out_path, force, [model_path, adapter, *files, options.shots])
     datasets = [(f, read_competition_csv(f)) for f in files]   # validate every file before loading
     pool = ShotPool.from_csv(options.shots, options.few_shot) if options.few_shot else None
 

@@ -7,28 +7,35 @@ or :func:`mergelab.merge.adapter.merge_to_adapter` (one PEFT adapter, merged in 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from mergelab.merge.adapter import LoraMergeResult, merge_to_adapter
 from mergelab.merge.full import MergeResult, merge_full
 from mergelab.recipe import Recipe, load_recipe
+from mergelab.util import check_output_path
 
 __all__ = ["merge", "MergeResult", "LoraMergeResult"]
 
 
 def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
           device: str = "auto", force: bool = False, progress: bool = True,
-          workers: int | None = None, exact_ties: bool = True) -> MergeResult | LoraMergeResult:
+          workers: int | None = None, exact_ties: bool = True,
+          warn: Callable[[str], None] | None = None) -> MergeResult | LoraMergeResult:
     """Merge the models of ``recipe`` (a :class:`Recipe`, a recipe file, or a dict) into ``out_dir``.
 
     ``output.format: full`` writes a Hugging Face model folder, ``lora`` one PEFT adapter. An
     existing ``out_dir`` is refused unless ``force``; ``device="auto"`` uses CUDA when present;
     ``workers`` (tensors or modules merged at once) never changes the output bytes.
     ``exact_ties=False`` lets the adapter path take TIES' magnitude cuts from a sample.
+    The output never is, holds or lies inside an input (:func:`mergelab.util.check_output_path`),
+    experts of another model are refused (:func:`mergelab.merge.inputs.check_identity`; ``warn``
+    receives what cannot be checked) and NaN/Inf are refused unless ``output.allow_nonfinite``.
     """
+    if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too
+        check_output_path(out_dir, [recipe])
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.output.format == "lora":
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
-                                workers=workers, exact_ties=exact_ties)
-    return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers)
+                                workers=workers, exact_ties=exact_ties, warn=warn)
+    return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers, warn=warn)

@@ -50,8 +50,8 @@ from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key
-from mergelab.util import atomic_output_dir, check_output_dir, pick_device
-from mergelab.merge.inputs import check_not_an_input, open_inputs
+from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
+from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
@@ -200,7 +200,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
                        params_for: Callable[[str], MethodParams], *, rank: int | None = None,
                        energy: float | None = None, device: torch.device = torch.device("cpu"),
                        seed: int = 0, workers: int | None = None, exact_ties: bool = True,
-                       on_module: Callable[[ModuleResult], None] | None = None) -> list[ModuleResult]:
+                       on_module: Callable[[ModuleResult], None] | None = None,
+                       finite: bool = True) -> list[ModuleResult]:
     """Merge every module that at least one adapter changes; results in the base's tensor order.
 
     ``base`` is the base :class:`~mergelab.io.checkpoint.TensorSource` (read only by the
@@ -208,6 +209,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
     ``workers`` modules are merged at once (default: one per torch thread on the CPU, each
     running torch single-threaded, as the engine does, so the bits do not depend on ``workers``;
     one on a GPU); only their factors (and, on the dense routes, their ΔWᵢ) are held.
+    ``finite``: refuse NaN/Inf in an expert's factors or in the merged factors
+    (:class:`~mergelab.errors.NonFiniteError`).
     """
     names = sorted({n for e in experts for n in e.modules}, key=natural_key)
     threads = torch.get_num_threads()
@@ -215,11 +218,20 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
 
     def work(name: str) -> ModuleResult:
         parts = [e.factors(name) for e in experts]
+        if finite:
+            for i, (e, q) in enumerate(zip(experts, parts)):
+                if q is not None:
+                    check_finite(q.B, name, f"{describe_expert(i, e)} (LoRA B)")
+                    check_finite(q.A, name, f"{describe_expert(i, e)} (LoRA A)")
         parts = [None if q is None else q.to(device) for q in parts]
         res = merge_module(name, parts, spec, params_for(name), tuple(base.shape(name)), rank=rank,
                            energy=energy, base_tensor=lambda: base.get(name), seed=seed, device=device,
                            exact_ties=exact_ties)
-        return ModuleResult(res.name, res.factors.to("cpu"), res.route, res.input_rank, res.rel_error)
+        out = res.factors.to("cpu")
+        if finite:
+            check_finite(out.B, name, RESULT)
+            check_finite(out.A, name, RESULT)
+        return ModuleResult(res.name, out, res.route, res.input_rank, res.rel_error)
 
     results: list[ModuleResult] = []
     if device.type == "cpu":  # single-threaded torch per module: the same bits for any worker count
@@ -258,6 +270,7 @@ class LoraMergeResult:
     device: str
     method: str
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         routes = ", ".join(f"{k} {v}" for k, v in sorted(self.routes.items()))
@@ -274,7 +287,7 @@ def _common(values, default=None):
 
 def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
                      progress: bool = True, workers: int | None = None,
-                     exact_ties: bool = True) -> LoraMergeResult:
+                     exact_ties: bool = True, warn: Callable[[str], None] | None = None) -> LoraMergeResult:
     """Merge the recipe's LoRA experts into one PEFT adapter in ``out_dir`` (``output.format: lora``).
 
     Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``merge_report.json`` (method,
@@ -290,6 +303,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
     check_output_dir(out_dir, force)
     dev = pick_device(device)
     spec = get_method(recipe.method.name)
@@ -301,10 +315,11 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
                 f"experts[{i}] ({path}): output format lora needs every expert to be a LoRA adapter, "
                 "and this is not one (no adapter_config.json)",
                 hint="use output format full to merge full fine-tunes, alone or mixed with LoRA adapters")
-    check_not_an_input(out_dir, [base_path, *expert_paths])
+    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened, open_lora_expert)
+        warnings = check_identity(recipe, base, experts, warn)
         kinds = {}
         for e in experts:
             for name, mod in e.modules.items():
@@ -327,7 +342,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
             results = merge_lora_experts(base, experts, spec, params_for, rank=recipe.output.rank,
                                          energy=recipe.output.energy, device=dev, seed=recipe.seed,
                                          workers=workers, exact_ties=exact_ties and recipe.output.ties_cuts == "exact",
-                                         on_module=bar.advance)
+                                         on_module=bar.advance, finite=not recipe.output.allow_nonfinite)
         t_merge = time.perf_counter()
         modules = {r.name: OutputModule(r.factors, kinds[r.name]) for r in results}
         dtype = recipe.output.torch_dtype or _common((e.adapter.dtype for e in experts), torch.float32)
@@ -350,7 +365,7 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
         out_dir=out_dir, modules=len(written), max_rank=max((r.factors.rank for r in written), default=0),
         parameters=sum(r.factors.B.numel() + r.factors.A.numel() for r in written),
         max_rel_error=max((r.rel_error for r in results), default=0.0), routes=routes, device=str(dev),
-        method=spec.name, seconds={"merge": t_merge - t0, "total": t_end - t0})
+        method=spec.name, seconds={"merge": t_merge - t0, "total": t_end - t0}, warnings=warnings)
 
 
 def _report(recipe, spec: MethodSpec, experts: Sequence[LoraExpertSource], results: Sequence[ModuleResult],

@@ -6,12 +6,14 @@
    must be found in every expert (directly, or through a tied alias such as T5's
    ``shared``/``encoder.embed_tokens``, or ``lm_head`` ↔ ``embed_tokens`` when the weights are
    tied), with the same shape (a vocabulary-size difference is an error, never truncated) and a
-   compatible dtype. Only the base's tensor names are written, so the output matches the base's
+   compatible dtype; each expert's config.json (or adapter's recorded base) must name the base's
+   model (:func:`~mergelab.merge.inputs.check_identity`). Only the base's tensor names are written, so the output matches the base's
    config. The shard layout is fixed here too.
 3. **Stream**: worker threads each take one tensor — read its inputs, convert to float32 on the
    compute device, resolve the method parameters for its layer and module
    (:func:`~mergelab.recipe.resolve_params`), call the method, cast to the output dtype, and write
-   its bytes straight into the planned place of its shard. The tensors in flight are bounded by
+   its bytes straight into the planned place of its shard. Inputs and result are checked for
+   NaN/Inf on the way (one float32 sum each; refused unless ``output.allow_nonfinite``). The tensors in flight are bounded by
    memory (``1.25 ×`` what the largest tensor needs), so peak memory is about
    ``(inputs + 2) × the largest tensor``, whatever the model size. On the CPU, each worker runs
    torch with one thread and the workers run in parallel (one per core): this keeps every core busy
@@ -31,17 +33,19 @@ from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
-from mergelab.util import atomic_output_dir, check_output_dir
+from mergelab.util import atomic_output_dir, check_output_dir, check_output_path
 from mergelab.errors import RecipeError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import pick_device
-from mergelab.merge.inputs import open_inputs, TensorTask, align_tensors, check_not_an_input
+from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert,
+                                   input_paths, open_inputs)
 from mergelab.merge.statistics import data_statistics
 
 __all__ = ["merge_full", "MergeResult"]
@@ -68,6 +72,7 @@ class MergeResult:
     workers: int
     seconds: dict[str, float] = field(default_factory=dict)
     copied_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f"merged {self.tensors} tensors ({self.bytes_written / 1e9:.2f} GB) with {self.method} "
@@ -75,25 +80,29 @@ class MergeResult:
 
 
 def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
-               progress: bool = True, workers: int | None = None) -> MergeResult:
+               progress: bool = True, workers: int | None = None,
+               warn: Callable[[str], None] | None = None) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir``, a Hugging Face model folder (``output.format: full``).
 
     ``device="auto"`` uses CUDA when present. An existing ``out_dir`` is refused unless ``force``.
     ``workers`` (tensors merged at once) defaults to the number of torch threads on the CPU and 2
-    on a GPU; the output bytes do not depend on it. Callers go through :func:`mergelab.merge.merge`.
+    on a GPU; the output bytes do not depend on it. ``warn`` receives the warnings of the identity
+    check (:func:`~mergelab.merge.inputs.check_identity`), also kept in the result. Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
     check_output_dir(out_dir, force)
     dev = pick_device(device)
     spec = get_method(recipe.method.name)
 
     base_path = recipe.base.resolve()
     expert_paths = [e.resolve() for e in recipe.experts]
-    check_not_an_input(out_dir, [base_path, *expert_paths])
+    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)
+        warnings = check_identity(recipe, base, experts, warn)
         tasks = align_tensors(recipe, base, experts, spec)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         t_plan = time.perf_counter()
@@ -123,7 +132,7 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
                 src.close()
     t_end = time.perf_counter()
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
-                       device=str(dev), method=spec.name, workers=n_workers, copied_files=copied,
+                       device=str(dev), method=spec.name, workers=n_workers, copied_files=copied, warnings=warnings,
                        seconds={"plan": t_plan - t_start, "merge": t_end - t_plan, "total": t_end - t_start})
 
 
@@ -205,6 +214,12 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
         else:  # the method ignores it: a zero view costs nothing
             base = torch.zeros((), dtype=torch.float32, device=dev).expand(task.shape)
         experts = [_read_float32(src, n, dev, pool, held) for src, n in expert_inputs]
+        finite = not recipe.output.allow_nonfinite
+        if finite:   # each input as it streams by: one isfinite pass over what is in memory
+            if spec.needs_base:
+                check_finite(base, task.name, "the base")
+            for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
+                check_finite(e, task.name, describe_expert(i, src))
         params = resolve_params(recipe, task.name, task.num_layers)
         if grams is not None:
             params.stats = [g.get(task.name, dev) for g in grams]
@@ -227,6 +242,8 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
             cast = _view(buf, task.shape, task.out_dtype)
             cast.copy_(out)
             out = cast
+        if finite:   # after the cast: an overflow to float16 counts too
+            check_finite(out, task.name, RESULT)
         writer.add(task.name, out)
     finally:
         pool.give(*held)

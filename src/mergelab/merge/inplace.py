@@ -39,7 +39,7 @@ from mergelab.recipe import layer_of, resolve_params
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.io.adapter import is_adapter_dir, open_lora_expert
 from mergelab.methods import get_method
-from mergelab.merge.inputs import open_expert, align_tensors
+from mergelab.merge.inputs import RESULT, align_tensors, check_finite, check_identity, describe_expert, open_expert
 from mergelab.merge.adapter import merge_module
 from mergelab.merge.statistics import recipe_grams
 
@@ -74,6 +74,7 @@ class InPlaceMerger:
         base_path = Path(recipe.base.resolve())
         expert_paths = [Path(e.resolve()) for e in recipe.experts]
         self.mode = "lora" if all(is_adapter_dir(p) for p in expert_paths) else "dense"
+        self.finite = not recipe.output.allow_nonfinite   # refuse NaN/Inf in the inputs and in each trial's merge
         self.base = CheckpointReader(base_path)
         self.targets: list[_Target] = []
         try:
@@ -102,11 +103,17 @@ class InPlaceMerger:
     def _init_lora(self, paths: list[Path]) -> None:
         experts = [open_lora_expert(p, self.base) for p in paths]
         try:
+            check_identity(self.recipe, self.base, experts)
             names = sorted({n for e in experts for n in e.modules}, key=natural_key)
             depth = layer_depths(self.base.keys())
             self.parts: dict[str, list] = {}
             for name in names:
                 parts = [e.factors(name) for e in experts]
+                if self.finite:
+                    for i, (e, q) in enumerate(zip(experts, parts)):
+                        if q is not None:
+                            check_finite(q.B, name, f"{describe_expert(i, e)} (LoRA B)")
+                            check_finite(q.A, name, f"{describe_expert(i, e)} (LoRA A)")
                 self.parts[name] = [None if q is None else q.to(self.device) for q in parts]
                 param = self._param(name)
                 self.targets.append(_Target(name, param, param.detach().to(torch.float32).clone(),
@@ -120,6 +127,7 @@ class InPlaceMerger:
     def _init_dense(self, paths: list[Path], memory_fraction: float) -> None:
         experts = [open_expert(p, self.base) for p in paths]
         try:
+            check_identity(self.recipe, self.base, experts)
             tasks = [t for t in align_tensors(self.recipe, self.base, experts, self.spec) if t.floating]
             need = sum(t.numel for t in tasks) * 4 * (len(experts) + 1)
             have = available_memory(self.device)
@@ -134,6 +142,9 @@ class InPlaceMerger:
             for t in tasks:
                 param = self._param(t.name)
                 self.inputs[t.name] = [src.get(n).to(self.device, torch.float32) for src, n in t.inputs[1:]]
+                if self.finite:
+                    for i, ((src, _), x) in enumerate(zip(t.inputs[1:], self.inputs[t.name])):
+                        check_finite(x, t.name, describe_expert(i, src))
                 self.targets.append(_Target(t.name, param, t.inputs[0][0].get(t.inputs[0][1]).to(
                     self.device, torch.float32), t.num_layers, t.out_dtype))
         finally:
@@ -154,6 +165,8 @@ class InPlaceMerger:
             if self.stats is not None:
                 params.stats = self.stats[t.name]
             merged = self._merge_lora(recipe, t, params) if self.mode == "lora" else self._merge_dense(recipe, t, params)
+            if self.finite:   # a trial whose parameters give NaN/Inf fails (the search goes on)
+                check_finite(merged, t.name, RESULT)
             t.param.copy_(merged.to(t.param.dtype))
 
     def _merge_lora(self, recipe, t: _Target, params) -> torch.Tensor:

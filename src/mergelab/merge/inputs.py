@@ -2,16 +2,17 @@
 base), and aligning their tensors by name, shape and dtype before anything is read or written."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from mergelab.errors import MergelabError, ShapeMismatchError
+from mergelab.errors import ModelMismatchError, NonFiniteError, ShapeMismatchError
 from mergelab.io.adapter import open_lora_expert
 from mergelab.io.checkpoint import CheckpointReader, TensorSource
 from mergelab.methods import MethodSpec
@@ -104,8 +105,153 @@ class TensorTask:
         return math.prod(self.shape)
 
 
-def _describe(i: int, src: TensorSource) -> str:
+def describe_expert(i: int, src: TensorSource) -> str:
     return f"expert {i} ({getattr(src, 'path', src)})"
+
+
+# config.json keys that say which model a checkpoint is: its family and its dimensions.
+IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                 "head_dim", "intermediate_size", "vocab_size",
+                 "d_model", "d_ff", "d_kv", "num_layers", "num_decoder_layers", "num_heads",   # T5
+                 "n_embd", "n_layer", "n_head", "n_inner")                                     # GPT-2
+
+
+def config_differences(base: Mapping[str, Any] | None, other: Mapping[str, Any] | None) -> list[str]:
+    """How ``other``'s config.json says another model than ``base``'s: ``["model_type 'mistral'
+    (base 'llama')", ...]``; keys only one of them sets are not compared (nothing to compare)."""
+    if not isinstance(base, Mapping) or not isinstance(other, Mapping):
+        return []
+    out = []
+    for key in IDENTITY_KEYS:
+        a, b = base.get(key), other.get(key)
+        if a is not None and b is not None and a != b:
+            out.append(f"{key} {b!r} (base {a!r})")
+    if base.get("model_type") is None or other.get("model_type") is None:
+        a, b = base.get("architectures"), other.get("architectures")
+        if a and b and a != b:
+            out.append(f"architectures {b!r} (base {a!r})")
+    a, b = base.get("text_config"), other.get("text_config")
+    out += [f"text_config.{d}" for d in config_differences(a, b)]
+    return out
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/")
+
+
+def _hub_id(ref, path: Path | None) -> str | None:
+    """The Hub repo id of the base: the recipe's ``model``, or read off a Hub cache snapshot path."""
+    if getattr(ref, "model", None):
+        return str(ref.model)
+    m = _HUB_CACHE.search(str(path).replace(os.sep, "/")) if path is not None else None
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def adapter_base_verdict(recorded: str | None, base_ref, base_path: Path, base_config) -> tuple[str, str] | None:
+    """Whether an adapter's recorded ``base_model_name_or_path`` names the recipe's base.
+
+    ``None``: it does (or records nothing); ``("warn", why)``: only a name that cannot be
+    checked differs (a local path vs a Hub id, another owner of the same repo name, a folder not
+    here, a copy of the base with the same config); ``("error", why)``: it names another model
+    (another Hub repo, or a folder whose config.json differs from the base's).
+    """
+    rec = (recorded or "").strip().rstrip("/")
+    if not rec:
+        return None
+    hub = _hub_id(base_ref, base_path)
+    rec_path = Path(rec).expanduser()
+    if rec_path.is_absolute() or rec.startswith((".", "~")) or rec_path.exists():
+        if not rec_path.exists():
+            return "warn", f"it was trained on {rec}, a folder that is not here, so this cannot be checked"
+        if rec_path.resolve() == Path(base_path).resolve():
+            return None
+        rec_hub = _hub_id(None, rec_path.resolve())
+        if hub and rec_hub and rec_hub.lower() == hub.lower():
+            return None   # another snapshot of the same Hub repo
+        cfg = rec_path / "config.json"
+        try:
+            diffs = config_differences(base_config, json.loads(cfg.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return "warn", f"it was trained on {rec}, whose config.json cannot be read, so this cannot be checked"
+        if diffs:
+            return "error", f"it was trained on {rec}, another model: {', '.join(diffs)}"
+        return "warn", f"it was trained on {rec}, another folder than the base {base_path} (their configs agree)"
+    if not _HUB_ID.fullmatch(rec):
+        return "warn", f"it records its base as {rec!r}, which is neither a folder here nor a Hub id"
+    if hub is None:
+        return "warn", (f"it was trained on the Hub model {rec}, the base is the local folder {base_path}, "
+                        "so the two names cannot be compared")
+    if rec.lower() == hub.lower():
+        return None
+    if rec.split("/")[-1].lower() == hub.split("/")[-1].lower():
+        return "warn", f"it was trained on {rec}, the base is {hub}: the same name under another owner"
+    return "error", f"it was trained on {rec}, but the recipe's base is {hub}"
+
+
+def check_identity(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
+                   warn: Callable[[str], None] | None = None) -> list[str]:
+    """Refuse experts of another model than the base, before any tensor is read.
+
+    A checkpoint expert's ``config.json`` must agree with the base's in family and dimensions
+    (:data:`IDENTITY_KEYS`); a LoRA expert's recorded ``base_model_name_or_path`` must name the
+    base (:func:`adapter_base_verdict`). Raises :class:`ModelMismatchError` naming both, unless
+    the expert has ``accept_mismatch: true``; names that cannot be checked are warnings, passed
+    to ``warn`` and returned.
+    """
+    warnings: list[str] = []
+    base_path = Path(base.path)
+    for i, (ref, src) in enumerate(zip(recipe.experts, experts)):
+        who = describe_expert(i, src)
+        adapter = getattr(src, "adapter", None)
+        if adapter is not None:
+            verdict = adapter_base_verdict(adapter.base_model_name_or_path, recipe.base, base_path, base.config)
+            if verdict is None:
+                continue
+            kind, why = verdict
+            what = f"{who} is a LoRA adapter of another base than {base_path}: {why}"
+        else:
+            diffs = config_differences(base.config, getattr(src, "config", None))
+            if not diffs:
+                continue
+            kind, what = "error", f"{who} is another model than the base {base_path}: {', '.join(diffs)}"
+        if kind == "error" and not ref.accept_mismatch:
+            raise ModelMismatchError(what, hint=f"experts must be fine-tunes of the base; to merge it on purpose "
+                                                f"(e.g. a re-upload of the same weights), set "
+                                                f"experts[{i}].accept_mismatch: true")
+        warnings.append(what + (" (accepted: accept_mismatch)" if kind == "error" else ""))
+    for w in warnings:
+        if warn is not None:
+            warn(w)
+    return warnings
+
+
+NONFINITE_INPUT_HINT = ("the input is broken (a diverged fine-tune, or a bad conversion to float16?): fix or "
+                        "drop it; to merge anyway, set output.allow_nonfinite: true in the recipe "
+                        "(or pass --allow-nonfinite)")
+NONFINITE_RESULT_HINT = ("the inputs are finite, so the method or the cast to the output dtype made them (a "
+                         "value beyond float16's range? try output.dtype: bfloat16 or float32); to write it "
+                         "anyway, set output.allow_nonfinite: true (or pass --allow-nonfinite)")
+
+
+def check_finite(t: torch.Tensor, name: str, where: str) -> None:
+    """Raise :class:`NonFiniteError` if ``t`` (tensor ``name`` of ``where``: ``"expert 1 (path)"``,
+    ``"the base"``, ``"the merged result"``) holds NaN or ±Inf.
+
+    Cheap: one float32 sum over the tensor already in memory (a NaN or Inf makes the sum
+    non-finite; 25× faster than ``isfinite(t).all()``, which allocates a mask). Only when the sum
+    is not finite — a NaN/Inf, or finite values too large to add up — is each value looked at.
+    """
+    if not t.is_floating_point() or math.isfinite(float(t.sum(dtype=torch.float32))):
+        return
+    if bool(torch.isfinite(t).all()):   # the sum overflowed, every value is finite
+        return
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    what = " and ".join(x for x in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if x)
+    raise NonFiniteError(f"tensor {name!r} of {where} holds {what} value(s) (of {t.numel()})",
+                         hint=NONFINITE_RESULT_HINT if where == RESULT else NONFINITE_INPUT_HINT)
+
+
+RESULT = "the merged result"
 
 
 def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
@@ -134,13 +280,13 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
         if extra:
             shown = ", ".join(extra[:4]) + (f" and {len(extra) - 4} more" if len(extra) > 4 else "")
             raise ShapeMismatchError(
-                f"{_describe(i, src)} has {len(extra)} tensor(s) that the base lacks: {shown}",
+                f"{describe_expert(i, src)} has {len(extra)} tensor(s) that the base lacks: {shown}",
                 hint="experts must be fine-tunes of the base (same architecture and size)")
         if base_tied and not expert_tied[i]:
             own = [k for k in keys & set(_OUTPUT_EMBEDDINGS) if k not in base_keys]
             if own:
                 raise ShapeMismatchError(
-                    f"{_describe(i, src)} has its own (untied) {own[0]}, but the base ties it to the "
+                    f"{describe_expert(i, src)} has its own (untied) {own[0]}, but the base ties it to the "
                     "input embeddings, so the merged model could not hold it",
                     hint="merge into a base with tie_word_embeddings: false, or use experts that keep the tie")
 
@@ -153,7 +299,7 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
                 (a for a in _aliases(name, expert_tied[i]) if a in keys), None)
             if src_name is None:
                 raise MissingTensorError(
-                    f"{_describe(i, src)} has no tensor {name!r}, which the base has",
+                    f"{describe_expert(i, src)} has no tensor {name!r}, which the base has",
                     hint="experts must be fine-tunes of the base (same architecture and size)")
             e_shape, e_dtype = tuple(src.shape(src_name)), src.dtype(src_name)
             if e_shape != shape:
@@ -162,14 +308,14 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
                     vocab = (f" — vocabulary sizes differ (base {shape[0]} rows, expert {e_shape[0]});"
                              " mergelab never truncates or pads a vocabulary")
                 raise ShapeMismatchError(
-                    f"tensor {name!r}: base has shape {list(shape)}, {_describe(i, src)} has "
+                    f"tensor {name!r}: base has shape {list(shape)}, {describe_expert(i, src)} has "
                     f"{list(e_shape)}{vocab}",
                     hint="resize the expert's embeddings to the base's tokenizer first" if vocab else
                     "experts must be fine-tunes of the base (same architecture and size)")
             if e_dtype.is_floating_point != dtype.is_floating_point or (
                     not dtype.is_floating_point and e_dtype != dtype):
                 raise ShapeMismatchError(
-                    f"tensor {name!r}: base stores {dtype}, {_describe(i, src)} stores {e_dtype}",
+                    f"tensor {name!r}: base stores {dtype}, {describe_expert(i, src)} stores {e_dtype}",
                     hint="floating-point tensors may differ in precision; other types must match")
             inputs.append((src, src_name))
         floating = dtype.is_floating_point
@@ -184,11 +330,10 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
     return tasks
 
 
-def check_not_an_input(out_dir: Path, inputs: Sequence[str | os.PathLike]) -> None:
-    """Refuse an output folder that is, or holds, one of the inputs (``--force`` would delete it)."""
-    out_abs = out_dir.resolve()
-    for p in inputs:
-        p = Path(p).resolve()
-        if p == out_abs or out_abs in p.parents:
-            raise MergelabError(f"the output folder {out_dir} holds an input ({p})",
-                                hint="write the merge to a new folder")
+def input_paths(recipe: Recipe, base_path=None, expert_paths: Sequence = ()) -> list[Path]:
+    """Every file or folder the merge reads: base, experts (local, or resolved when given) and the
+    experts' data files — what the output must never be, hold or lie inside."""
+    paths = [Path(p) for p in (base_path, *expert_paths) if p is not None]
+    paths += [Path(r.path) for r in (recipe.base, *recipe.experts) if r.path is not None]
+    paths += [Path(f) for e in recipe.experts for f in (e.data or [])]
+    return paths

@@ -99,12 +99,15 @@ class ExpertRef(ModelRef):
 
     ``data`` (data-aware methods such as ``regmean`` only): CSV file(s) of unlabelled inputs of the
     expert's task (competition format, only the ``input`` column is read), from which the input
-    statistics of its linear layers are computed.
+    statistics of its linear layers are computed. ``accept_mismatch: true`` merges the expert
+    although its ``config.json`` (architecture, dimensions) or its adapter's recorded base names
+    another model than the base — on purpose; a warning is shown instead of the error.
     """
 
     model_config = ConfigDict(frozen=True, extra="allow")
 
     data: list[Path] | None = None
+    accept_mismatch: bool = False   # merge although its config or recorded base says another model (a warning)
 
     @field_validator("data", mode="before")
     @classmethod
@@ -157,6 +160,7 @@ class OutputConfig(BaseModel):
     rank: int | None = Field(default=None, ge=1)
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     ties_cuts: Literal["exact", "sampled"] = "exact"   # TIES → LoRA: magnitude cuts from every entry or a sample
+    allow_nonfinite: bool = False   # merge although an input or the result holds NaN/Inf (else refused)
 
     @field_validator("dtype", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -34,7 +34,7 @@ from pydantic import ValidationError
 from mergelab import __version__
 from mergelab.errors import RecipeError, ReproducibilityError
 from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
-from mergelab.util import sha256_file
+from mergelab.util import check_output_path, remove_stale_temps, sha256_file
 from mergelab.recipe import read_recipe
 from mergelab.hub.sources import select_files, resolve_ref
 from mergelab.recipe import Recipe
@@ -138,31 +138,21 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+_TEMP_MARKS = (".partial-", ".mergelab-tmp-", ".mergelab-old-")   # temporaries of a run's stages
+
+
 def _remove_stale_partials(out_dir: Path) -> None:
-    """Remove ``.NAME.partial-PID`` folders left by a run whose process is gone (killed, power cut)."""
-    for tmp in out_dir.glob(".*.partial-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)) and tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Remove temporaries (``.NAME.partial-PID``, ``.NAME.mergelab-tmp-PID-X``) left by a run whose
+    process is gone (killed, power cut)."""
+    for pattern in (".*.partial-*", ".*.mergelab-tmp-*"):
+        remove_stale_temps(out_dir, pattern)
 
 
 def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
                device: str = "auto", rules: bool = True, cutoff: str | None = None,
                progress: Callable[[str], None] | None = None, quiet: bool = True,
                budget: float | str | None = None, hardware: str = "a6000", force: bool = False,
-               warn: Callable[[str], None] | None = None) -> RunResult:
+               warn: Callable[[str], None] | None = None, allow_nonfinite: bool = False) -> RunResult:
     """Run a recipe into ``out_dir``: resolve, check the rules, (fine-tune,) merge, (fine-tune,
     fold,) evaluate; write the manifest.
 
@@ -177,11 +167,22 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     reached with the documented fallback (the submission stays complete).
     ``manifest["budget"]`` records planned and used seconds and the rows not reached.
 
+    ``allow_nonfinite`` sets the recipe's ``output.allow_nonfinite`` (merge although an input or
+    the result holds NaN/Inf; the manifest records it).
+
     Each stage is recorded in ``manifest.json`` as soon as it finishes (``"finished": false``
     until the last), so a run stopped by Ctrl-C, a kill or a power cut resumes from the last
     finished stage when it is started again into the same folder.
     """
-    run = _Run(read_recipe(recipe_path), Path(out_dir), device=device, rules=rules, cutoff=cutoff,
+    recipe_file = None if isinstance(recipe_path, Mapping) else Path(recipe_path)
+    if recipe_file is not None:
+        check_output_path(out_dir, [recipe_file])
+    doc = read_recipe(recipe_path)
+    if allow_nonfinite and not doc.recipe.output.allow_nonfinite:
+        data = doc.recipe.model_dump(mode="json", exclude_none=True)
+        data["output"]["allow_nonfinite"] = True
+        doc = replace(doc, recipe=Recipe.model_validate(data))
+    run = _Run(doc, Path(out_dir), device=device, rules=rules, cutoff=cutoff,
                say=progress or (lambda msg: None), quiet=quiet, force=force)
     run.warn_to = warn or run.say
     run.prepare(budget, hardware)
@@ -221,7 +222,23 @@ class _Run:
 
     # ------------------------------------------------------------------ before anything is written
 
+    def input_paths(self) -> list[Path]:
+        """Every local file or folder the run reads (models, data): the run folder must not be,
+        hold or lie inside any of them."""
+        refs = [self.recipe.base, *self.recipe.experts]
+        paths = [Path(r.path) for r in refs if r.path is not None]
+        paths += [Path(f) for e in self.recipe.experts for f in (e.data or [])]
+        paths += [Path(m["local_path"]) for m in self.models]
+        if self.eval_section is not None:
+            paths += [Path(f) for f in self.eval_section.data]
+            if self.eval_section.options.get("shots"):
+                paths.append(Path(self.eval_section.options["shots"]))
+        if self.finetune is not None:
+            paths += [Path(d.path) for d in self.finetune.data]
+        return paths
+
     def prepare(self, budget: float | str | None, hardware: str) -> None:
+        check_output_path(self.out_dir, self.input_paths())
         if budget is not None:
             self.budget_s = parse_budget(budget)
             self.profile = get_profile(hardware)
@@ -232,7 +249,8 @@ class _Run:
                 self.previous = read_manifest(manifest)
             except ReproducibilityError:
                 self.previous = None
-        elif self.out_dir.exists() and any(p for p in self.out_dir.iterdir() if ".partial-" not in p.name):
+        elif self.out_dir.exists() and any(p for p in self.out_dir.iterdir()
+                                                                 if not any(m in p.name for m in _TEMP_MARKS)):
             raise OutputExistsError(f"{self.out_dir} exists and is not a mergelab run folder (no {MANIFEST_NAME})",
                                     hint="choose a new --out folder, or empty this one")
         if self.out_dir.is_dir():
@@ -243,6 +261,7 @@ class _Run:
     def resolve(self) -> None:
         t0 = time.perf_counter()
         self.pinned, self.models = _resolve(self.recipe, self.say)
+        check_output_path(self.out_dir, self.input_paths())   # with the Hub snapshots too
         self.timings["resolve"] = time.perf_counter() - t0
         self.stages.append(StageReport("resolve", "ran", self.timings["resolve"], f"{len(self.models)} model(s)"))
         self.inputs = {m["role"]: m["files"] for m in self.models}
@@ -371,7 +390,8 @@ class _Run:
             self.loud("the deadline passed before the merge; merging anyway so that a submission can be written")
         self.say(f"merging with {self.recipe.method.name}")
         t0 = time.perf_counter()
-        result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet)
+        result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet,
+                       warn=self.loud)
         self.timings["merge"] = time.perf_counter() - t0
         self.stages.append(StageReport("merge", "ran", self.timings["merge"], str(getattr(result, "method", ""))))
         self.finished("merge", {"key": key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),

@@ -30,7 +30,7 @@ from mergelab.recipe import load_recipe, read_recipe
 from mergelab.tune.config import SearchSpace, fingerprint
 from mergelab.recipe.sections import TuneError, TuneSection
 from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
-from mergelab.util import atomic_write
+from mergelab.util import atomic_write, check_output_path
 from mergelab.evaluate import EvalOptions
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inplace import InPlaceMerger
@@ -172,6 +172,9 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
         raise TuneError(f"{recipe_path}: the recipe has no `tune:` section, so there is nothing to search",
                         hint="add tune: {params: {...}, data: [...], trials: N}; see docs/tune.md")
     recipe_data, section, root = doc.data, doc.tune, doc.root
+    refs = [doc.recipe.base, *doc.recipe.experts]   # the out folder is never, holds or lies in an input
+    check_output_path(out_dir, [recipe_path, *section.data, *[r.path for r in refs if r.path is not None],
+                                *[f for e in doc.recipe.experts for f in (e.data or [])]])
     section = _overrides(section, trials=trials, time_limit=time_limit, sampler=sampler, seed=seed,
                          storage=storage, study=study)
     base_recipe = load_recipe(recipe_data, base_dir=root)
