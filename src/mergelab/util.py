@@ -192,3 +192,12 @@ def atomic_write(path: Path, text: str | bytes) -> None:
         if mapped is None:
             raise
         raise mapped from exc
+
+
+def single_torch_thread() -> None:
+    """Run torch single-threaded in the calling thread (a worker's initializer).
+
+    ``torch.set_num_threads`` only reaches the OpenMP team of the thread that calls it: a worker
+    thread started later would open a full team of its own, and workers × cores threads fight
+    for the cores (matrix products and SVDs 20–1000× slower on a busy machine)."""
+    torch.set_num_threads(1)

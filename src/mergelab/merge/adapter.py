@@ -49,7 +49,7 @@ from mergelab.io.adapter import (LoraExpertSource, OutputModule, is_adapter_dir,
 from mergelab.methods import MethodParams, MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
-from mergelab.util import natural_key
+from mergelab.util import natural_key, single_torch_thread
 from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
 from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
@@ -237,7 +237,8 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
     if device.type == "cpu":  # single-threaded torch per module: the same bits for any worker count
         torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab-lora") as pool:
+        init = single_torch_thread if device.type == "cpu" else None
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab-lora", initializer=init) as pool:
             pending = deque(names)
             inflight: deque = deque()
             try:

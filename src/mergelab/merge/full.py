@@ -43,7 +43,7 @@ from mergelab.errors import RecipeError
 from mergelab.methods import MethodSpec, get_method
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
-from mergelab.util import pick_device
+from mergelab.util import pick_device, single_torch_thread
 from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert,
                                    input_paths, open_inputs)
 from mergelab.merge.statistics import data_statistics
@@ -261,7 +261,8 @@ def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.d
     pending = deque(tasks)
     inflight: dict = {}
     used = 0
-    with bar, ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab") as pool_exec:
+    init = single_torch_thread if dev.type == "cpu" else None
+    with bar, ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab", initializer=init) as pool_exec:
         try:
             while pending or inflight:
                 while pending and len(inflight) < n_workers and (not inflight or used + pending[0].work_bytes <= budget):
