@@ -134,10 +134,9 @@ def evaluate(model, data_files: str | Path | Sequence[str | Path], out_dir: str 
     return scores
 
 
-def _run(model, tokenizer, datasets, options: EvalOptions, pool, deadline, on_progress) -> list[list[dict]]:
-    """Predict every row; returns one list of per-row records per file, in input order."""
-    max_length = _max_length(model, options)
-    special = not options.chat   # a rendered chat template already holds its special tokens
+def _prompt_records(datasets, tokenizer, options: EvalOptions, pool):
+    """One record per row with its prompt(s), and the (file, row) indices of the multiple-choice
+    and of the generation rows."""
     records: list[list[dict]] = []
     mc, gen = [], []   # (file index, row index)
     for fi, (_, rows) in enumerate(datasets):
@@ -153,7 +152,14 @@ def _run(model, tokenizer, datasets, options: EvalOptions, pool, deadline, on_pr
             recs.append(rec)
             (mc if row.is_mc else gen).append((fi, ri))
         records.append(recs)
+    return records, mc, gen
 
+
+def _run(model, tokenizer, datasets, options: EvalOptions, pool, deadline, on_progress) -> list[list[dict]]:
+    """Predict every row; returns one list of per-row records per file, in input order."""
+    max_length = _max_length(model, options)
+    special = not options.chat   # a rendered chat template already holds its special tokens
+    records, mc, gen = _prompt_records(datasets, tokenizer, options, pool)
     total = len(mc) + len(gen) + (len(mc) if options.cot else 0)
     done = 0
 
