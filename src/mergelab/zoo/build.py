@@ -188,37 +188,13 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
     base_sha = base_fingerprint(base)
 
     # 1. data: written every time (cheap, deterministic, same bytes for the same seed)
-    tmp_data = root / ".data.partial"
-    shutil.rmtree(tmp_data, ignore_errors=True)
-    by_task = write_all(tmp_data, seed=seed, tasks=names, sizes=sizes)
-    for task, paths in by_task.items():
-        for split, p in paths.items():
-            dst = root / "data" / split / f"{task}.csv"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(p, dst)
-    shutil.rmtree(tmp_data, ignore_errors=True)
+    _write_data(root, names, seed, sizes)
     zoo = Zoo(root=root, base=base, tasks=names, seed=seed)
     console.print(f"data  {len(names)} tasks × {'/'.join(SPLITS)} → {root / 'data'}")
 
     # 2. experts
     model = tokenizer = None
-    records: dict[str, dict] = {}
-    todo: list[tuple[str, TrainConfig, str]] = []
-    for name in names:
-        task = TASKS[name]
-        cfg = TrainConfig(steps=steps or task.steps, seed=seed)
-        fp = train_fingerprint(zoo.data(name, "train"), cfg, base_sha)
-        have = _read_train_json(zoo.adapter(name))
-        if have and have.get("fingerprint") == fp:
-            records[name] = have
-            continue
-        packaged = _read_train_json(PACKAGED_ADAPTERS / name)
-        if use_packaged and packaged and packaged.get("fingerprint") == fp:
-            _install(PACKAGED_ADAPTERS / name, zoo.adapter(name))
-            records[name] = packaged
-            console.print(f"expert [bold]{name}[/]: the adapter shipped with mergelab")
-            continue
-        todo.append((name, cfg, fp))
+    records, todo = _reuse_experts(zoo, names, seed, steps, base_sha, use_packaged, console)
     if todo:
         model, tokenizer = _load(base, device)
         t0 = time.perf_counter()
@@ -254,6 +230,41 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
     (root / "zoo.json").write_text(json.dumps(manifest, indent=2) + "\n")
     zoo.manifest = manifest
     return zoo
+
+
+def _write_data(root: Path, names: list[str], seed: int, sizes: dict[str, int] | None) -> None:
+    """Every task's splits under ``root/data`` (written whole, then moved into place)."""
+    tmp_data = root / ".data.partial"
+    shutil.rmtree(tmp_data, ignore_errors=True)
+    by_task = write_all(tmp_data, seed=seed, tasks=names, sizes=sizes)
+    for task, paths in by_task.items():
+        for split, p in paths.items():
+            dst = root / "data" / split / f"{task}.csv"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(p, dst)
+    shutil.rmtree(tmp_data, ignore_errors=True)
+
+
+def _reuse_experts(zoo: Zoo, names: list[str], seed: int, steps: int | None, base_sha: str,
+                   use_packaged: bool, console) -> tuple[dict[str, dict], list[tuple[str, TrainConfig, str]]]:
+    """``(records of the experts already trained or shipped with mergelab, the ones to train)``."""
+    records: dict[str, dict] = {}
+    todo: list[tuple[str, TrainConfig, str]] = []
+    for name in names:
+        cfg = TrainConfig(steps=steps or TASKS[name].steps, seed=seed)
+        fp = train_fingerprint(zoo.data(name, "train"), cfg, base_sha)
+        have = _read_train_json(zoo.adapter(name))
+        if have and have.get("fingerprint") == fp:
+            records[name] = have
+            continue
+        packaged = _read_train_json(PACKAGED_ADAPTERS / name)
+        if use_packaged and packaged and packaged.get("fingerprint") == fp:
+            _install(PACKAGED_ADAPTERS / name, zoo.adapter(name))
+            records[name] = packaged
+            console.print(f"expert [bold]{name}[/]: the adapter shipped with mergelab")
+            continue
+        todo.append((name, cfg, fp))
+    return records, todo
 
 
 def _load(base: Path, device: str):
