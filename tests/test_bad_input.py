@@ -1,0 +1,142 @@
+"""Bad input files, each named in issue 16 (and docs/errors.md): every parser a user's file reaches
+gives a result or ONE MergelabError saying what, where and what to do — never a RecursionError,
+OverflowError, re.error, UnicodeDecodeError, AttributeError or TypeError."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mergelab.errors import (AdapterError, CheckpointError, DataError, MergelabError, RecipeError,
+                             ReproducibilityError)
+from mergelab.io.adapter import LoraAdapter
+from mergelab.io.checkpoint import CheckpointReader, read_safetensors_header
+
+
+def _safetensors(path: Path, header: bytes | str | dict, data: bytes = b"") -> Path:
+    if isinstance(header, dict):
+        header = json.dumps(header)
+    if isinstance(header, str):
+        header = header.encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _one(tmp_path, entry: dict, data: bytes = b"\0" * 16) -> Path:
+    return _safetensors(tmp_path / "x.safetensors", {"w": entry}, data)
+
+
+# --------------------------------------------------------------------------- safetensors headers
+
+
+def test_a_header_nested_200000_deep_is_one_checkpoint_error(tmp_path):
+    f = _safetensors(tmp_path / "deep.safetensors", "[" * 200_000 + "]" * 200_000)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_safetensors_header(f)
+    with pytest.raises(CheckpointError, match="deep.safetensors"):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("shape, why", [
+    ("[1e400]", "got \\[inf\\]"),              # OverflowError before
+    ("[-1, -4]", "≥ 0"),                      # negative dims were accepted (numel 4)
+    ("[1.5]", "whole numbers"),
+    ('["4"]', "whole numbers"),
+    ("[true]", "whole numbers"),
+    ("[" + ",".join(["1"] * 33) + "]", "at most 32"),
+    ("5", "shape must be a list"),
+    ("[" + "9" * 5000 + "]", "more than 4300 digits"),
+    ("[NaN]", "NaN is not a JSON number"),
+])
+def test_bad_shapes_are_refused_before_use(tmp_path, shape, why):
+    f = _safetensors(tmp_path / "x.safetensors",
+                     '{"w": {"dtype": "F32", "shape": ' + shape + ', "data_offsets": [0, 16]}}', b"\0" * 16)
+    with pytest.raises(CheckpointError, match=why) as err:
+        read_safetensors_header(f)
+    assert "x.safetensors" in str(err.value) and "re-download or re-save" in str(err.value)
+
+
+@pytest.mark.parametrize("entry, why", [
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 32]}, "outside the 16 bytes"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [8, 4]}, "outside"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [-4, 12]}, "outside"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}, "needs 8"),
+    ({"dtype": "F16", "shape": [4], "data_offsets": [0, 16]}, "needs 8"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0]}, "two whole numbers"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0.0, 16.0]}, "two whole numbers"),
+    ({"dtype": "F32", "shape": [4]}, "data_offsets must be"),
+    ({"dtype": ["F32"], "shape": [4], "data_offsets": [0, 16]}, "unsupported dtype"),
+    ({"dtype": "F4", "shape": [4], "data_offsets": [0, 16]}, "unsupported dtype 'F4'"),
+    ([1, 2], "expected {dtype, shape, data_offsets}"),
+])
+def test_bad_byte_ranges_and_dtypes_are_refused(tmp_path, entry, why):
+    with pytest.raises(CheckpointError, match=why.replace("[", "\\[").replace("{", "\\{")):
+        read_safetensors_header(_one(tmp_path, entry))
+
+
+def test_overlapping_tensors_are_refused(tmp_path):
+    f = _safetensors(tmp_path / "x.safetensors", {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 16)
+    with pytest.raises(CheckpointError, match="'a' and 'b' overlap"):
+        read_safetensors_header(f)
+
+
+@pytest.mark.parametrize("header, why", [
+    ('{"__metadata__": 5}', "__metadata__ must map names to text"),
+    ('{"__metadata__": {"format": ["pt"]}}', "__metadata__ must map names to text"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"w": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, "w": 1}', "appears twice"),
+    (b'{"\xff": 1}', "not UTF-8"),
+    ("{", "not valid JSON"),
+])
+def test_bad_header_json_is_refused(tmp_path, header, why):
+    with pytest.raises(CheckpointError, match=why):
+        read_safetensors_header(_safetensors(tmp_path / "x.safetensors", header))
+
+
+@pytest.mark.parametrize("length, why", [(2**64 - 1, "more than the 100,000,000"),
+                                         (100, "does not fit the file")])
+def test_an_absurd_header_length_is_refused_without_reading(tmp_path, length, why):
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(struct.pack("<Q", length) + b"{}")
+    with pytest.raises(CheckpointError, match=why):
+        read_safetensors_header(f)
+
+
+def test_a_metadata_that_is_not_text_no_longer_breaks_the_reader(tmp_path):
+    _safetensors(tmp_path / "model.safetensors", '{"__metadata__": 5}')
+    with pytest.raises(CheckpointError, match="__metadata__"):   # was: TypeError in dict.update
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("index, why", [
+    ("[" * 100_000, "nested too deeply"),
+    ('{"weight_map": {"w": 5}}', "names the shard 5"),
+    ('{"weight_map": [1]}', "no weight_map object"),
+    ("42", "no weight_map object"),
+])
+def test_a_broken_index_is_one_checkpoint_error(tmp_path, index, why):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=why):
+        CheckpointReader(tmp_path)
+
+
+@pytest.mark.parametrize("config, why", [("[" * 100_000, "nested too deeply"), ("[1]", "a JSON object"),
+                                         (b"\xff\xfe", "not UTF-8")])
+def test_a_broken_model_config_is_one_checkpoint_error(tmp_path, config, why):
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes(config.encode() if isinstance(config, str) else config)
+    with pytest.raises(CheckpointError, match=why):
+        CheckpointReader(tmp_path)
+
+
+def test_a_valid_file_still_reads(tmp_path):
+    t = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(0, 5), "c": torch.tensor(2.0)}
+    save_file(t, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    r = CheckpointReader(tmp_path)
+    assert {k: r.get(k).tolist() for k in r.keys()} == {k: v.tolist() for k, v in t.items()}
