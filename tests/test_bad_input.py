@@ -140,3 +140,77 @@ def test_a_valid_file_still_reads(tmp_path):
     save_file(t, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     r = CheckpointReader(tmp_path)
     assert {k: r.get(k).tolist() for k in r.keys()} == {k: v.tolist() for k, v in t.items()}
+
+
+# ------------------------------------------------------------------------------- adapter configs
+
+_GOOD_CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
+                "base_model_name_or_path": "org/base", "bias": "none", "use_rslora": False}
+
+
+def _adapter(folder: Path, config, *, raw: bytes | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i, (module, r) in enumerate([("q_proj", 2), ("v_proj", 2), ("k_proj", 4)]):
+        p = f"base_model.model.model.layers.0.self_attn.{module}"
+        tensors[p + ".lora_A.weight"] = torch.randn(r, 8, generator=g)
+        tensors[p + ".lora_B.weight"] = torch.randn(8, r, generator=g)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_bytes(raw if raw is not None else json.dumps(config).encode())
+    return folder
+
+
+def test_a_good_adapter_with_patterns_still_loads(tmp_path):
+    cfg = {**_GOOD_CONFIG, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"layers.0.self_attn.k_proj": 2.0}}
+    a = LoraAdapter(_adapter(tmp_path / "a", cfg))
+    assert {m.rsplit(".", 1)[-1]: (a.modules[m].rank, a.modules[m].scale) for m in a.modules} == {
+        "q_proj": (2, 2.0), "v_proj": (2, 2.0), "k_proj": (4, 0.5)}
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"rank_pattern": {"q_proj(": 2, "k_proj": 4}}, "rank_pattern key 'q_proj\\(' is not a regular expression"),  # re.error
+    ({"rank_pattern": {"k_proj": "four"}}, "must be a whole number ≥ 1, got 'four'"),    # ValueError in int()
+    ({"rank_pattern": {"k_proj": 4.5}}, "whole number"),
+    ({"rank_pattern": {"k_proj": True}}, "whole number"),
+    ({"rank_pattern": [["k_proj", 4]]}, "rank_pattern must be an object"),
+    ({"rank_pattern": {"(k+)+_proj": 4}}, "repeats a group"),
+    ({"rank_pattern": {".*.*.*.*k_proj": 4}}, "more than 3 repetitions"),
+    ({"rank_pattern": {"k" * 300: 4}}, "longer than 200"),
+    ({"alpha_pattern": {"k_proj": "x"}}, "alpha_pattern\\['k_proj'\\] must be a finite number"),
+    ({"alpha_pattern": {"k_proj": None}}, "finite number"),
+    ({"alpha_pattern": {"[": 1}}, "alpha_pattern key '\\[' is not a regular expression"),
+    ({"alpha_pattern": "q_proj"}, "alpha_pattern must be an object"),
+    ({"r": 0}, "r must be a whole number ≥ 1"),
+    ({"r": -2}, "r must be a whole number ≥ 1"),
+    ({"r": "8"}, "r must be a whole number"),
+    ({"r": 10**400}, "r must be a whole number"),
+    ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": 10**400}, "lora_alpha must be a finite number"),
+    ({"lora_alpha": [16]}, "lora_alpha must be a finite number"),
+    ({"use_rslora": "false"}, "use_rslora must be true or false"),   # was read as True
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out must be true or false"),
+    ({"base_model_name_or_path": ["x"]}, "base_model_name_or_path must be text"),
+    ({"peft_type": ["LORA"]}, "is a \\['LORA'\\] adapter"),
+    ({"init_lora_weights": [[["pissa"]]]}, None),   # not text: not a base-changing init, loads
+])
+def test_bad_adapter_configs_are_one_adapter_error(tmp_path, change, why):
+    folder = _adapter(tmp_path / "a", {**_GOOD_CONFIG, "rank_pattern": {"k_proj": 4}, **change})
+    if why is None:
+        LoraAdapter(folder)
+        return
+    with pytest.raises(AdapterError, match=why) as err:
+        LoraAdapter(folder)
+    assert str(folder) in str(err.value)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"[1, 2]", "an adapter config is a JSON object, got a JSON list"),
+    (b"42", "got a JSON int"),
+    (b'{"r": 2, "peft_type": "LORA\xff"}', "not UTF-8"),
+    (b"[" * 100_000, "nested too deeply"),
+    (b"{", "not valid JSON"),
+])
+def test_non_dict_non_utf8_and_deep_adapter_configs_are_one_adapter_error(tmp_path, raw, why):
+    with pytest.raises(AdapterError, match=why):
+        LoraAdapter(_adapter(tmp_path / "a", None, raw=raw))
