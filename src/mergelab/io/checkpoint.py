@@ -369,11 +369,15 @@ def parse_size(value: int | str) -> int:
         if value <= 0:
             raise ValueError(f"size must be positive, got {value}")
         return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(value).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    text = str(value).upper() if isinstance(value, (str, float)) else ""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", text) if len(text) <= 40 else None
+    if not m or not 0 < float(m.group(1)) < 1e30:
+        raise ValueError(f"not a size: {clip(value)} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+    if size < 1:
+        raise ValueError(f"size must be at least 1 byte, got {clip(value)}")
+    return size
 
 
 class _Shard:
