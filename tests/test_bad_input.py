@@ -214,3 +214,130 @@ def test_bad_adapter_configs_are_one_adapter_error(tmp_path, change, why):
 def test_non_dict_non_utf8_and_deep_adapter_configs_are_one_adapter_error(tmp_path, raw, why):
     with pytest.raises(AdapterError, match=why):
         LoraAdapter(_adapter(tmp_path / "a", None, raw=raw))
+
+
+# ------------------------------------------------------------------------------------- recipes
+
+from mergelab.recipe import read_recipe  # noqa: E402
+
+
+def _recipe_file(tmp_path, text: str | bytes, name: str = "r.yaml") -> Path:
+    for d in ("base", "e1", "e2"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    f = tmp_path / name
+    f.write_bytes(text.encode() if isinstance(text, str) else text)
+    return f
+
+
+GOOD = "base: {path: base}\nexperts: [{path: e1, weight: 0.5}, {path: e2, weight: 0.5}]\nmethod: linear\n"
+
+
+def test_a_non_utf8_recipe_is_one_recipe_error(tmp_path):
+    f = _recipe_file(tmp_path, GOOD.encode() + b"seed: \xff\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: not UTF-8 text \(invalid start byte at byte \d+, line 4\)"):
+        read_recipe(f)
+
+
+@pytest.mark.parametrize("weight, why", [
+    ("9" * 400, "a number of about 400 digits is too large to compute with"),   # OverflowError before
+    ("-" + "9" * 400, "too large to compute with"),
+    (".nan", "nan is not a finite number"),
+    (".inf", "inf is not a finite number"),
+    ("-.inf", "-inf is not a finite number"),
+    ("'1e400'", "expected a number"),
+    ("[0.5, .nan]", r"weight\[1\]: nan is not a finite number"),
+    ("[{filter: mlp, value: .inf}]", r"weight\[0\].value: inf is not a finite number"),
+])
+def test_huge_and_non_finite_weights_are_clear_recipe_errors(tmp_path, weight, why):
+    f = _recipe_file(tmp_path, f"base: {{path: base}}\nexperts: [{{path: e1, weight: {weight}}}]\nmethod: linear\n")
+    with pytest.raises(RecipeError, match=why) as err:
+        read_recipe(f)
+    assert "experts[0].weight" in str(err.value) and "9" * 80 not in str(err.value)
+
+
+def test_non_finite_parameters_of_any_method_are_refused(tmp_path):
+    with pytest.raises(RecipeError, match=r"method.lambda: inf is not a finite number"):
+        read_recipe(_recipe_file(tmp_path, GOOD.replace("method: linear", "method: {name: ties, lambda: .inf}")))
+    with pytest.raises(RecipeError, match="output.shard_size: not a size"):   # OverflowError before
+        read_recipe(_recipe_file(tmp_path, GOOD + "output: {shard_size: 1e400GB}\n"))
+
+
+@pytest.mark.parametrize("text, why", [
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: e1}]\nparameters: [1, 2]\n",
+     r"mergekit config: parameters: expected a mapping .* got \[1, 2\]"),           # AttributeError before
+    ("merge_method: slerp\nbase_model: base\nslices: [{sources: [5]}]\n",
+     r"slices\[0\].sources\[0\]: expected \{model: ..., layer_range"),               # AttributeError before
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: e1, parameters: 5}]\n",
+     r"models\[0\].parameters: expected a mapping"),                                  # TypeError before
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: e1, parameters: [[weight, 1]]}]\n",
+     r"models\[0\].parameters: expected a mapping"),
+    ("merge_method: slerp\nbase_model: base\nslices: [{sources: [{model: e1, layer_range: 5}]}]\n",
+     r"layer_range: expected \[0, number of layers\], got 5"),                         # TypeError before
+    ("merge_method: slerp\nbase_model: base\nslices: [{sources: [{model: e1, layer_range: [[0], 2]}]}]\n",
+     r"layer_range: expected \[0, number of layers\]"),                              # unhashable before
+    ("merge_method: ties\nbase_model: {model: {path: base, revision: [1]}}\nmodels: [{model: e1}]\n",
+     r"base_model.revision: expected a branch, tag or commit"),
+    ("merge_method: [ties]\nmodels: [e1]\n", r"merge_method: \['ties'\] is not supported"),
+    ("merge_method: ties\nbase_model: base\nmodels: [{model: e1}]\nparameters: {1: 2}\n",
+     "parameter names are text, got 1"),
+    ("merge_method: ties\n? [1]\n: 2\n", "not valid YAML"),
+])
+def test_mergekit_structural_junk_is_one_recipe_error(tmp_path, text, why):
+    with pytest.raises(RecipeError, match=why) as err:
+        read_recipe(_recipe_file(tmp_path, text))
+    assert "r.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("a: " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),                    # RecursionError before
+    ("x: &a [*a]\n" + GOOD, "nesting deeper than 40"),                                # a list holding itself
+    ("a: &a [1,1,1,1,1,1,1,1,1,1]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b]\n"
+     "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n" + GOOD,
+     "more than 100,000 values"),                                                    # an alias bomb
+    ("1: 2\n" + GOOD, "top-level keys are names"),
+    ("- 1\n- 2\n", "a recipe is a mapping .* got list"),
+    ("", "got nothing"),
+    (GOOD.replace("method: linear", "method: {name: linear, weight: {a: {b: 1}}}"), "method.weight"),
+    (GOOD + "eval: {data: [5]}\n", "eval.data"),
+    (GOOD + "eval: {data: {a: 1}}\n", "eval.data"),
+    (GOOD + "eval: {data: [a.csv], shots: [1]}\n", "eval"),
+    (GOOD + "finetune: {data: [{path: [1], licence: mit}]}\n", "finetune.data"),
+    (GOOD + "tune: {params: {weight: {low: 0, high: .inf}}, data: [x.csv], trials: 2}\n", "tune.params"),
+])
+def test_other_structural_junk_in_recipes_is_one_recipe_error(tmp_path, text, why):
+    with pytest.raises(RecipeError, match=why):
+        read_recipe(_recipe_file(tmp_path, text))
+
+
+def test_a_recipe_over_10_mb_is_refused_unread(tmp_path):
+    f = _recipe_file(tmp_path, GOOD + "#" * (10 * 1024 * 1024))
+    with pytest.raises(RecipeError, match="a recipe is at most 10,485,760"):
+        read_recipe(f)
+
+
+SECRET = "root:x:0:0:supersecret-first-line:/root:/bin/bash"
+
+
+@pytest.mark.parametrize("text", [
+    SECRET + "\ndaemon:x:1:1::/:/bin/sh\n",                 # a plain scalar: "got str"
+    "key: *supersecret_alias\n",                            # undefined alias: the parser quotes its name
+    "!supersecret_tag x\n",                                 # unknown tag: the parser quotes it
+    "a: b: supersecret_value\n",                            # mapping values not allowed here
+    "supersecret: [unclosed\n",
+    "\tsupersecret\n",
+    b"supersecret\xff\n",
+])
+def test_errors_about_a_file_that_is_no_recipe_quote_none_of_it(tmp_path, text):
+    with pytest.raises(RecipeError) as err:
+        read_recipe(_recipe_file(tmp_path, text, name="passwd"))
+    msg = str(err.value)
+    assert "supersecret" not in msg and "root:x" not in msg, msg
+    assert "passwd" in msg
+
+
+def test_a_good_recipe_and_a_good_mergekit_config_still_read(tmp_path):
+    assert read_recipe(_recipe_file(tmp_path, GOOD)).recipe.method.name == "linear"
+    mk = "merge_method: ties\nbase_model: base\nmodels: [{model: e1, parameters: {weight: 1, density: 0.5}}]\n" \
+         "parameters: {normalize: true, int8_mask: true}\ndtype: bfloat16\n"
+    r = read_recipe(_recipe_file(tmp_path, mk)).recipe
+    assert r.experts[0].params == {"weight": 1, "density": 0.5} and r.output.dtype == "bfloat16"

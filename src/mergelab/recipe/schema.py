@@ -284,7 +284,7 @@ def check_param(where: str, key: str, value: Any) -> list[str]:
                 f"(got {clip(dict(value))})"]
     kind, lo, hi = PARAM_RULES.get(key, (None, None, None))
     if isinstance(value, (int, float)) and not isinstance(value, bool) and as_number(value) is None:
-        what = "too large for a number" if isinstance(value, int) else "not a finite number"
+        what = "too large to compute with" if isinstance(value, int) else "not a finite number"
         return [f"{where}: {clip(value)} is {what}; expected {kind or 'a finite number'}"]
     if kind is None:
         return [] if isinstance(value, (bool, int, float, str)) else [f"{where}: unsupported value {clip(value)}"]
