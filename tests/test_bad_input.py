@@ -341,3 +341,170 @@ def test_a_good_recipe_and_a_good_mergekit_config_still_read(tmp_path):
          "parameters: {normalize: true, int8_mask: true}\ndtype: bfloat16\n"
     r = read_recipe(_recipe_file(tmp_path, mk)).recipe
     assert r.experts[0].params == {"weight": 1, "density": 0.5} and r.output.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------------------ competition CSVs
+
+import time  # noqa: E402
+
+from mergelab.evaluate import data as eval_data  # noqa: E402
+from mergelab.evaluate.data import parse_choices, read_competition_csv  # noqa: E402
+
+CSV_HEADER = "id,input,target,answer_choices,eval_type\n"
+
+
+def _csv(tmp_path, body: str | bytes, header: str = CSV_HEADER, name: str = "d.csv") -> Path:
+    f = tmp_path / name
+    f.write_bytes(header.encode() + (body.encode() if isinstance(body, str) else body))
+    return f
+
+
+def test_a_csv_path_that_names_another_file_does_not_echo_its_first_line(tmp_path):
+    f = _csv(tmp_path, "daemon:x:1:1::/:/bin/sh\n", header=SECRET + "\n", name="passwd")
+    with pytest.raises(DataError, match="missing column") as err:
+        read_competition_csv(f)
+    assert "supersecret" not in str(err.value) and "root:x" not in str(err.value)
+    assert "is not a header of column names" in str(err.value)
+    # a real CSV header with a wrong column is still shown, to help
+    with pytest.raises(DataError, match="the header is id,question,eval_type"):
+        read_competition_csv(_csv(tmp_path, "1,q,generation\n", header="id,question,eval_type\n"))
+
+
+@pytest.mark.parametrize("body, why", [
+    ('1,q,0,"[\'a\', \'b\'",multiple_choice\n', "not a list literal"),
+    ("1,q,0,\"" + "[" * 5000 + "\",multiple_choice\n", "not a list literal"),
+    ("1,q,0,\"['a', " + "9" * 5000 + "]\",multiple_choice\n", "not a list literal"),
+    ('1,q,0,"{\'a\': 1}",multiple_choice\n', "must be a list"),
+    ('1,q,0,"[\'\\N{no such name}\']",multiple_choice\n', "not a list literal"),
+    ("1,q,0,\"__import__('os').system('true')\",multiple_choice\n", "not a list literal"),
+    ('1,q,0,"[\'a\']",multiple_choice,extra\n', "has 6 fields"),
+    ('1,q,"0,"[a]",multiple_choice\n', "fields"),
+    ("1,q," + "9" * 5000 + ",\"['a']\",multiple_choice\n", "must be the index"),
+    ('"1\x00",q,,,generation\n', None),          # a NUL byte inside a field: read as text
+])
+def test_malformed_rows_and_bad_choice_literals_are_one_data_error(tmp_path, body, why):
+    f = _csv(tmp_path, body)
+    if why is None:
+        assert len(read_competition_csv(f)) == 1
+        return
+    with pytest.raises(DataError, match=why) as err:
+        read_competition_csv(f)
+    assert "d.csv" in str(err.value) and len(str(err.value)) < 600
+
+
+def test_non_utf8_csv_is_one_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"not UTF-8 text \(invalid continuation byte at byte 46\)"):
+        read_competition_csv(_csv(tmp_path, b"1,caf\xe9,,,generation\n"))
+
+
+def test_huge_fields_are_refused_not_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(eval_data, "MAX_FIELD_CHARS", 1000)
+    f = _csv(tmp_path, '1,"' + "x" * 5000 + '",,,generation\n')   # e.g. an unclosed quote
+    with pytest.raises(DataError, match="line 2: malformed CSV .*field larger than field limit"):
+        read_competition_csv(f)
+    import csv
+    assert csv.field_size_limit() != 1000   # the process-wide limit is restored
+
+
+@pytest.mark.parametrize("text, why", [
+    ("['a', " * 160_000, "not a list literal of strings"),
+    ("[" + "'a'," * 240_000 + "]", "240,000 items; at most 10,000"),
+    ("[" + '"a",' * 20_000 + '"b"]', "20,001 items"),
+    ("x" * 1_000_001, "1,000,001 characters long"),
+    ("(" + "'a'," * 5_000 + ")", "not a list literal of strings"),   # a long tuple: not given to ast
+])
+def test_answer_choices_are_parsed_in_bounded_time(text, why):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=why):
+        parse_choices(text)
+    assert time.perf_counter() - t0 < 5   # was: ast.literal_eval on megabytes of text
+
+
+def test_python_and_json_choice_literals_still_parse():
+    assert parse_choices("['it\\'s', \"x\", u'y', r'\\d', '']") == ["it's", "x", "y", "\\d", ""]
+    assert parse_choices('  ["a", "b"]  ') == ["a", "b"]
+    assert parse_choices("('a', 'b')") == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------------ manifests
+
+from mergelab.run import pipeline  # noqa: E402
+from mergelab.run.manifest import read_manifest  # noqa: E402
+
+
+def _good_manifest(tmp_path) -> dict:
+    for d in ("base", "e1"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    files = {"model.safetensors": "0" * 64}
+    return {"mergelab_manifest": 1,
+            "recipe": {"base": {"path": str(tmp_path / "base")}, "experts": [{"path": str(tmp_path / "e1")}],
+                       "method": {"name": "task_arithmetic"}, "seed": 0},
+            "models": [{"role": "base", "files": files}, {"role": "expert 1", "files": files}],
+            "rules": "not checked (--no-rules)", "stages": {}, "outputs": {"model/model.safetensors": "1" * 64}}
+
+
+def _write_manifest(tmp_path, obj=None, raw: bytes | None = None) -> Path:
+    f = tmp_path / "run" / "manifest.json"
+    f.parent.mkdir(exist_ok=True)
+    f.write_bytes(raw if raw is not None else json.dumps(obj).encode())
+    return f
+
+
+@pytest.fixture
+def no_rerun(monkeypatch):
+    """reproduce must refuse before it reruns anything: a rerun fails the test."""
+    def run_recipe(*args, **kwargs):
+        raise AssertionError("reproduce started the rerun before checking the manifest")
+    monkeypatch.setattr(pipeline, "run_recipe", run_recipe)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda m: 42, "it is a JSON int, not an object"),                                  # TypeError before
+    (lambda m: {"recipe": 5}, "no 'recipe'/'outputs'"),
+    (lambda m: {**m, "recipe": 5}, "'recipe' must be the recipe as a mapping, got 5"),  # TypeError in Path(5)
+    (lambda m: {**m, "recipe": "/etc/passwd"}, "'recipe' must be the recipe as a mapping"),
+    (lambda m: {**m, "models": [{"files": {}}, {"role": "expert 1", "files": {}}]},
+     r"models\[0\] has no 'role'"),                                                     # KeyError after the rerun
+    (lambda m: {**m, "models": [{"role": "base", "files": {}}, {"role": "base", "files": {}}]}, "appears twice"),
+    (lambda m: {**m, "models": [{"role": "base", "files": []}]}, "'files' must map each input file"),
+    (lambda m: {**m, "models": [{"role": "base", "files": {}}]},
+     "models records the roles base, but its recipe has base, expert 1"),
+    (lambda m: {**m, "outputs": [1]}, "'outputs' must map each output file to its sha256"),
+    (lambda m: {**m, "stages": {"merge": 5}}, "stages.'merge' must be a mapping"),
+    (lambda m: {**m, "finished": "no"}, "'finished' must be true or false"),
+    (lambda m: {**m, "recipe": {**m["recipe"], "experts": 5}}, "the recorded recipe cannot run again: .*experts"),
+])
+def test_bad_manifests_are_refused_before_the_rerun(tmp_path, no_rerun, change, why):
+    f = _write_manifest(tmp_path, change(_good_manifest(tmp_path)))
+    with pytest.raises(MergelabError, match=why) as err:
+        pipeline.reproduce(f, tmp_path / "again")
+    assert str(f) in str(err.value)
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("raw, why", [(b"[" * 100_000, "nested too deeply"), (b'{"recipe": "\xff"}', "not UTF-8"),
+                                      (b"{", "not valid JSON")])
+def test_unreadable_manifests_are_one_reproducibility_error(tmp_path, raw, why):
+    with pytest.raises(ReproducibilityError, match=why):
+        read_manifest(_write_manifest(tmp_path, raw=raw))
+
+
+def test_a_manifest_whose_recipe_points_at_another_file_does_not_echo_it(tmp_path, no_rerun):
+    passwd = tmp_path / "passwd"
+    passwd.write_text(SECRET + "\ndaemon:x:1:1::/:/bin/sh\n")
+    m = _good_manifest(tmp_path)
+    m["recipe"]["eval"] = {"data": [str(passwd)]}       # evaluated after an hour of merging, before
+    f = _write_manifest(tmp_path, m)
+    with pytest.raises(DataError) as err:
+        pipeline.reproduce(f, tmp_path / "again")
+    msg = str(err.value)
+    assert "supersecret" not in msg and "root:x" not in msg and "missing column" in msg and str(f) in msg
+    m["recipe"] = str(passwd)                           # the recipe itself: never read as a file
+    with pytest.raises(ReproducibilityError) as err:
+        pipeline.reproduce(_write_manifest(tmp_path, m), tmp_path / "again")
+    assert "supersecret" not in str(err.value)
+    if Path("/etc/passwd").is_file():
+        m["recipe"] = {**_good_manifest(tmp_path)["recipe"], "eval": {"data": ["/etc/passwd"]}}
+        with pytest.raises(DataError) as err:
+            pipeline.reproduce(_write_manifest(tmp_path, m), tmp_path / "again")
+        assert Path("/etc/passwd").read_text().splitlines()[0] not in str(err.value)
