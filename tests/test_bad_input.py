@@ -295,6 +295,8 @@ def test_mergekit_structural_junk_is_one_recipe_error(tmp_path, text, why):
      "d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]\n" + GOOD,
      "more than 100,000 values"),                                                    # an alias bomb
     ("1: 2\n" + GOOD, "top-level keys are names"),
+    ("created: 2024-13-45\n" + GOOD, "an impossible date such as 2024-13-45"),          # ValueError before
+    ("seed: !!int x\n" + GOOD.replace("seed", "x"), "cannot be read as the type it is written as"),
     ("- 1\n- 2\n", "a recipe is a mapping .* got list"),
     ("", "got nothing"),
     (GOOD.replace("method: linear", "method: {name: linear, weight: {a: {b: 1}}}"), "method.weight"),

@@ -103,13 +103,14 @@ def mutated(draw, base, keys=()):
 
 
 @st.composite
-def mangled_text(draw, text: str, alphabet: str):
-    """``text`` with a few characters inserted, deleted or replaced (from ``alphabet``)."""
+def mangled_text(draw, text: str, alphabet: str, tokens: tuple[str, ...] = ()):
+    """``text`` with a few characters inserted, deleted or replaced (from ``alphabet``, or whole
+    ``tokens``)."""
     chars = list(text)
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(chars)))
         op = draw(st.sampled_from(["insert", "delete", "replace"]))
-        c = draw(st.sampled_from(alphabet))
+        c = draw(st.sampled_from(list(alphabet) + list(tokens)))
         if op == "insert" or i == len(chars):
             chars.insert(i, c)
         elif op == "delete":
@@ -265,6 +266,9 @@ eval: {data: a.csv, batch_size: 2}
 seed: 3
 """
 YAML_CHARS = ":{}[],-&*!|>#'\"\n\t %@?.~09eEx\\\xff\u2028"
+YAML_TOKENS = (" 2024-13-45", " !!int x", " !!float x", " !!binary x", " !!set {a: 1}", " !!python/object:os.system",
+               " &a", " *a", " &a [*a]", " 1:20:30", " .nan", " .inf", " " + "9" * 400, " ~", " !!str [1]",
+               " !!timestamp 2001-12-14t21:59:43.10-99:00", "\n? [1]\n: 2\n", "\n- x\n")
 
 
 @given(data=st.data())
@@ -273,7 +277,7 @@ def test_any_recipe_text_gives_a_recipe_or_one_error(work, data):
     if kind == 0:
         raw = data.draw(st.binary(max_size=60))
     else:
-        text = data.draw(mangled_text(YAML_RECIPE, YAML_CHARS)) if kind > 2 else \
+        text = data.draw(mangled_text(YAML_RECIPE, YAML_CHARS, YAML_TOKENS)) if kind > 2 else \
             data.draw(st.text(alphabet=YAML_CHARS + "abse", max_size=60))
         raw = text.encode("utf-8", "surrogateescape")
     f = work / "prop_recipe.yaml"

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 from pathlib import Path, PurePosixPath
@@ -91,7 +92,10 @@ def read_safetensors_header(file: Path) -> tuple[dict[str, _TensorInfo], dict[st
     (text to text).
     """
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):   # a pipe or device would block or never end
+            raise ValueError("not a regular file")
+        size = st.st_size
         with open(file, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:

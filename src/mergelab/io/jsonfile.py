@@ -7,8 +7,10 @@ The caller turns the ``ValueError`` into its own :class:`~mergelab.errors.Mergel
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -71,7 +73,12 @@ def parse_json(raw: bytes | str, *, allow_nan: bool = True, unique_keys: bool = 
 def read_json(path: str | os.PathLike, *, max_bytes: int = MAX_JSON_BYTES, allow_nan: bool = True) -> Any:
     """Read and parse a JSON file of at most ``max_bytes``; ``OSError`` passes through."""
     path = Path(path)
-    size = path.stat().st_size
+    st = path.stat()
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a folder", str(path))
+    if not stat.S_ISREG(st.st_mode):   # a pipe or device would block or never end
+        raise ValueError("is not a regular file")
+    size = st.st_size
     if size > max_bytes:
         raise ValueError(f"is {size:,} bytes, more than the {max_bytes:,} such a file can be")
     with open(path, "rb") as fh:

@@ -125,6 +125,10 @@ def _read_file(path: Path) -> dict:
                           hint="check that this is the recipe file you meant; see docs/recipe.md") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    except (ValueError, TypeError, OverflowError):   # PyYAML's constructors: a date like 2024-13-45, !!int x
+        raise RecipeError(f"{path}: not valid YAML: a value cannot be read as the type it is written as "
+                          "(an impossible date such as 2024-13-45, or a !!int / !!float tag on text)",
+                          hint="quote the value to keep it as text; see docs/recipe.md") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"{path}: a recipe is a mapping (base, experts, method, ...), got "
                           f"{'nothing' if data is None else type(data).__name__}",
@@ -134,7 +138,10 @@ def _read_file(path: Path) -> dict:
 
 def _unquoted(problem: str) -> str:
     """A YAML parser complaint with quoted text of the file (tags, aliases, keys) left out."""
-    return re.sub(r"'[^']{3,}'|\"[^\"]{3,}\"", "'…'", str(problem))[:200]
+    def keep(m: re.Match) -> str:   # a character ('\\t', ':') or a token name ('<scalar>') is kept
+        inner = m.group(0)[1:-1]
+        return m.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
+    return re.sub(r"'[^']*'|\"[^\"]*\"", keep, str(problem))[:200]
 
 
 def _check_size(data: Any, label: str) -> None:
