@@ -311,9 +311,9 @@ def test_other_structural_junk_in_recipes_is_one_recipe_error(tmp_path, text, wh
         read_recipe(_recipe_file(tmp_path, text))
 
 
-def test_a_recipe_over_10_mb_is_refused_unread(tmp_path):
-    f = _recipe_file(tmp_path, GOOD + "#" * (10 * 1024 * 1024))
-    with pytest.raises(RecipeError, match="a recipe is at most 10,485,760"):
+def test_a_recipe_over_1_mb_is_refused_unread(tmp_path):
+    f = _recipe_file(tmp_path, GOOD + "#" * (1024 * 1024))
+    with pytest.raises(RecipeError, match="a recipe is at most 1,048,576"):
         read_recipe(f)
 
 

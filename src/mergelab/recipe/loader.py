@@ -87,7 +87,7 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: str 
     return read_recipe(source, base_dir=base_dir).recipe
 
 
-_MAX_RECIPE_BYTES = 10 * 1024 * 1024   # a recipe with per-layer lists is a few KB
+_MAX_RECIPE_BYTES = 1024 * 1024        # a recipe with per-layer lists is a few KB; YAML reads ~1 MB/s
 _MAX_NODES = 100_000                    # values in a recipe, counting each alias use again
 _MAX_DEPTH = 40
 
@@ -154,7 +154,7 @@ def _check_size(data: Any, label: str) -> None:
         count += 1
         if count > _MAX_NODES or depth > _MAX_DEPTH:
             what = f"more than {_MAX_NODES:,} values" if count > _MAX_NODES else f"nesting deeper than {_MAX_DEPTH}"
-            raise RecipeError(f"{label}: has {what} (YAML aliases repeat what they name); "
+            raise RecipeError(f"{label}: has {what}, counting each use of a YAML alias; "
                               "this is not a recipe mergelab can read", hint="see docs/recipe.md")
         if isinstance(value, Mapping):
             stack.extend((v, depth + 1) for kv in value.items() for v in kv)

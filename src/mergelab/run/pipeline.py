@@ -512,8 +512,10 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
               progress: Callable[[str], None] | None = None, quiet: bool = True) -> RunResult:
     """Run a manifest's recipe again into ``out_dir`` and compare every input and output hash.
 
-    Raises :class:`OutputsDifferError` naming each input file that changed and each output file
-    whose bytes differ (or that is missing / new).
+    Before anything runs, the manifest's shape (:func:`~mergelab.run.manifest.read_manifest`), its
+    recipe, the roles of its models and its evaluation files are checked, so that a bad manifest is
+    one error at once rather than after the whole rerun. Raises :class:`OutputsDifferError` naming
+    each input file that changed and each output file whose bytes differ (or that is missing / new).
     """
     old = read_manifest(manifest_path)   # its shape is checked: recipe, outputs, models with roles, ...
     if old.get("finished") is False:
