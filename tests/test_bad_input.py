@@ -297,6 +297,7 @@ def test_mergekit_structural_junk_is_one_recipe_error(tmp_path, text, why):
     ("1: 2\n" + GOOD, "top-level keys are names"),
     ("created: 2024-13-45\n" + GOOD, "an impossible date such as 2024-13-45"),          # ValueError before
     ("seed: !!int x\n" + GOOD.replace("seed", "x"), "cannot be read as the type it is written as"),
+    ("created: !!timestamp 2001-12-14t21:59:43.10-99:000\n" + GOOD, "cannot be read as the type"),  # AttributeError
     ("- 1\n- 2\n", "a recipe is a mapping .* got list"),
     ("", "got nothing"),
     (GOOD.replace("method: linear", "method: {name: linear, weight: {a: {b: 1}}}"), "method.weight"),

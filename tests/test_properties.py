@@ -270,7 +270,7 @@ seed: 3
 YAML_CHARS = ":{}[],-&*!|>#'\"\n\t %@?.~09eEx\\\xff\u2028"
 YAML_TOKENS = (" 2024-13-45", " !!int x", " !!float x", " !!binary x", " !!set {a: 1}", " !!python/object:os.system",
                " &a", " *a", " &a [*a]", " 1:20:30", " .nan", " .inf", " " + "9" * 400, " ~", " !!str [1]",
-               " !!timestamp 2001-12-14t21:59:43.10-99:00", "\n? [1]\n: 2\n", "\n- x\n")
+               " !!timestamp 2001-12-14t21:59:43.10-99:00", " !!timestamp x", "\n? [1]\n: 2\n", "\n- x\n")
 
 
 @given(data=st.data())

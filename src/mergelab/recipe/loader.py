@@ -125,9 +125,9 @@ def _read_file(path: Path) -> dict:
                           hint="check that this is the recipe file you meant; see docs/recipe.md") from None
     except RecursionError:
         raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
-    except (ValueError, TypeError, OverflowError):   # PyYAML's constructors: a date like 2024-13-45, !!int x
+    except Exception:   # noqa: BLE001 — PyYAML's constructors raise ValueError, AttributeError, ... on
         raise RecipeError(f"{path}: not valid YAML: a value cannot be read as the type it is written as "
-                          "(an impossible date such as 2024-13-45, or a !!int / !!float tag on text)",
+                          "(an impossible date such as 2024-13-45, or a !!int / !!float / !!timestamp tag on text)",
                           hint="quote the value to keep it as text; see docs/recipe.md") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"{path}: a recipe is a mapping (base, experts, method, ...), got "
