@@ -108,8 +108,8 @@ def _python_literal(text: str):
     try:
         return ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-        raise ValueError(f"answer_choices is not a list literal ({type(exc).__name__}): "
-                         f"{_clip(text)}") from None
+        why = "nested too deeply" if isinstance(exc, (MemoryError, RecursionError)) else type(exc).__name__
+        raise ValueError(f"answer_choices is not a list literal ({why}): {_clip(text)}") from None
 
 
 def _clip(text: str, n: int = 60) -> str:
