@@ -10,16 +10,19 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from mergelab.errors import DataError
+from mergelab.io.jsonfile import clip
 
 EVAL_TYPES = ("multiple_choice", "generation")
 REQUIRED_COLUMNS = ("id", "input", "eval_type")
 OPTIONAL_COLUMNS = ("target", "answer_choices")
 SUBMISSION_COLUMNS = ("id", "prediction", "dummy_field")
+_COLUMN_NAME = re.compile(r"[\w .-]{0,40}")
 
 
 @dataclass(frozen=True)
@@ -44,20 +47,35 @@ class Row:
         return self.eval_type == "multiple_choice"
 
 
+#: answer_choices longer than this are refused (a list of answers is a few hundred characters)
+MAX_CHOICES_CHARS = 1_000_000
+MAX_CHOICES = 10_000
+#: a Python literal that is not a flat list of strings is parsed with ast only up to this length
+_MAX_AST_CHARS = 10_000
+#: the longest field a CSV row may hold (long few-shot prompts exceed csv's default of 128 KiB)
+MAX_FIELD_CHARS = 64 * 1024 * 1024
+
+_PY_STR = r"""[rRuU]?(?:'(?:[^'\\\n]|\\[\s\S])*'|"(?:[^"\\\n]|\\[\s\S])*")"""
+_PY_LIST = re.compile(rf"\s*\[\s*(?:{_PY_STR}\s*,\s*)*(?:{_PY_STR}\s*)?\]\s*")
+_PY_STR_RE = re.compile(_PY_STR)
+
+
 def parse_choices(text: str) -> list[str]:
     """Parse an ``answer_choices`` literal into a list of strings, without ever calling ``eval``.
 
-    JSON (``["a", "b"]``) is tried first, then a Python literal (``['a', "b"]``) through
-    :func:`ast.literal_eval`, which only accepts literals. Raises ``ValueError`` saying why.
+    JSON (``["a", "b"]``) is tried first, then a Python list of string literals (``['a', "b"]``),
+    recognised by a regular expression and each string read by :func:`ast.literal_eval`; any other
+    Python literal (a tuple, or a list holding something else) goes through
+    :func:`ast.literal_eval` only when it is short, so time and memory stay bounded by the text's
+    length. Raises ``ValueError`` saying why.
     """
+    if len(text) > MAX_CHOICES_CHARS:
+        raise ValueError(f"answer_choices is {len(text):,} characters long; at most "
+                         f"{MAX_CHOICES_CHARS:,} are read")
     try:
         value = json.loads(text)
     except (ValueError, RecursionError):
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-            raise ValueError(f"answer_choices is not a list literal ({type(exc).__name__}): "
-                             f"{_clip(text)}") from None
+        value = _python_literal(text)
     if isinstance(value, tuple):
         value = list(value)
     if not isinstance(value, list):
@@ -65,11 +83,33 @@ def parse_choices(text: str) -> list[str]:
                          f"{_clip(text)}")
     if not value:
         raise ValueError("answer_choices is an empty list")
+    if len(value) > MAX_CHOICES:
+        raise ValueError(f"answer_choices has {len(value):,} items; at most {MAX_CHOICES:,} are read")
     bad = [v for v in value if not isinstance(v, str)]
     if bad:
-        raise ValueError(f"answer_choices must hold only strings; found {bad[0]!r} "
+        raise ValueError(f"answer_choices must hold only strings; found {clip(bad[0])} "
                          f"({type(bad[0]).__name__})")
     return value
+
+
+def _python_literal(text: str):
+    if _PY_LIST.fullmatch(text):
+        literals = _PY_STR_RE.findall(text)
+        if len(literals) > MAX_CHOICES:
+            raise ValueError(f"answer_choices has {len(literals):,} items; at most {MAX_CHOICES:,} are read")
+        try:  # a literal without prefix or backslash is its own text; ast reads the others
+            return [lit[1:-1] if "\\" not in lit and lit[0] in "'\"" else ast.literal_eval(lit)
+                    for lit in literals]
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+            raise ValueError(f"answer_choices is not a list literal ({type(exc).__name__}): "
+                             f"{_clip(text)}") from None
+    if len(text) > _MAX_AST_CHARS:
+        raise ValueError(f"answer_choices is not a list literal of strings: {_clip(text)}")
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, (MemoryError, RecursionError)) else type(exc).__name__
+        raise ValueError(f"answer_choices is not a list literal ({why}): {_clip(text)}") from None
 
 
 def _clip(text: str, n: int = 60) -> str:
@@ -107,7 +147,7 @@ def read_competition_csv(path: str | Path) -> list[Row]:
     if not path.is_file():
         raise DataError(f"{path}: no such file", hint="pass the path of a competition CSV file")
     old_limit = csv.field_size_limit()
-    csv.field_size_limit(max(old_limit, 64 * 1024 * 1024))  # long few-shot prompts exceed the default
+    csv.field_size_limit(MAX_FIELD_CHARS)
     try:
         with path.open("r", encoding="utf-8-sig", newline="") as fh:
             return _read_rows(path, fh)
@@ -130,12 +170,18 @@ def _read_rows(path: Path, fh) -> list[Row]:
     header = [h.strip() for h in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
+        # Echo the header only when it is made of column names: a path that names another kind of
+        # file (a typo, or a manifest pointing elsewhere) must not put its first line in a message.
+        if len(header) <= 40 and all(_COLUMN_NAME.fullmatch(h) for h in header):
+            found = f"the header is {','.join(header)}"
+        else:
+            found = f"the first line ({len(header)} field(s)) is not a header of column names"
         raise DataError(
-            f"{path}: missing column(s) {', '.join(missing)}; the header is {','.join(header)}",
+            f"{path}: missing column(s) {', '.join(missing)}; {found}",
             hint="a competition file has the columns id,input,target,answer_choices,eval_type")
     dup_cols = sorted({c for c in header if c and header.count(c) > 1})
     if dup_cols:
-        raise DataError(f"{path}: column(s) {', '.join(dup_cols)} appear more than once in the header")
+        raise DataError(f"{path}: column(s) {_clip(', '.join(dup_cols))} appear more than once in the header")
     col = {name: header.index(name) for name in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if name in header}
 
     rows: list[Row] = []
@@ -152,7 +198,7 @@ def _read_rows(path: Path, fh) -> list[Row]:
         if not fields or (len(fields) == 1 and fields[0].strip() == ""):
             continue  # blank line
         rid = fields[col["id"]].strip() if len(fields) > col["id"] else ""
-        where = f"{path}: row id {rid!r} (line {line})" if rid else f"{path}: line {line}"
+        where = f"{path}: row id {_clip(rid)} (line {line})" if rid else f"{path}: line {line}"
         if len(fields) != len(header):
             raise DataError(f"{where}: has {len(fields)} fields but the header has {len(header)}",
                             hint="quote fields that contain commas or line breaks")
@@ -164,7 +210,7 @@ def _read_rows(path: Path, fh) -> list[Row]:
         seen[rid] = line
         eval_type = fields[col["eval_type"]].strip()
         if eval_type not in EVAL_TYPES:
-            raise DataError(f"{where}: unknown eval_type {eval_type!r}",
+            raise DataError(f"{where}: unknown eval_type {_clip(eval_type)}",
                             hint=f"use one of: {', '.join(EVAL_TYPES)}")
         is_mc = eval_type == "multiple_choice"
         raw_choices = fields[col["answer_choices"]] if "answer_choices" in col else ""

@@ -37,6 +37,7 @@ import torch
 from mergelab.errors import AdapterError
 from mergelab.methods.lowrank import LowRank
 from mergelab.io.checkpoint import CheckpointReader
+from mergelab.io.jsonfile import clip, read_json
 from mergelab.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -48,11 +49,32 @@ LINEAR = "linear"          # W (out, in):  ΔW = s · B @ A
 LINEAR_T = "linear_t"      # W (in, out), GPT-2 Conv1D with fan_in_fan_out: ΔW = (s · B @ A)ᵀ
 EMBEDDING = "embedding"    # W (vocab, dim): ΔW = (s · B_e @ A_e)ᵀ, keys lora_embedding_A/B
 
+_MAX_CONFIG = 16 * 1024 * 1024   # bytes of adapter_config.json (PEFT's are about 1 KB)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _FOLD_HINT = ("fold it into a full model with PEFT (PeftModel.from_pretrained(base, adapter)"
               ".merge_and_unload().save_pretrained(dir)) and use that folder as a full expert "
               "(output format full)")
+
+
+def _rank(value: object) -> int | None:
+    """A LoRA rank (a whole number ≥ 1; 8.0 counts), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    return int(value) if 1 <= value < 2**31 else None
+
+
+def _number(value: object) -> float | None:
+    """A finite number as float (alpha), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:   # an int too large for a float
+        return None
+    return number if math.isfinite(number) else None
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -117,12 +139,58 @@ _VARIANTS = {
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
-def _pattern_value(patterns: Mapping[str, object], module_path: str, default):
+def _pattern_value(patterns: list[tuple[re.Pattern, object]], module_path: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the path."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return patterns[key]
+    for pattern, value in patterns:
+        if pattern.match(module_path):
+            return value
     return default
+
+
+_MAX_PATTERN = 200
+_MAX_QUANTIFIERS = 3
+
+
+def _pattern_problem(key: str) -> str | None:
+    """Why a rank_pattern / alpha_pattern key cannot be used, or None.
+
+    PEFT treats each key as a regular expression matched against the end of a module path. A key
+    is refused when it does not compile, or when matching it could take exponential or high
+    polynomial time (a repeated group such as ``(a+)+``, or more than three repetitions): the
+    keys PEFT writes are plain module paths, and people write ``q_proj`` or ``layers.*.q_proj``.
+    """
+    if len(key) > _MAX_PATTERN:
+        return f"is longer than {_MAX_PATTERN} characters"
+    try:
+        re.compile(key)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        return f"is not a regular expression ({exc})"
+    i, n, quantifiers, after_group = 0, len(key), 0, False
+    while i < n:
+        c = key[i]
+        if c == "\\":
+            i, after_group = i + 2, False
+        elif c == "[":   # a character class: skip to its end
+            j = i + 1 + (key[i + 1:i + 2] == "^")
+            j += key[j:j + 1] == "]"
+            while j < n and key[j] != "]":
+                j += 2 if key[j] == "\\" else 1
+            i, after_group = j + 1, False
+        elif c == "(":
+            i, after_group = i + (2 if key[i + 1:i + 2] == "?" else 1), False
+        elif c == ")":
+            i, after_group = i + 1, True
+        elif c in "*+" or (c == "{" and re.match(r"\{\d*(,\d*)?\}", key[i:])):
+            if after_group:
+                return "repeats a group, which can take exponential time to match"
+            quantifiers += 1
+            if quantifiers > _MAX_QUANTIFIERS:
+                return f"has more than {_MAX_QUANTIFIERS} repetitions (*, +, {{m,n}})"
+            i = key.index("}", i) + 1 if c == "{" else i + 1
+            i += key[i:i + 1] in ("?", "+")   # lazy or possessive
+        else:
+            i, after_group = i + 1, False
+    return None
 
 
 class LoraAdapter:
@@ -153,11 +221,13 @@ class LoraAdapter:
             raise AdapterError(f"{self.path}: no {ADAPTER_CONFIG}; not a PEFT adapter folder",
                                hint="point the expert at a folder saved by PeftModel.save_pretrained")
         try:
-            cfg = json.loads(f.read_text(encoding="utf-8"))
+            cfg = read_json(f, max_bytes=_MAX_CONFIG)
         except (OSError, ValueError) as exc:
-            raise AdapterError(f"{f}: not valid JSON ({exc})") from None
+            raise AdapterError(f"{f}: cannot be read as an adapter config ({exc})",
+                               hint="re-save the adapter with PEFT (save_pretrained)") from None
         if not isinstance(cfg, dict):
-            raise AdapterError(f"{f}: expected a JSON object")
+            raise AdapterError(f"{f}: an adapter config is a JSON object, got a JSON {type(cfg).__name__}",
+                               hint="re-save the adapter with PEFT (save_pretrained)")
         return cfg
 
     def _fail(self, what: str, why: str, hint: str | None = None) -> AdapterError:
@@ -165,10 +235,10 @@ class LoraAdapter:
 
     def _check_variants(self) -> None:
         cfg = self.config
-        peft_type = str(cfg.get("peft_type", "LORA")).upper()
-        if peft_type != "LORA":
+        peft_type = cfg.get("peft_type", "LORA")
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
             raise AdapterError(
-                f"{self.path}: is a {peft_type} adapter; mergelab merges LoRA adapters only",
+                f"{self.path}: is a {peft_type[:60] if isinstance(peft_type, str) else clip(peft_type)} adapter; mergelab merges LoRA adapters only",
                 hint=_FOLD_HINT)
         for key, (what, why) in _VARIANTS.items():
             value = cfg.get(key)
@@ -176,22 +246,53 @@ class LoraAdapter:
                 raise self._fail(what, why)
         bias = cfg.get("bias", "none")
         if bias not in (None, "none"):
-            raise self._fail(f"bias training (bias: {bias!r})",
+            raise self._fail(f"bias training (bias: {clip(bias)})",
                              "the trained biases are stored beside the LoRA factors and are not part of ΔW")
-        init = str(cfg.get("init_lora_weights", True)).lower()
-        if init.startswith(_BASE_CHANGING_INITS):
+        init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
             raise self._fail(
-                f"init_lora_weights: {cfg.get('init_lora_weights')!r}",
+                f"init_lora_weights: {clip(init)}",
                 "this initialisation changes the base weights during training, so the adapter is "
                 "relative to a modified base",
                 hint="re-save it with PEFT's save_pretrained(..., "
                      "path_initial_model_for_weight_conversion=...) to get a plain LoRA adapter")
-        for key in ("r", "lora_alpha"):
-            if key in cfg and not isinstance(cfg[key], (int, float)):
-                raise AdapterError(f"{self.path / ADAPTER_CONFIG}: {key} must be a number, got {cfg[key]!r}")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(cfg.get(key) or {}, dict):
-                raise AdapterError(f"{self.path / ADAPTER_CONFIG}: {key} must be an object")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """r, lora_alpha, the patterns and the switches: their types and ranges, before any use."""
+        cfg, where = self.config, self.path / ADAPTER_CONFIG
+        hint = "adapter_config.json is damaged or hand-edited; re-save the adapter with PEFT"
+
+        def bad(key: str, why: str) -> AdapterError:
+            return AdapterError(f"{where}: {key} {why}", hint=hint)
+
+        if "r" in cfg and _rank(cfg["r"]) is None:
+            raise bad("r", f"must be a whole number ≥ 1 (the LoRA rank), got {clip(cfg['r'])}")
+        if "lora_alpha" in cfg and _number(cfg["lora_alpha"]) is None:
+            raise bad("lora_alpha", f"must be a finite number, got {clip(cfg['lora_alpha'])}")
+        for key in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+                raise bad(key, f"must be true or false, got {clip(cfg[key])}")
+        for key in ("base_model_name_or_path", "task_type", "revision"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], str):
+                raise bad(key, f"must be text, got {clip(cfg[key])}")
+        self._patterns: dict[str, list[tuple[re.Pattern, object]]] = {}
+        for key, check, what in (("rank_pattern", _rank, "a whole number ≥ 1"),
+                                 ("alpha_pattern", _number, "a finite number")):
+            patterns = cfg.get(key) or {}
+            if not isinstance(patterns, dict):
+                raise bad(key, f"must be an object {{module name or regex: value}}, got {clip(patterns)}")
+            compiled = []
+            for k, v in patterns.items():
+                problem = _pattern_problem(k)
+                if problem is not None:
+                    raise bad(f"{key} key {clip(k)}", problem + "; keys are module names (q_proj, "
+                              "model.layers.0.self_attn.q_proj) or simple regular expressions")
+                value = check(v)
+                if value is None:
+                    raise bad(f"{key}[{clip(k)}]", f"must be {what}, got {clip(v)}")
+                compiled.append((re.compile(rf"(.*\.)?({k})$"), value))
+            self._patterns[key] = compiled
 
     def _weights_file(self) -> Path:
         f = self.path / ADAPTER_WEIGHTS
@@ -210,10 +311,9 @@ class LoraAdapter:
     # --- tensors
     def _parse_modules(self, reader) -> dict[str, AdapterModule]:
         cfg = self.config
-        r_default = cfg.get("r", 8)
-        alpha_default = cfg.get("lora_alpha", r_default)
-        rank_pattern = cfg.get("rank_pattern") or {}
-        alpha_pattern = cfg.get("alpha_pattern") or {}
+        r_default = _rank(cfg.get("r", 8))
+        alpha_default = _number(cfg.get("lora_alpha", r_default))
+        rank_pattern, alpha_pattern = self._patterns["rank_pattern"], self._patterns["alpha_pattern"]
         rslora = bool(cfg.get("use_rslora", False))
         fan_in_fan_out = bool(cfg.get("fan_in_fan_out", False))
         found: dict[str, dict[str, str]] = {}
@@ -266,7 +366,7 @@ class LoraAdapter:
                                    hint="the adapter file is corrupt; re-save it with PEFT")
             r_cfg = _pattern_value(rank_pattern, path, r_default)
             alpha = _pattern_value(alpha_pattern, path, alpha_default)
-            if int(r_cfg) != r:
+            if r_cfg != r:
                 raise AdapterError(
                     f"{self.path}: module {path!r} has rank {r} in {ADAPTER_WEIGHTS} but "
                     f"{ADAPTER_CONFIG} gives r = {r_cfg} for it (r / rank_pattern)",

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import torch
 
 from mergelab.errors import CheckpointError
+from mergelab.io.jsonfile import clip, parse_json, read_json
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,7 +53,8 @@ _ST_NAMES: dict[torch.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".npz") + PICKLE_SUFFIXES
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # bytes, as the safetensors library
+_MAX_DIMS = 32
 
 
 @runtime_checkable
@@ -80,37 +83,79 @@ class _TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
-    """Parse one safetensors header: ``({name: info}, metadata)``; a broken file is a CheckpointError."""
+    """Parse one safetensors header: ``({name: info}, metadata)``; a broken file is a CheckpointError.
+
+    Everything is checked before use, in time and memory bounded by the header length (at most
+    100 MB, as the safetensors library allows): the JSON (no duplicate keys, no NaN, bounded
+    nesting), each tensor's dtype, shape (at most 32 whole numbers ≥ 0) and byte range (inside the
+    data, exactly dtype size × number of elements, no two tensors overlapping), and the metadata
+    (text to text).
+    """
     try:
-        size = file.stat().st_size
+        st = file.stat()
+        if not stat.S_ISREG(st.st_mode):   # a pipe or device would block or never end
+            raise ValueError("not a regular file")
+        size = st.st_size
         with open(file, "rb") as fh:
             head = fh.read(8)
             if len(head) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", head)
-            if n > min(_MAX_HEADER, size - 8):
-                raise ValueError(f"header length {n} does not fit the file ({size} bytes)")
-            header = json.loads(fh.read(n).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        data_start, data_len = 8 + n, size - 8 - n
-        infos = {}
-        for name, h in header.items():
-            if h["dtype"] not in _ST_DTYPES:
-                raise ValueError(f"tensor {name!r} has unsupported dtype {h['dtype']!r}")
-            dtype, shape = _ST_DTYPES[h["dtype"]], tuple(int(d) for d in h["shape"])
-            begin, end = (int(x) for x in h["data_offsets"])
-            expect = math.prod(shape) * dtype.itemsize
-            if not (0 <= begin <= end <= data_len) or end - begin != expect:
-                raise ValueError(f"tensor {name!r} has byte range [{begin}, {end}) that does not "
-                                 f"match its shape {list(shape)} or the file size")
-            infos[name] = _TensorInfo(file, dtype, shape, data_start + begin, end - begin)
-    except CheckpointError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            if n > _MAX_HEADER:
+                raise ValueError(f"header length {n:,} bytes is more than the {_MAX_HEADER:,} the format allows")
+            if n > size - 8:
+                raise ValueError(f"header length {n:,} bytes does not fit the file ({size:,} bytes)")
+            raw = fh.read(n)
+        if len(raw) != n:
+            raise ValueError("the file ends inside its header")
+        header = parse_json(raw, allow_nan=False, unique_keys=True)
+        infos, meta = _parse_header(header, file, data_start=8 + n, data_len=size - 8 - n)
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})",
+                              hint="check that the file exists and is readable") from None
+    except ValueError as exc:
         raise CheckpointError(f"{file}: not a readable safetensors file ({exc})",
                               hint="re-download or re-save this file") from None
+    return infos, meta
+
+
+def _parse_header(header: object, file: Path, *, data_start: int, data_len: int
+                  ) -> tuple[dict[str, _TensorInfo], dict[str, str]]:
+    """Validate a parsed header (raises ValueError saying which tensor and what is wrong)."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError(f"__metadata__ must map names to text, got {clip(meta)}")
+    infos: dict[str, _TensorInfo] = {}
+    for name, h in header.items():
+        where = f"tensor {clip(name)}"
+        if not isinstance(h, dict):
+            raise ValueError(f"{where}: expected {{dtype, shape, data_offsets}}, got {clip(h)}")
+        dt, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if not isinstance(dt, str) or dt not in _ST_DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {clip(dt)} (known: {', '.join(_ST_DTYPES)})")
+        if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+                or not all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+            raise ValueError(f"{where}: shape must be a list of at most {_MAX_DIMS} whole numbers "
+                             f"≥ 0, got {clip(shape)}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(x) is int for x in offsets):
+            raise ValueError(f"{where}: data_offsets must be [begin, end] (two whole numbers), got {clip(offsets)}")
+        dtype, (begin, end) = _ST_DTYPES[dt], offsets
+        expect = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= data_len:
+            raise ValueError(f"{where}: byte range [{begin}, {end}) lies outside the {data_len:,} bytes "
+                             "of tensor data in the file")
+        if end - begin != expect:
+            raise ValueError(f"{where}: byte range [{begin}, {end}) holds {end - begin:,} bytes, but "
+                             f"{dt} × shape {shape} needs {expect:,}")
+        infos[name] = _TensorInfo(file, dtype, tuple(shape), data_start + begin, end - begin)
+    spans = sorted((i.start, i.start + i.nbytes, name) for name, i in infos.items() if i.nbytes)
+    for (_, end0, name0), (begin1, _, name1) in zip(spans, spans[1:]):
+        if begin1 < end0:
+            raise ValueError(f"tensors {clip(name0)} and {clip(name1)} overlap in the file")
     return infos, meta
 
 
@@ -175,9 +220,14 @@ class CheckpointReader:
         cfg = p / "config.json" if p.is_dir() else None
         if cfg is not None and cfg.is_file():
             try:
-                self.config = json.loads(cfg.read_text(encoding="utf-8"))
+                config = read_json(cfg)
             except (OSError, ValueError) as exc:
-                raise CheckpointError(f"{cfg}: not valid JSON ({exc})") from None
+                raise CheckpointError(f"{cfg}: cannot be read as a model config ({exc})",
+                                      hint="re-download or re-save the model's config.json") from None
+            if not isinstance(config, dict):
+                raise CheckpointError(f"{cfg}: a model config is a JSON object, got {type(config).__name__}",
+                                      hint="re-download or re-save the model's config.json")
+            self.config = config
 
     @staticmethod
     def _weight_files(p: Path) -> list[Path]:
@@ -205,15 +255,20 @@ class CheckpointReader:
 
     def _open_index(self, index: Path) -> None:
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
+            data = read_json(index)
+            if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+                raise ValueError("it has no weight_map object")
             weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: broken index file ({exc})") from None
+            bad = next((v for v in weight_map.values() if not isinstance(v, str) or not v), None)
+            if bad is not None:
+                raise ValueError(f"weight_map names the shard {clip(bad)}, not a file name")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{index}: broken index file ({exc})",
+                                  hint="re-download the model, or delete the index if the folder has one "
+                                       "model.safetensors") from None
         by_file: dict[str, list[str]] = {}
         for name, fname in weight_map.items():
-            by_file.setdefault(str(fname), []).append(name)
+            by_file.setdefault(fname, []).append(name)
         for fname, names in sorted(by_file.items()):
             f = (index.parent / fname)
             # Judge the name, not where it resolves to: the Hub cache keeps shards as symbolic
@@ -318,11 +373,15 @@ def parse_size(value: int | str) -> int:
         if value <= 0:
             raise ValueError(f"size must be positive, got {value}")
         return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(value).upper())
-    if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"not a size: {value!r} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
+    text = str(value).upper() if isinstance(value, (str, float)) else ""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", text) if len(text) <= 40 else None
+    if not m or not 0 < float(m.group(1)) < 1e30:
+        raise ValueError(f"not a size: {clip(value)} (use e.g. 5GB, 500MB, 2GiB or a number of bytes)")
     base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+    size = int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
+    if size < 1:
+        raise ValueError(f"size must be at least 1 byte, got {clip(value)}")
+    return size
 
 
 class _Shard:

@@ -4,6 +4,7 @@ recipe's folder, by one path resolver."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from mergelab.errors import RecipeError
+from mergelab.io.jsonfile import clip
 from mergelab.recipe.mergekit import from_mergekit
 from mergelab.recipe.schema import Recipe, fmt_loc
 from mergelab.recipe.sections import (EvalSection, FinetuneSection, TuneSection, parse_finetune_section,
@@ -46,12 +48,19 @@ def read_recipe(source: str | os.PathLike | Mapping[str, Any], *,
     if isinstance(source, Mapping):
         data, label = dict(source), "recipe"
         root = Path(base_dir) if base_dir is not None else Path.cwd()
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         label = str(path)
         data = _read_file(path)
         root = Path(base_dir) if base_dir is not None else path.parent
+    else:
+        raise RecipeError(f"a recipe is a file or a mapping, got {clip(source)}")
     root = root.absolute()
+    _check_size(data, label)
+    bad = next((k for k in data if not isinstance(k, str)), None)
+    if bad is not None:
+        raise RecipeError(f"{label}: top-level keys are names (base, experts, method, ...), got {clip(bad)}",
+                          hint="see docs/recipe.md for the recipe format")
     try:
         finetune_raw, tune_raw = data.pop("finetune", None), data.pop("tune", None)
         if "merge_method" in data:
@@ -78,18 +87,79 @@ def load_recipe(source: str | os.PathLike | Mapping[str, Any], *, base_dir: str 
     return read_recipe(source, base_dir=base_dir).recipe
 
 
+_MAX_RECIPE_BYTES = 1024 * 1024        # a recipe with per-layer lists is a few KB; YAML reads ~1 MB/s
+_MAX_NODES = 100_000                    # values in a recipe, counting each alias use again
+_MAX_DEPTH = 40
+
+
 def _read_file(path: Path) -> dict:
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+    """The recipe file as a mapping; every problem is one RecipeError that quotes nothing of the file.
+
+    A file that is not a recipe (a wrong path, or a manifest naming another file) must not have
+    its content echoed into a message or a log, so the YAML error gives the line, the column and
+    the parser's complaint with any quoted text of the file left out.
+    """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        size = path.stat().st_size
+        if size > _MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: is {size:,} bytes; a recipe is at most {_MAX_RECIPE_BYTES:,}",
+                              hint="check that this is the recipe file you meant")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}, line {line})",
+                          hint="save the recipe as UTF-8, or check that this is the recipe file you meant") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         pos = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-        raise RecipeError(f"{path}: not valid YAML{pos}: {getattr(exc, 'problem', exc)}") from None
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise RecipeError(f"{path}: not valid YAML{pos}: {_unquoted(problem)}",
+                          hint="check that this is the recipe file you meant; see docs/recipe.md") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe") from None
+    except Exception:   # noqa: BLE001 — PyYAML's constructors raise ValueError, AttributeError, ... on
+        raise RecipeError(f"{path}: not valid YAML: a value cannot be read as the type it is written as "
+                          "(an impossible date such as 2024-13-45, or a !!int / !!float / !!timestamp tag on text)",
+                          hint="quote the value to keep it as text; see docs/recipe.md") from None
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{path}: a recipe is a mapping (base, experts, method, ...), got {type(data).__name__}")
+        raise RecipeError(f"{path}: a recipe is a mapping (base, experts, method, ...), got "
+                          f"{'nothing' if data is None else type(data).__name__}",
+                          hint="check that this is the recipe file you meant; see docs/recipe.md")
     return dict(data)
+
+
+def _unquoted(problem: str) -> str:
+    """A YAML parser complaint with quoted text of the file (tags, aliases, keys) left out."""
+    def keep(m: re.Match) -> str:   # a character ('\\t', ':') or a token name ('<scalar>') is kept
+        inner = m.group(0)[1:-1]
+        return m.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
+    return re.sub(r"'[^']*'|\"[^\"]*\"", keep, str(problem))[:200]
+
+
+def _check_size(data: Any, label: str) -> None:
+    """Refuse a recipe whose values, counted as a tree, exceed ``_MAX_NODES`` or nest deeper than
+    ``_MAX_DEPTH``: YAML aliases can make a small file name the same list a billion times (or make
+    a list contain itself), and every later step walks the tree."""
+    count, stack = 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > _MAX_NODES or depth > _MAX_DEPTH:
+            what = f"more than {_MAX_NODES:,} values" if count > _MAX_NODES else f"nesting deeper than {_MAX_DEPTH}"
+            raise RecipeError(f"{label}: has {what}, counting each use of a YAML alias; "
+                              "this is not a recipe mergelab can read", hint="see docs/recipe.md")
+        if isinstance(value, Mapping):
+            stack.extend((v, depth + 1) for kv in value.items() for v in kv)
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def _validate(data: Mapping[str, Any]) -> Recipe:
@@ -99,7 +169,7 @@ def _validate(data: Mapping[str, Any]) -> Recipe:
         lines = []
         for err in exc.errors():
             value = err.get("input")
-            shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+            shown = "" if isinstance(value, Mapping) else f" (got {clip(value)})"
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key; allowed here: {', '.join(_allowed_keys(err['loc']))}"

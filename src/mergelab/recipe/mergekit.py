@@ -1,12 +1,12 @@
 """mergekit YAML configs translated into mergelab recipes (``merge_method``, ``models``, ``slices``...)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from mergelab.errors import RecipeError
+from mergelab.io.jsonfile import clip, read_json
 
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
@@ -15,6 +15,7 @@ MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_line
 
 
 _MERGEKIT_IGNORED = {"int8_mask"}
+_HINT = "see docs/recipe.md (mergekit configs) for what mergelab accepts"
 #: per-model parameters that mergekit 0.1.5 accepts and ignores for a method (dropped here)
 _MERGEKIT_IGNORED_BY_METHOD = {"karcher": {"weight"}, "sce": {"weight"}}
 #: methods whose base_model, if any, is one more averaged input (mergekit ignores the base role)
@@ -33,17 +34,17 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     with a RecipeError that says what is not supported.
     """
     def fail(key: str, why: str, hint: str | None = None):
-        raise RecipeError(f"mergekit config: {key}: {why}", hint=hint)
+        raise RecipeError(f"mergekit config: {key}: {why}", hint=hint or _HINT)
 
     method = cfg.get("merge_method")
-    if method not in MERGEKIT_METHODS:
-        fail("merge_method", f"{method!r} is not supported by mergelab",
+    if not isinstance(method, str) or method not in MERGEKIT_METHODS:
+        fail("merge_method", f"{clip(method)} is not supported by mergelab",
              hint=f"supported mergekit methods: {', '.join(MERGEKIT_METHODS)}")
     known = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "name", "seed"}
     for key in cfg:
         if key not in known:
-            fail(key, "is not supported by mergelab's mergekit import",
+            fail(clip(key) if not isinstance(key, str) else key[:60], "is not supported by mergelab's mergekit import",
                  hint="write a mergelab recipe instead (docs/recipe.md)" if key == "modules" else None)
     tok = cfg.get("tokenizer_source")
     if tok not in (None, "base") or cfg.get("tokenizer") is not None:
@@ -63,15 +64,17 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
         if isinstance(m, (str, Mapping)) and not (isinstance(m, Mapping) and "model" in m):
             m = {"model": m}
         if not isinstance(m, Mapping):
-            fail(f"models[{i}]", f"expected {{model: ..., parameters: ...}}, got {m!r}")
+            fail(f"models[{i}]", f"expected {{model: ..., parameters: ...}}, got {clip(m)}")
         extra = set(m) - {"model", "parameters"}
         if extra:
-            fail(f"models[{i}]", f"unsupported key(s) {sorted(extra)}")
-        entries.append((_mergekit_ref(m["model"], root, f"models[{i}].model"), dict(m.get("parameters") or {})))
+            fail(f"models[{i}]", f"unsupported key(s) {clip(sorted(map(str, extra)))}")
+        entries.append((_mergekit_ref(m["model"], root, f"models[{i}].model"),
+                        _params(m.get("parameters"), f"models[{i}].parameters")))
 
     base_ref = _mergekit_ref(cfg["base_model"], root, "base_model") if cfg.get("base_model") else None
     experts = [(ref, params) for ref, params in entries if ref != base_ref]
-    global_params = {k: v for k, v in (cfg.get("parameters") or {}).items() if k not in _MERGEKIT_IGNORED}
+    global_params = {k: v for k, v in _params(cfg.get("parameters"), "parameters").items()
+                     if k not in _MERGEKIT_IGNORED}
     if base_ref is None:
         if method not in _BASE_IS_AN_INPUT + _BASE_OPTIONAL:
             fail("base_model", f"{method} needs a base_model")
@@ -100,6 +103,19 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     return out
 
 
+def _params(value: Any, where: str) -> dict:
+    """A ``parameters:`` mapping of parameter names (text) to values; nothing given is {}."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise RecipeError(f"mergekit config: {where}: expected a mapping of parameter names to values "
+                          f"(e.g. {{weight: 0.5, density: 0.5}}), got {clip(value)}", hint=_HINT)
+    bad = next((k for k in value if not isinstance(k, str)), None)
+    if bad is not None:
+        raise RecipeError(f"mergekit config: {where}: parameter names are text, got {clip(bad)}", hint=_HINT)
+    return dict(value)
+
+
 def _mergekit_ref(value: Any, root: Path, where: str) -> dict:
     if isinstance(value, Mapping):  # the long form {model: {path: ..., revision: ...}, lora: ...}
         if value.get("lora"):
@@ -107,14 +123,18 @@ def _mergekit_ref(value: Any, root: Path, where: str) -> dict:
                               hint="list the LoRA adapter folder itself as an expert")
         inner = value.get("model", value)
         if isinstance(inner, Mapping):
-            value = inner.get("path")
-            if inner.get("revision"):
-                value = f"{value}@{inner['revision']}"
+            value, revision = inner.get("path"), inner.get("revision")
+            if revision is not None and not isinstance(revision, str):
+                raise RecipeError(f"mergekit config: {where}.revision: expected a branch, tag or commit, "
+                                  f"got {clip(revision)}", hint=_HINT)
+            if revision and isinstance(value, str):
+                value = f"{value}@{revision}"
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"mergekit config: {where}: expected a model path or Hub id, got {value!r}")
+        raise RecipeError(f"mergekit config: {where}: expected a model path or Hub id, got {clip(value)}",
+                          hint=_HINT)
     if "+" in value:
         raise RecipeError(f"mergekit config: {where}: `model+lora` references are not supported "
-                          f"(got {value!r})", hint="list the LoRA adapter folder itself as an expert")
+                          f"(got {clip(value)})", hint="list the LoRA adapter folder itself as an expert")
     local = Path(os.path.expanduser(value))
     if not local.is_absolute():
         local = root / local
@@ -122,7 +142,7 @@ def _mergekit_ref(value: Any, root: Path, where: str) -> dict:
         return {"path": os.path.normpath(local)}
     name, _, revision = value.partition("@")
     if value.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise RecipeError(f"mergekit config: {where}: {value!r} is neither an existing folder nor a "
+        raise RecipeError(f"mergekit config: {where}: {clip(value)} is neither an existing folder nor a "
                           "Hub repo id (org/name)")
     return {"model": name, "revision": revision or None}
 
@@ -132,9 +152,22 @@ def _mergekit_slices(slices: Any, root: Path) -> list:
         raise RecipeError("mergekit config: slices: only one slice spanning all layers is supported",
                           hint="layer stacking (frankenmerges) is not a merge mergelab does")
     s = slices[0]
-    if not isinstance(s, Mapping) or set(s) - {"sources"} or not isinstance(s.get("sources"), list):
+    if not isinstance(s, Mapping) or set(s) - {"sources"} or not isinstance(s.get("sources"), list) \
+            or not s["sources"]:
         raise RecipeError("mergekit config: slices[0]: expected {sources: [...]} (slice-level "
-                          "base_model/parameters are not supported)")
+                          "base_model/parameters are not supported)", hint=_HINT)
+    for i, src in enumerate(s["sources"]):
+        where = f"mergekit config: slices[0].sources[{i}]"
+        if not isinstance(src, Mapping) or "model" not in src:
+            raise RecipeError(f"{where}: expected {{model: ..., layer_range: [0, N], parameters: ...}}, "
+                              f"got {clip(src)}", hint=_HINT)
+        extra = set(src) - {"model", "layer_range", "parameters"}
+        if extra:
+            raise RecipeError(f"{where}: unsupported key(s) {clip(sorted(map(str, extra)))}", hint=_HINT)
+        rng = src.get("layer_range")
+        if rng is not None and (not isinstance(rng, list) or len(rng) != 2
+                                or not all(type(x) is int for x in rng)):
+            raise RecipeError(f"{where}.layer_range: expected [0, number of layers], got {clip(rng)}", hint=_HINT)
     ranges = {tuple(src.get("layer_range") or ()) for src in s["sources"]}
     if len(ranges) != 1:
         raise RecipeError(f"mergekit config: slices[0]: all sources must use the same layer_range, got {sorted(ranges)}")
@@ -152,12 +185,11 @@ def _mergekit_slices(slices: Any, root: Path) -> list:
 
 
 def _num_layers_of(folder: Path) -> int | None:
-
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(folder / "config.json")
     except (OSError, ValueError):
         return None
     for key in ("num_hidden_layers", "num_layers", "n_layer"):
-        if isinstance(cfg.get(key), int):
+        if isinstance(cfg, dict) and type(cfg.get(key)) is int:
             return cfg[key]
     return None

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mergelab.errors import RecipeError
 from mergelab.hub.sources import resolve_model
 from mergelab.io.checkpoint import parse_size
+from mergelab.io.jsonfile import clip
 from mergelab.methods import get_method
 
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "f32": "float32", "fp16": "float16",
@@ -234,7 +235,7 @@ class Recipe(BaseModel):
         method_keys = set(spec.global_params) | set(spec.expert_params)
         for key, value in self.method.params.items():
             if key not in method_keys:
-                problems.append(f"method.{key}: {spec.name} has no parameter {key!r} (got {value!r}); "
+                problems.append(f"method.{key}: {spec.name} has no parameter {key!r} (got {clip(value)}); "
                                 f"its parameters: {', '.join(sorted(method_keys)) or 'none'}")
             else:
                 problems += check_param(f"method.{key}", key, value)
@@ -244,7 +245,7 @@ class Recipe(BaseModel):
                     known = ", ".join(list(_MODEL_KEYS) + (["data"] if spec.needs_gram else [])
                                       + sorted(spec.expert_params))
                     problems.append(f"experts[{i}].{key}: not a per-expert parameter of {spec.name} "
-                                    f"(got {value!r}); allowed keys: {known}")
+                                    f"(got {clip(value)}); allowed keys: {known}")
                 else:
                     problems += check_param(f"experts[{i}].{key}", key, value)
         if problems:
@@ -263,10 +264,10 @@ def check_param(where: str, key: str, value: Any) -> list[str]:
             extra = set(entry) - {"filter", "value"}
             if extra or "value" not in entry:
                 out.append(f"{where}[{j}]: a filtered value is {{filter: <text>, value: <value>}} "
-                           f"(got {dict(entry)!r})")
+                           f"(got {clip(dict(entry))})")
                 continue
             if entry.get("filter") is not None and not isinstance(entry["filter"], str):
-                out.append(f"{where}[{j}].filter: expected text (part of a tensor name), got {entry['filter']!r}")
+                out.append(f"{where}[{j}].filter: expected text (part of a tensor name), got {clip(entry['filter'])}")
             if isinstance(entry["value"], list) and any(isinstance(v, Mapping) for v in entry["value"]):
                 out.append(f"{where}[{j}].value: filters do not nest")
             else:
@@ -278,25 +279,28 @@ def check_param(where: str, key: str, value: Any) -> list[str]:
         out = []
         for j, v in enumerate(value):
             if isinstance(v, (list, Mapping)):
-                out.append(f"{where}[{j}]: expected a scalar inside a layer list, got {v!r}")
+                out.append(f"{where}[{j}]: expected a scalar inside a layer list, got {clip(v)}")
             else:
                 out += check_param(f"{where}[{j}]", key, v)
         return out
     if isinstance(value, Mapping):
         return [f"{where}: expected a value, a list across layers, or a list of {{filter, value}} "
-                f"(got {dict(value)!r})"]
+                f"(got {clip(dict(value))})"]
     kind, lo, hi = PARAM_RULES.get(key, (None, None, None))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and as_number(value) is None:
+        what = "too large to compute with" if isinstance(value, int) else "not a finite number"
+        return [f"{where}: {clip(value)} is {what}; expected {kind or 'a finite number'}"]
     if kind is None:
-        return [] if isinstance(value, (bool, int, float, str)) else [f"{where}: unsupported value {value!r}"]
+        return [] if isinstance(value, (bool, int, float, str)) else [f"{where}: unsupported value {clip(value)}"]
     if kind == _BOOL:
-        return [] if isinstance(value, bool) else [f"{where}: expected true or false, got {value!r}"]
+        return [] if isinstance(value, bool) else [f"{where}: expected true or false, got {clip(value)}"]
     number = as_number(value)
     if number is None or (kind == _INT and not float(number).is_integer()):
-        return [f"{where}: expected {kind}, got {value!r}"]
+        return [f"{where}: expected {kind}, got {clip(value)}"]
     if (lo is not None and number < lo) or (hi is not None and number > hi):
         rng = f"between {lo:g} and {hi:g}" if lo is not None and hi is not None else \
             f"at least {lo:g}" if lo is not None else f"at most {hi:g}"
-        return [f"{where}: expected {kind} {rng}, got {value!r}"]
+        return [f"{where}: expected {kind} {rng}, got {clip(value)}"]
     return []
 
 
@@ -304,8 +308,12 @@ def as_number(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, str):  # YAML reads 1e-3 as text; mergekit accepts it, so do we
+        try:
+            number = float(value)
+        except OverflowError:   # an int too large for a float (a 400-digit weight)
+            return None
+        return number if math.isfinite(number) else None
+    if isinstance(value, str) and len(value) <= 100:  # YAML reads 1e-3 as text; mergekit accepts it
         try:
             v = float(value)
         except ValueError:

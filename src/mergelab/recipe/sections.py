@@ -12,6 +12,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import RecipeError
+from mergelab.io.jsonfile import clip
 from mergelab.evaluate.options import EvalOptions
 
 
@@ -34,19 +35,25 @@ class EvalSection(BaseModel):
         if not data:
             raise RecipeError("eval.data: list the competition CSV files to evaluate on (got nothing)",
                               hint="e.g. eval: {data: [test.csv], batch_size: 16}")
+        if not isinstance(data, list) or not all(isinstance(p, (str, Path)) for p in data):
+            raise RecipeError(f"eval.data: expected a CSV file or a list of them, got {clip(data)}",
+                              hint="e.g. eval: {data: [test.csv], batch_size: 16}")
         paths = [Path(p) if Path(p).is_absolute() else (root / p) for p in data]
         for i, p in enumerate(paths):
             if not p.is_file():
                 raise RecipeError(f"eval.data[{i}]: file {p} does not exist")
-        if section.get("shots") and not Path(section["shots"]).is_absolute():
-            section["shots"] = str(root / section["shots"])
+        shots = section.get("shots")
+        if shots is not None and not isinstance(shots, (str, Path)):
+            raise RecipeError(f"eval.shots: expected a CSV file of examples, got {clip(shots)}")
+        if shots and not Path(shots).is_absolute():
+            section["shots"] = str(root / shots)
         try:
-            options = EvalOptions(**section)
+            options = EvalOptions.model_validate(section)
         except ValidationError as exc:
             err = exc.errors()[0]
             where = ".".join(str(x) for x in err["loc"])
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            raise RecipeError(f"eval.{where}: {msg} (got {err.get('input')!r})",
+            raise RecipeError(f"eval.{where}: {msg} (got {clip(err.get('input'))})",
                               hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)") from None
         return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True))
 
@@ -96,7 +103,7 @@ def parse_finetune_section(raw: Any, root: Path) -> FinetuneSection:
     Raises :class:`RecipeError` naming the key path (``finetune.data[0].licence``).
     """
     if not isinstance(raw, Mapping):
-        raise RecipeError(f"finetune: expected a mapping (when, data, steps, ...), got {raw!r}",
+        raise RecipeError(f"finetune: expected a mapping (when, data, steps, ...), got {clip(raw)}",
                           hint="see docs/budget.md for the finetune section")
     raw = dict(raw)
     if isinstance(raw.get("data"), list):
@@ -125,7 +132,7 @@ def parse_finetune_section(raw: Any, root: Path) -> FinetuneSection:
                 msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             problems.append(f"finetune{where}: {msg}" + ("" if isinstance(got, Mapping) or got is None
-                                                         else f" (got {got!r})"))
+                                                         else f" (got {clip(got)})"))
         raise RecipeError("; ".join(problems), hint="see docs/budget.md for the finetune section") from None
     for i, d in enumerate(section.data):
         if not d.path.is_file():
@@ -148,16 +155,19 @@ _UNIT = {None: 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
 def parse_duration(value: Any) -> float:
     """Seconds from a number or text such as ``90``, ``"90s"``, ``"10m"``, ``"1.5h"``."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {value!r}")
+        raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {clip(value)}")
     if isinstance(value, (int, float)):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:   # an int too large for a float
+            seconds = math.inf
     else:
-        m = _DURATION.match(str(value))
+        m = _DURATION.match(str(value)) if isinstance(value, str) and len(value) <= 40 else None
         if not m:
-            raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {value!r}")
+            raise ValueError(f"expected a duration such as 600, 90s, 10m or 1h, got {clip(value)}")
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ValueError(f"a duration must be positive, got {value!r}")
+        raise ValueError(f"a duration must be positive and finite, got {clip(value)}")
     return seconds
 
 
@@ -250,7 +260,7 @@ def _tune_loc(loc: tuple) -> str:
 
 def parse_tune_section(raw: Any, root: Path) -> TuneSection:
     if not isinstance(raw, Mapping):
-        raise TuneError(f"tune: expected a mapping (params, objective, data, trials, ...), got {raw!r}",
+        raise TuneError(f"tune: expected a mapping (params, objective, data, trials, ...), got {clip(raw)}",
                         hint="see docs/tune.md")
     data = dict(raw)
     files = data.get("data")
@@ -271,7 +281,7 @@ def parse_tune_section(raw: Any, root: Path) -> TuneSection:
                 parent = TuneSection if len(loc) == 1 else ParamRange
                 msg = f"unknown key; allowed here: {', '.join(parent.model_fields)}"
             value = err.get("input")
-            shown = "" if isinstance(value, Mapping) or err["type"] == "missing" else f" (got {value!r})"
+            shown = "" if isinstance(value, Mapping) or err["type"] == "missing" else f" (got {clip(value)})"
             lines.append(f"{_tune_loc(loc)}: {msg}{shown}")
         raise TuneError("; ".join(lines), hint="see docs/tune.md for the tune section") from None
     names: dict[str, int] = {}

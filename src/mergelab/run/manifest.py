@@ -13,8 +13,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from mergelab.util import sha256_file
 from mergelab.errors import ReproducibilityError
+from mergelab.io.jsonfile import clip, read_json
+from mergelab.util import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 _PACKAGES = ("mergelab", "torch", "transformers", "peft", "safetensors", "huggingface_hub",
@@ -63,24 +64,75 @@ def device_info(device: str) -> dict[str, Any]:
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> None:
     path = Path(path)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Read a run manifest and check its shape before anything uses it.
+
+    Raises :class:`ReproducibilityError` naming the file and the key that is wrong: a manifest
+    that is not a JSON object, whose ``recipe`` is not a mapping, whose ``outputs`` or a model's
+    ``files`` are not ``{path: sha256}``, whose models lack a ``role``, ...
+    """
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except FileNotFoundError:
         raise ReproducibilityError(f"no manifest at {path}",
                                    hint="pass the manifest.json that `mergelab run` wrote") from None
-    except json.JSONDecodeError as exc:
-        raise ReproducibilityError(f"{path} is not valid JSON ({exc})") from None
-    if "recipe" not in data or "outputs" not in data:
-        raise ReproducibilityError(f"{path} is not a mergelab run manifest (no 'recipe'/'outputs')")
+    except OSError as exc:
+        raise ReproducibilityError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ReproducibilityError(f"{path}: not a mergelab run manifest ({exc})",
+                                   hint="pass the manifest.json that `mergelab run` wrote") from None
+    problem = manifest_problem(data)
+    if problem is not None:
+        raise ReproducibilityError(f"{path}: not a mergelab run manifest: {problem}",
+                                   hint="pass the manifest.json that `mergelab run` wrote, unedited")
     return data
+
+
+def _hashes(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+
+
+def manifest_problem(data: Any) -> str | None:
+    """What is wrong with the shape of a parsed manifest, or None (the keys a rerun and
+    ``reproduce`` use: recipe, outputs, models, stages, finished)."""
+    if not isinstance(data, dict):
+        return f"it is a JSON {type(data).__name__}, not an object"
+    if "recipe" not in data or "outputs" not in data:
+        return "no 'recipe'/'outputs'"
+    if not isinstance(data["recipe"], dict):
+        return f"'recipe' must be the recipe as a mapping, got {clip(data['recipe'])}"
+    if not _hashes(data["outputs"]):
+        return "'outputs' must map each output file to its sha256"
+    models = data.get("models", [])
+    if not isinstance(models, list):
+        return f"'models' must be a list, got {clip(models)}"
+    roles: set[str] = set()
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            return f"models[{i}] has no 'role' (base, expert 1, ...)"
+        if m["role"] in roles:
+            return f"models[{i}]: the role {clip(m['role'])} appears twice"
+        roles.add(m["role"])
+        if not _hashes(m.get("files")):
+            return f"models[{i}] ({clip(m['role'])}): 'files' must map each input file to its sha256"
+    stages = data.get("stages", {})
+    if not isinstance(stages, dict):
+        return f"'stages' must be a mapping, got {clip(stages)}"
+    for name, stage in stages.items():
+        if not isinstance(stage, dict) or not _hashes(stage.get("outputs", {})):
+            return f"stages.{clip(name)} must be a mapping with 'outputs' {{file: sha256}}"
+        if not isinstance(stage.get("key", ""), str) or not isinstance(stage.get("complete", True), bool):
+            return f"stages.{clip(name)}: 'key' must be text and 'complete' true or false"
+    if not isinstance(data.get("finished", True), bool):
+        return f"'finished' must be true or false, got {clip(data['finished'])}"
+    return None
 
 
 def now_iso() -> str:

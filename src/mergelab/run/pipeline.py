@@ -44,6 +44,8 @@ from mergelab.finetune.train import check_data_licences, train_adapter
 from mergelab.hub.rules import check_models, recipe_refs
 from mergelab.errors import BudgetError, OutputExistsError
 from mergelab.evaluate.runner import evaluate
+from mergelab.evaluate.data import read_competition_csv
+from mergelab.errors import DataError
 
 MODEL_DIR, EVAL_DIR = "model", "eval"
 MERGED_DIR, FINETUNE_DIR = "merged", "finetune"   # only with a finetune: section
@@ -525,13 +527,30 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
               progress: Callable[[str], None] | None = None, quiet: bool = True) -> RunResult:
     """Run a manifest's recipe again into ``out_dir`` and compare every input and output hash.
 
-    Raises :class:`OutputsDifferError` naming each input file that changed and each output file
-    whose bytes differ (or that is missing / new).
+    Before anything runs, the manifest's shape (:func:`~mergelab.run.manifest.read_manifest`), its
+    recipe, the roles of its models and its evaluation files are checked, so that a bad manifest is
+    one error at once rather than after the whole rerun. Raises :class:`OutputsDifferError` naming
+    each input file that changed and each output file whose bytes differ (or that is missing / new).
     """
-    old = read_manifest(manifest_path)
+    old = read_manifest(manifest_path)   # its shape is checked: recipe, outputs, models with roles, ...
     if old.get("finished") is False:
         raise ReproducibilityError(f"{manifest_path} is the manifest of a run that did not finish",
                                    hint="run `mergelab run` into its folder again to finish it, then reproduce")
+    # Everything that can be checked before the rerun is checked now, not after an hour of merging:
+    # the recipe, the models it names against the manifest's, and the evaluation files.
+    try:
+        doc = read_recipe(old["recipe"])
+        for f in doc.eval.data if doc.eval is not None else []:
+            read_competition_csv(f)
+    except (RecipeError, DataError) as exc:
+        raise type(exc)(f"{manifest_path}: the recorded recipe cannot run again: {exc.message}",
+                        hint=exc.hint) from None
+    roles = ["base"] + [f"expert {i}" for i in range(1, len(doc.recipe.experts) + 1)]
+    recorded = [m["role"] for m in old.get("models", [])]
+    if sorted(recorded) != sorted(roles):
+        raise ReproducibilityError(
+            f"{manifest_path}: models records the roles {', '.join(recorded) or 'none'}, but its recipe "
+            f"has {', '.join(roles)}", hint="pass the manifest.json that `mergelab run` wrote, unedited")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise OutputExistsError(f"{out_dir} is not empty", hint="reproduce into a new folder")
