@@ -26,7 +26,7 @@ from mergelab.judge.rounds import run_round
 from mergelab.judge.sandbox import namespaces_available
 
 pytestmark = pytest.mark.timeout(900)
-BUDGET_S = 20   # the good runs take 7-12 s (alone / on a loaded 2-core machine)
+BUDGET_S = 35   # the good runs take 7-12 s alone, 16-17 s on a loaded 2-core machine
 EXPECTED = {"alpha": "scored", "beta": "scored", "gamma": "scored", "delta": "over_time", "epsilon": "failed",
             "zeta": "rejected", "eta": "rejected", "theta": "failed"}
 
@@ -110,7 +110,7 @@ def test_round_records_every_kind_of_outcome(local, season):
     assert BUDGET_S <= res["delta"]["wall_s"] < BUDGET_S + 5 and "killed at the limit" in res["delta"]["detail"]
     assert res["delta"]["limit_s"] == BUDGET_S
     # a crash is a recorded result with the log tail
-    assert "exit status 2" in res["epsilon"]["detail"] and "shape" in res["epsilon"]["log_tail"]
+    assert "exit status 2" in res["epsilon"]["detail"] and "another model than the base" in res["epsilon"]["log_tail"]
     # scored runs: wall time, peak memory, manifest; predictions for every hidden row
     conn = connect(Home(home).database)
     for team in ("alpha", "beta", "gamma"):

@@ -344,7 +344,7 @@ def test_sandbox_kills_at_the_limit_and_caps_memory(tmp_path):
     big = run_limited([sys.executable, "-c", "x = bytearray(3 << 30)"], scratch=tmp_path / "b", time_limit_s=30,
                       memory_bytes=1 << 30, env=dict(os.environ))
     assert big.returncode == 1 and "MemoryError" in big.log_tail and not big.timed_out
-    small = run_limited([sys.executable, "-c", "x = bytearray(200 << 20); x[::4096] = b'1' * len(x[::4096])"],
+    small = run_limited([sys.executable, "-c", "import time; x = bytearray(200 << 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.5)"],
                         scratch=tmp_path / "c", time_limit_s=30, memory_bytes=None, env=dict(os.environ))
     assert small.returncode == 0 and 200 < small.peak_mem_mb < 400
 

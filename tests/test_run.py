@@ -266,3 +266,33 @@ def test_a_run_interrupted_in_evaluation_resumes_after_the_merge(llama, tmp_path
     assert {s.name: s.status for s in done.stages}["eval"] == "ran"
     assert "finished" not in done.manifest and not stale.exists()
     assert (tmp_path / "run" / "eval" / "mc.csv").is_file()
+
+
+def test_an_interrupted_reproduction_resumes_in_its_folder(llama, tmp_path, monkeypatch):
+    """reproduce stopped during evaluation, then run again into the same folder: it resumes after
+    the merge and compares as usual; a folder holding anything else is still refused."""
+    import mergelab.run.pipeline as pipeline
+    from mergelab.errors import OutputExistsError
+
+    base, experts = llama
+    (tmp_path / "mc.csv").write_text(
+        "id,input,target,answer_choices,eval_type\n"
+        "a,Sentiment: I loved it. Label:,0,\"['positive', 'negative']\",multiple_choice\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["mc.csv"], "batch_size": 2})
+    first = run_recipe(recipe, tmp_path / "one", rules=False)
+    real = pipeline.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(tmp_path / "one" / "manifest.json", tmp_path / "two")
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    again = reproduce(tmp_path / "one" / "manifest.json", tmp_path / "two")
+    assert {s.name: s.status for s in again.stages}["merge"] == "skipped"
+    assert again.manifest["outputs"] == first.manifest["outputs"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        reproduce(tmp_path / "one" / "manifest.json", tmp_path / "other")

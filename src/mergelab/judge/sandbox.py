@@ -131,10 +131,12 @@ def run_limited(cmd: list[str], *, scratch: Path, time_limit_s: float, memory_by
             log.write(f"cannot start: {exc}\n".encode())
             return Outcome(None, 0.0, 0.0, False, _tail(log_path), isolation)
         deadline = t0 + time_limit_s
+        peak = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            peak = max(peak, _hwm_bytes(proc.pid))
             if time.monotonic() >= deadline:
                 timed_out = True
                 _kill_group(proc.pid)
@@ -144,7 +146,23 @@ def run_limited(cmd: list[str], *, scratch: Path, time_limit_s: float, memory_by
         proc.returncode = os.waitstatus_to_exitcode(status)
         _kill_group(proc.pid)          # leftovers of the group (none, normally)
     wall = time.monotonic() - t0
-    return Outcome(proc.returncode, wall, usage.ru_maxrss / 1024.0, timed_out, _tail(log_path), isolation)
+    # VmHWM is the peak of the command's own program (it starts afresh at exec); wait4's ru_maxrss
+    # also counts the copy of the judge made by fork before the exec, so it is only the fallback
+    # for a command too short to be seen by the 50 ms polls
+    peak_mb = peak / 2**20 if peak else usage.ru_maxrss / 1024.0
+    return Outcome(proc.returncode, wall, peak_mb, timed_out, _tail(log_path), isolation)
+
+
+def _hwm_bytes(pid: int) -> int:
+    """The peak resident memory (VmHWM) of ``pid``'s current program, 0 if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _kill_group(pgid: int) -> None:

@@ -552,7 +552,7 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
             f"{manifest_path}: models records the roles {', '.join(recorded) or 'none'}, but its recipe "
             f"has {', '.join(roles)}", hint="pass the manifest.json that `mergelab run` wrote, unedited")
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists() and any(out_dir.iterdir()) and not _unfinished_rerun_of(out_dir, old):
         raise OutputExistsError(f"{out_dir} is not empty", hint="reproduce into a new folder")
     rules = isinstance(old.get("rules"), dict)
     result = run_recipe(old["recipe"], out_dir, device=device, rules=rules, progress=progress, quiet=quiet)
@@ -580,3 +580,12 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
             hint="on GPU, kernels may differ between cards and library versions; compare on CPU")
     return result
 
+
+def _unfinished_rerun_of(out_dir: Path, old: dict) -> bool:
+    """Whether ``out_dir`` holds an interrupted reproduction of ``old`` (same recipe, not finished):
+    then reproducing into it again resumes from its last finished stage."""
+    try:
+        previous = read_manifest(out_dir / MANIFEST_NAME)
+    except ReproducibilityError:
+        return False
+    return previous.get("finished") is False and previous.get("recipe") == old.get("recipe")
