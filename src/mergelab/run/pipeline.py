@@ -38,6 +38,7 @@ from mergelab.errors import RecipeError, ReproducibilityError
 from mergelab.run.report import write_run_report
 from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
 from mergelab.util import check_output_path, remove_stale_temps, sha256_file
+from mergelab.progress import ProgressBar, eval_columns
 from mergelab.recipe import read_recipe
 from mergelab.hub.sources import select_files, resolve_ref
 from mergelab.recipe import Recipe
@@ -436,12 +437,16 @@ class _Run:
         self.say(f"evaluating on {len(section.data)} file(s)")
         t0 = time.perf_counter()
         options = section.eval_options(self.device)
-        if lora:
-            scores = evaluate(self.models[0]["local_path"], section.data, eval_dir, options, adapter=model_dir,
-                              force=True, deadline=self.deadline, label="base + model/ (adapter)")
-        else:
-            scores = evaluate(model_dir, section.data, eval_dir, options, force=True, deadline=self.deadline,
-                              label="model/")
+        with ProgressBar(not self.quiet, eval_columns, total=1) as bar:   # rows, with the time left
+            def rows_done(done: int, total: int) -> None:
+                bar.update(completed=done, total=total)
+            if lora:
+                scores = evaluate(self.models[0]["local_path"], section.data, eval_dir, options, adapter=model_dir,
+                                  force=True, deadline=self.deadline, label="base + model/ (adapter)",
+                                  on_progress=rows_done)
+            else:
+                scores = evaluate(model_dir, section.data, eval_dir, options, force=True, deadline=self.deadline,
+                                  label="model/", on_progress=rows_done)
         self.timings["eval"] = time.perf_counter() - t0
         overall = scores.get("overall", {})
         missed = int(overall.get("not_reached", 0) or 0)
