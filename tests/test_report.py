@@ -138,3 +138,63 @@ def test_a_run_report_shows_base_and_experts_when_known_and_says_so_when_not():
     assert [b["series"] for b in bars(plain, "scorechart")] == ["merge", "merge"]
     assert "Only the merge&#x27;s own scores are known" in plain
     assert "not checked" in plain and "no budget was given" in plain
+
+
+def demo_payload() -> dict:
+    from mergelab.zoo.demo import DEMO_MERGES, summarise
+    from mergelab.zoo.tasks import TASKS
+
+    tasks = list(TASKS)
+    base = {t: 0.1 + 0.05 * i for i, t in enumerate(tasks)}
+    expert = {t: 0.8 for t in tasks}
+    merges = {m.label: {"scores": {t: round(0.3 + 0.07 * i + 0.01 * j, 2) for i, t in enumerate(tasks)},
+                        "merge_s": 1.0, "eval_s": 2.0, "method": m.method, "output": m.output, "about": m.about}
+              for j, m in enumerate(DEMO_MERGES)}
+    return {"base": "HuggingFaceTB/SmolLM2-135M-Instruct", "note": "not legal", "zoo": "/zoo",
+            "tasks": {t: {"eval_type": TASKS[t].eval_type, "skill": TASKS[t].skill, "test_rows": 40} for t in tasks},
+            "metric": "accuracy", "base_scores": base, "expert_scores": expert, "merges": merges,
+            "summary": summarise(tasks, base, expert, merges),
+            "timings": {"zoo_s": 1.0, "reference_eval_s": 2.0, "total_s": 30.0}}
+
+
+def test_the_demo_page_renders_methods_by_tasks_and_its_chart(tmp_path):
+    from mergelab.zoo.demo import demo_report_html
+
+    p = demo_payload()
+    text = demo_report_html(p)
+    assert text == demo_report_html(p)
+    no_outside_fetch(text)
+    page = tmp_path / "report.html"
+    page.write_text(text)
+    dom = dump_dom(page)
+    rows = table_rows(dom, "scoretable")
+    assert [r[0] for r in rows] == ["base", "experts (own task)", *p["merges"]]
+    tasks = list(p["tasks"])
+    assert rows[3][1 + tasks.index("sql")] == f"{p['merges']['task_arithmetic']['scores']['sql']:.4f}"
+    chart = bars(dom, "scorechart")
+    assert len(chart) == len(tasks) * (1 + len(p["merges"]))   # one bar per task and model (base + merges)
+    ties_sql = next(b for b in chart if b["series"] == "ties" and b["category"].startswith("sql"))
+    assert ties_sql["value"] == f"{p['merges']['ties']['scores']['sql'] / 0.8:.2f}"
+    screenshot(page, tmp_path / "demo-report.png", size="1200,1400")
+
+
+def test_the_tune_page_renders_the_search_curve(tmp_path):
+    from types import SimpleNamespace
+
+    from mergelab.tune.study import TrialRecord, TuneResult, report_html
+
+    trials = [TrialRecord(i, s, c, {"lambda": 0.1 * i}, 1.5) for i, (s, c) in
+              enumerate([(0.4, 0.38), (0.55, 0.5), (0.5, 0.52), (0.62, 0.57), (0.6, 0.6)])]
+    result = TuneResult(tmp_path, "study-x", "sqlite:///x.db", "maximize", trials[3], trials, 0, "trials", [],
+                        8.0, 5)
+    section = SimpleNamespace(divergence=0.05, objective="accuracy", sampler="tpe", seed=0)
+    page = tmp_path / "report.html"
+    page.write_text(report_html(result, Path("recipe.yaml"), section, ["lambda"]))
+    no_outside_fetch(page.read_text())
+    dom = dump_dom(page)
+    svg = re.search(r'<svg[^>]*id="searchchart".*?</svg>', dom, re.S).group(0)
+    points = re.findall(r'<circle class="point" data-series="([^"]*)" data-x="([^"]*)" data-y="([^"]*)"', svg)
+    assert len(points) == 10 and ("search part (objective)", "3", "0.6200") in points
+    assert 'class="step"' in svg and 'class="marker"' in svg
+    assert [r[0] for r in table_rows(dom, "trials")] == ["0", "1", "2", "3", "4"]
+    screenshot(page, tmp_path / "tune-report.png", size="900,1100")

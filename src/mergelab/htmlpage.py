@@ -108,11 +108,11 @@ def fmt_seconds(s: float | None) -> str:
 
 
 def _nice_max(v: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 × 10^k at or above ``v`` (the top of an axis)."""
+    """The smallest 1, 1.2, 1.5, 2, 2.5 or 5 × 10^k at or above ``v`` (the top of an axis)."""
     if v <= 0 or not math.isfinite(v):
         return 1.0
     k = 10 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5, 10):
+    for m in (1, 1.2, 1.5, 2, 2.5, 5, 10):
         if m * k >= v * (1 - 1e-9):
             return m * k
     return 10 * k
