@@ -198,3 +198,26 @@ def test_the_tune_page_renders_the_search_curve(tmp_path):
     assert 'class="step"' in svg and 'class="marker"' in svg
     assert [r[0] for r in table_rows(dom, "trials")] == ["0", "1", "2", "3", "4"]
     screenshot(page, tmp_path / "tune-report.png", size="900,1100")
+
+
+def test_run_and_eval_print_json_for_scripts(zoo, tmp_path, capsys):
+    from mergelab.cli import main
+
+    fz = zoo["llama"]
+    write_mixed_csv(tmp_path / "t.csv", 4, choice_input="Is {i} even?", choices=["yes", "no"],
+                    gen_input="Count to {i}", gen_target="1 2")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"base": {"path": str(fz.base)}, "experts": [{"path": str(fz.experts[0])}],
+                                      "method": {"name": "linear"}, "eval": {"data": ["t.csv"], "max_new_tokens": 2}}))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "r"), "--no-rules", "--quiet", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in doc["stages"]] == ["resolve", "rules", "merge", "eval"]
+    assert doc["scores"]["overall"]["rows"] == 4 and doc["report"].endswith("report.html")
+    assert main(["eval", str(tmp_path / "r" / "model"), "--data", str(tmp_path / "t.csv"), "--out",
+                 str(tmp_path / "e"), "--max-new-tokens", "2", "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["overall"]["score"] == doc["scores"]["overall"]["score"]
+    assert main(["eval", str(tmp_path / "r" / "model"), "--data", str(tmp_path / "t.csv"), "--out",
+                 str(tmp_path / "e"), "--max-new-tokens", "2", "--quiet", "--force"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
