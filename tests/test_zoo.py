@@ -460,6 +460,8 @@ def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
             assert norm == pytest.approx(r["scores"][task] / scores["expert_scores"][task])
     report = (out / "report.md").read_text()
     assert "Not competition-legal" in report and "| **ties** |" in report
+    page = (out / "report.html").read_text()   # the same figures on one static page, chart inline
+    assert page.count('<rect class="bar"') == 2 * 4 and 'data-series="regmean"' in page
     text = console.export_text()
     assert "after the competition" in text and "normalised" in text
     assert payload["summary"] == scores["summary"]

@@ -54,3 +54,11 @@ class ProgressBar:
         if self.show:
             with self._lock:
                 self.progress.update(self.task, **kwargs)
+
+
+def eval_columns() -> tuple:
+    """The columns of an evaluation's bar: rows done of all, elapsed time and the time left."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return (TextColumn("[bold]evaluating[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())

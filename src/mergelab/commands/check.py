@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
     def check(
         recipe: Path = typer.Argument(..., help="Recipe file (YAML) whose models are checked."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of a table."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success; the exit status "
+                                   "says it (a failure is still one message on stderr)."),
         cutoff: str = typer.Option("2024-05-31", "--cutoff", metavar="DATE",
                                    help="Upload cut-off: a date (inclusive, UTC) or an ISO time."),
         max_params: float = typer.Option(8e9, "--max-params", help="Most parameters a model may have."),
@@ -50,13 +52,13 @@ def register(app: typer.Typer) -> None:
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
-        else:
+        elif not quiet:
             make_console().print(report_table(report))
         if not report.ok:  # exit status 1: a MergelabError with its own exit code, shown as one message
             raise RulesNotMetError(
                 f"{recipe} does not pass the competition rules ({summary})"
-                + ("" if as_json else "; see the table above"),
+                + ("" if as_json or quiet else "; see the table above"),
                 hint="pin revisions on or before the cut-off (`revision: cutoff`) and use public Hub models of at "
                      "most the allowed size; docs/rules.md explains each rule")
-        if not as_json:
+        if not as_json and not quiet:
             make_console().print(f"{recipe} [bold green]passes[/] the competition rules ({summary}).", highlight=False)

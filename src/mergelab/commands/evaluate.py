@@ -84,6 +84,9 @@ def register(app: typer.Typer) -> None:
         dtype: DType = typer.Option(DType.auto, "--dtype", help="Weights dtype (auto: fp32 on CPU, bf16 on GPU)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the few-shot draws."),
         force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no table."),
+        as_json: bool = typer.Option(False, "--json", help="Print scores.json's content (with the timing) as "
+                                     "JSON on stdout instead of the table."),
     ) -> None:
         """Evaluate MODEL (optionally with --adapter) on competition CSV files; write submissions."""
         from pydantic import ValidationError
@@ -127,7 +130,15 @@ def register(app: typer.Typer) -> None:
                 task = progress.add_task("eval", total=total)
             progress.update(task, completed=done, total=total)
 
-        with progress:
-            scores = evaluate(model, data, out, options, adapter=adapter, force=force,
-                              on_progress=on_progress)
-        _print_summary(scores, out)
+        if quiet:
+            scores = evaluate(model, data, out, options, adapter=adapter, force=force)
+        else:
+            with progress:
+                scores = evaluate(model, data, out, options, adapter=adapter, force=force,
+                                  on_progress=on_progress)
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(scores, indent=2, ensure_ascii=False, default=str))
+        elif not quiet:
+            _print_summary(scores, out)

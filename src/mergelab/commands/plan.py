@@ -52,6 +52,8 @@ def register(app: typer.Typer) -> None:
                                        help="Measure this device (matmul, memory copy, a forward call) and "
                                             "plan for it with the measured figures."),
         as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON on stdout."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines and no table: the exit "
+                                   "status says whether it fits (with --json: the JSON only)."),
     ) -> None:
         """Estimate each stage's time and peak GPU memory on the target, and say whether it fits.
 
@@ -65,10 +67,10 @@ def register(app: typer.Typer) -> None:
 
         console = make_console(stderr=True)
         plan = plan_recipe(recipe, hardware=hardware, budget=budget, calibrate_probe=calibrate,
-                           progress=None if as_json else (lambda m: console.print(f"[bold]›[/] {m}", highlight=False)))
+                           progress=None if as_json or quiet else (lambda m: console.print(f"[bold]›[/] {m}", highlight=False)))
         if as_json:
             typer.echo(json.dumps(plan.to_dict(), indent=2, default=str))
-        else:
+        elif not quiet:
             print_plan(plan, console)
         if not plan.fits:
             raise typer.Exit(1)

@@ -30,7 +30,26 @@ def _summary(result, title: str) -> None:
         console.print(line, highlight=False)
     for w in result.warnings:
         console.print(f"[bold red]WARNING:[/] {escape(w)}", highlight=False)
-    console.print(f"manifest: {result.out_dir / 'manifest.json'}", highlight=False)
+    console.print(f"manifest: {result.out_dir / 'manifest.json'}; report: {result.out_dir / 'report.html'}",
+                  highlight=False)
+
+
+def result_json(result) -> str:
+    """What ``--json`` prints: the folder, each stage, the scores, the budget and the warnings."""
+    import json
+
+    from mergelab.run.report import read_scores
+
+    scores = read_scores(result.out_dir)
+    doc = {"out_dir": str(result.out_dir), "manifest": str(result.out_dir / "manifest.json"),
+           "report": str(result.out_dir / "report.html"),
+           "stages": [{"name": s.name, "status": s.status, "seconds": s.seconds, "detail": s.detail}
+                      for s in result.stages],
+           "scores": None if scores is None else {"overall": scores.get("overall"), "files": scores.get("files"),
+                                                  "complete": scores.get("complete")},
+           "outputs": len(result.manifest.get("outputs", {})),
+           "budget": result.manifest.get("budget"), "warnings": result.warnings}
+    return json.dumps(doc, indent=2, default=str)
 
 
 def _progress(quiet: bool):
@@ -51,6 +70,8 @@ def register(app: typer.Typer) -> None:
                                       help="Skip the competition rule check (a run outside the competition)."),
         cutoff: Optional[str] = typer.Option(None, "--cutoff", help="Rule check cut-off date (default 2024-05-31)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+        as_json: bool = typer.Option(False, "--json", help="Print the result (stages, scores, budget, warnings) "
+                                     "as JSON on stdout; the summary table stays on stderr."),
         budget: Optional[str] = typer.Option(None, "--budget", help="Time budget (60m, 3600, 1h): refuse a "
                                              "recipe whose plan does not fit; stop fine-tuning and evaluation "
                                              "at the deadline (the submission stays complete)."),
@@ -71,6 +92,8 @@ def register(app: typer.Typer) -> None:
                             progress=_progress(quiet), quiet=quiet, budget=budget, hardware=hardware,
                             force=force, warn=lambda m: None, allow_nonfinite=allow_nonfinite)
         _summary(result, f"mergelab run → {out}")
+        if as_json:
+            typer.echo(result_json(result))
 
     @app.command("reproduce")
     def reproduce_cmd(

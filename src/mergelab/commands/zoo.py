@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: Path = typer.Option(Path("demo-out"), "--out", "-o",
-                                 help="Output folder for report.md, chart.png and scores (replaced)."),
+                                 help="Output folder for report.html, report.md, chart.png and scores (replaced)."),
         zoo_dir: Optional[Path] = typer.Option(
             None, "--zoo", help="Zoo folder (default: $MERGELAB_CACHE/zoo; built if missing)."),
         methods: Optional[str] = typer.Option(
@@ -94,17 +94,32 @@ def register(app: typer.Typer) -> None:
         retrain: bool = typer.Option(
             False, help="Train the experts instead of using the adapters shipped with mergelab."),
         device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing but errors (and the JSON "
+                                   "with --json)."),
+        as_json: bool = typer.Option(False, "--json", help="Print the results (scores.json's content) as "
+                                     "JSON on stdout; the tables and progress go to stderr."),
     ) -> None:
         """Merge real LoRA experts of SmolLM2-135M-Instruct offline and score every merge.
 
         Builds the zoo if missing, merges all experts with linear, task arithmetic, TIES,
         DARE-TIES, TSV and Iso-C, evaluates the base, each expert and each merge on every task's
-        test file, and writes report.md and chart.png."""
+        test file, and writes report.html, report.md and chart.png.
+
+        With --json the results go to stdout as JSON (the content of scores.json)."""
         from mergelab.util import check_output_path
         from mergelab.zoo.build import default_zoo_dir
         from mergelab.zoo.demo import run_demo
 
+        import json
+
+        from rich.console import Console
+
+        from mergelab.progress import make_console
+
         check_output_path(out, [zoo_dir or default_zoo_dir()])   # the demo replaces --out
         _quiet()
-        run_demo(out, zoo_dir=zoo_dir, methods=_task_list(methods), use_packaged=not retrain,
-                 device=device)
+        console = Console(quiet=True) if quiet else make_console(stderr=as_json)
+        payload = run_demo(out, zoo_dir=zoo_dir, methods=_task_list(methods), use_packaged=not retrain,
+                           device=device, console=console)
+        if as_json:
+            typer.echo(json.dumps(payload, indent=2))

@@ -389,11 +389,11 @@ def _report(recipe, spec: MethodSpec, experts: Sequence[LoraExpertSource], resul
 
 
 def _module_columns() -> tuple:
-    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return (TextColumn("[bold]merging adapters[/]"), BarColumn(),
             TextColumn("{task.completed}/{task.total} modules"), TimeElapsedColumn(),
-            TextColumn("[dim]{task.fields[current]}[/]"))
+            TextColumn("eta"), TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}[/]"))
 
 
 class _Progress(ProgressBar):

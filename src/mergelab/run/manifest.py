@@ -21,7 +21,7 @@ MANIFEST_NAME = "manifest.json"
 _PACKAGES = ("mergelab", "torch", "transformers", "peft", "safetensors", "huggingface_hub",
              "accelerate", "tokenizers", "pydantic", "numpy")
 # Files a run writes that are volatile by nature (timings), left out of the output hashes.
-VOLATILE_FILES = ("timing.json",)
+VOLATILE_FILES = ("timing.json", "report.html")
 
 
 def hash_tree(root: str | Path, *, skip: tuple[str, ...] = ()) -> dict[str, str]:

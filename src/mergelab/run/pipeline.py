@@ -9,6 +9,8 @@ A run writes into one folder::
     DIR/eval/X.csv      submission file for each evaluation file X.csv (with eval/scores.json,
                         eval/predictions/X.jsonl)
     DIR/timing.json     stage timings of the last invocation (volatile: not hashed)
+    DIR/report.html     one static page: scores, chart, planned vs measured time, rules, hashes
+                        (volatile: it holds timings; not hashed)
     DIR/manifest.json   normalised recipe, resolved commits, input/output sha256, versions, seeds
 
 Running again into the same folder skips a stage whose inputs (recipe section and input file
@@ -25,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -33,8 +35,10 @@ from pydantic import ValidationError
 
 from mergelab import __version__
 from mergelab.errors import RecipeError, ReproducibilityError
+from mergelab.run.report import write_run_report
 from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
 from mergelab.util import check_output_path, remove_stale_temps, sha256_file
+from mergelab.progress import ProgressBar, eval_columns
 from mergelab.recipe import read_recipe
 from mergelab.hub.sources import select_files, resolve_ref
 from mergelab.recipe import Recipe
@@ -435,12 +439,16 @@ class _Run:
         self.say(f"evaluating on {len(section.data)} file(s)")
         t0 = time.perf_counter()
         options = section.eval_options(self.device)
-        if lora:
-            scores = evaluate(self.models[0]["local_path"], section.data, eval_dir, options, adapter=model_dir,
-                              force=True, deadline=self.deadline, label="base + model/ (adapter)")
-        else:
-            scores = evaluate(model_dir, section.data, eval_dir, options, force=True, deadline=self.deadline,
-                              label="model/")
+        with ProgressBar(not self.quiet, eval_columns, total=1) as bar:   # rows, with the time left
+            def rows_done(done: int, total: int) -> None:
+                bar.update(completed=done, total=total)
+            if lora:
+                scores = evaluate(self.models[0]["local_path"], section.data, eval_dir, options, adapter=model_dir,
+                                  force=True, deadline=self.deadline, label="base + model/ (adapter)",
+                                  on_progress=rows_done)
+            else:
+                scores = evaluate(model_dir, section.data, eval_dir, options, force=True, deadline=self.deadline,
+                                  label="model/", on_progress=rows_done)
         self.timings["eval"] = time.perf_counter() - t0
         overall = scores.get("overall", {})
         missed = int(overall.get("not_reached", 0) or 0)
@@ -520,6 +528,7 @@ class _Run:
         manifest = self.manifest(finished=True, budget=budget)
         (self.out_dir / "timing.json").write_text(json.dumps(self.timings, indent=2) + "\n")
         write_manifest(self.out_dir / MANIFEST_NAME, manifest)
+        write_run_report(self.out_dir, manifest, stages=[asdict(s) for s in self.stages])   # last: report.html
         return RunResult(self.out_dir, manifest, self.stages, plan=self.plan, warnings=self.warnings)
 
 

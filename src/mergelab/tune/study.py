@@ -35,8 +35,10 @@ from mergelab.evaluate import EvalOptions
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inplace import InPlaceMerger
 from mergelab.tune.config import round_value
+from mergelab import htmlpage as h
 
 TUNED_RECIPE, TRIALS_CSV, REPORT, PLOT = "recipe.tuned.yaml", "trials.csv", "report.md", "search.png"
+REPORT_HTML = "report.html"
 
 
 @dataclass
@@ -384,6 +386,7 @@ def write_outputs(result: TuneResult, recipe_path: Path, section: TuneSection, s
     csv.writer(buf, lineterminator="\n").writerows(rows)
     atomic_write(out / TRIALS_CSV, buf.getvalue())
     atomic_write(out / REPORT, _report(result, recipe_path, section, names))
+    atomic_write(out / REPORT_HTML, report_html(result, recipe_path, section, names))
     _plot(result, out / PLOT)
 
 
@@ -436,6 +439,51 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
                      f"{t.seconds:.1f} | " + " | ".join(str(t.values.get(n, "")) for n in names) + " |")
     lines += ["", "![search](search.png)", ""]
     return "\n".join(lines)
+
+
+def search_curve(r: TuneResult) -> list[tuple[int, float]]:
+    """``(trial, best search value so far)`` for every finished trial, in trial order."""
+    out, running = [], None
+    for t in r.trials:
+        if running is None or (t.search > running if r.direction == "maximize" else t.search < running):
+            running = t.search
+        out.append((t.number, running))
+    return out
+
+
+def report_html(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[str]) -> str:
+    """``report.html``: the search curve (inline SVG), the winner and every trial, on one static page."""
+    best = r.best
+    chart = h.scatter_chart(
+        {"search part (objective)": [(t.number, t.search) for t in r.trials],
+         "check part (held out)": [(t.number, t.check) for t in r.trials]},
+        steps={"best search so far": search_curve(r)}, marker_x=best.number,
+        marker_label=f"winner (trial {best.number})", title=f"search curve: {r.study_name}", x_label="trial",
+        y_label="objective" + (" (higher is better)" if r.direction == "maximize" else " (lower is better)"),
+        id="searchchart")
+    tasks = sorted(set(best.search_tasks) | set(best.check_tasks))
+    winner = [h.para(f"trial {best.number}: search {best.search:.4f}, check {best.check:.4f}, gap "
+                     f"{best.gap(r.direction):+.4f} (warning above {section.divergence:g})"),
+              h.table(["parameter", "value"], [[n, best.values.get(n)] for n in names], id="winner")]
+    if tasks:
+        winner.append(h.table(["task", "search", "check"],
+                              [[t, best.search_tasks.get(t), best.check_tasks.get(t)] for t in tasks]))
+    trials = [[t.number, t.search, t.check, t.gap(r.direction), t.seconds, *[t.values.get(n) for n in names]]
+              for t in r.trials]
+    classes = ["best" if t is best else "" for t in r.trials]
+    return h.page(f"mergelab tune: {recipe_path.name}", [
+        *([h.section("Warnings", *[h.para(w, "bad") for w in r.warnings], id="warnings")] if r.warnings else []),
+        h.section("Search", chart,
+                  h.para(f"study {r.study_name}; objective {section.objective} ({r.direction}), sampler "
+                         f"{section.sampler} (seed {section.seed}); this invocation: {r.new_trials} trial(s) in "
+                         f"{r.seconds:.0f} s, stopped by {r.stopped_by}; {len(r.trials)} finished trial(s) in the "
+                         f"study, {r.failed} failed"), id="search"),
+        h.section(f"Winner: trial {best.number}", *winner,
+                  h.para("The tuned recipe is recipe.tuned.yaml; mergelab run recipe.tuned.yaml --out RUN "
+                         "reproduces this merge."), id="best"),
+        h.section("Trials", h.table(["trial", "search", "check", "gap", "seconds", *names], trials, id="trials",
+                                    row_classes=classes), id="alltrials"),
+    ], subtitle=f"storage {r.storage}")
 
 
 def _plot(r: TuneResult, path: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 
 from mergelab.zoo.base import HUB_ID, NOT_COMPETITION_LEGAL, SOURCE_FILE, ZooError, ensure_base
 from mergelab.util import cache_root
+from mergelab.progress import make_console
 from mergelab.zoo.tasks import MULTIPLE_CHOICE, SPLITS, TASKS, get_task, write_all
 from mergelab.zoo.train import TrainConfig
 from mergelab.util import pick_device, sha256_file
@@ -167,9 +168,7 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
     converted SmolLM2) and ``sizes`` (rows per split) are for experiments and tests; the zoo
     shipped with mergelab uses the defaults.
     """
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or make_console()
     root = Path(root) if root is not None else default_zoo_dir()
     names = list(tasks or TASKS)
     for n in names:
@@ -348,14 +347,15 @@ def evaluate_cached(model, tokenizer, zoo: Zoo, files: dict[str, Path], *, adapt
 def expert_table(model, tokenizer, zoo: Zoo, *, device: str = "auto", console=None
                  ) -> tuple[dict[str, float], dict[str, float]]:
     """Scores of the base on every task and of each expert on its own task (test split)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
 
     options = eval_options(device)
     cache = ScoreCache(zoo.root / "score-cache.json")
     files = {t: zoo.data(t, "test") for t in zoo.tasks}
     total = sum(_rows(f) for f in files.values()) * 2
     columns = (TextColumn("evaluate [bold]{task.fields[what]:<18}[/]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("rows"), TimeElapsedColumn())
+               TextColumn("rows"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         bar = progress.add_task("eval", total=total, what="base")
         advance = lambda n: progress.update(bar, advance=n)  # noqa: E731

@@ -9,7 +9,7 @@ The demo is mergelab doing its main job end to end, offline, in minutes on a CPU
 3. the base is loaded once; the base, each expert (on its own task) and each merged adapter (on
    every task) are evaluated with :func:`mergelab.evaluate.evaluate` on the test CSVs;
 4. a table of per-task scores and normalised scores (merged ÷ expert) is printed, and
-   ``report.md``, ``chart.png``, ``scores.json``, the recipes and the merged adapters are written
+   ``report.md``, ``report.html`` (one static page, chart inline), ``chart.png``, ``scores.json``, the recipes and the merged adapters are written
    to the output folder (replaced as a whole at the end).
 
 Base and expert scores are cached in the zoo folder by the digest of everything they depend on;
@@ -33,6 +33,9 @@ from mergelab.methods import get_method
 from mergelab.recipe import load_recipe
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.evaluate import read_competition_csv
+from mergelab.util import atomic_write
+from mergelab.progress import make_console
+from mergelab import htmlpage as h
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,10 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
              console=None) -> dict:
     """Run the whole demo; returns the results written to ``out_dir/scores.json``."""
     import yaml
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
 
-    console = console or Console()
+    console = console or make_console()
     t_start = time.perf_counter()
     merges = _select(methods)
     out_dir = Path(out_dir)
@@ -121,7 +124,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
     files = {t: zoo.data(t, "test") for t in zoo.tasks}
     results: dict[str, dict] = {}
     columns = (TextColumn("[bold]{task.fields[what]:<16}[/]"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[stage]}"), TimeElapsedColumn())
+               TextColumn("{task.fields[stage]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console) as progress:
             rows_per_merge = sum(_rows(f) for f in files.values())
@@ -156,6 +159,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
         (tmp / "scores.json").write_text(json.dumps(payload, indent=2) + "\n")
         write_chart(tmp / "chart.png", zoo.tasks, base_scores, expert_scores, results)
         (tmp / "report.md").write_text(report_markdown(payload))
+        atomic_write(tmp / "report.html", demo_report_html(payload))
         _replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,7 +169,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
     best = max(summary, key=lambda k: summary[k]["normalised_mean"])
     console.print(f"best method: [bold]{best}[/], keeping {summary[best]['normalised_mean']:.0%} of the "
                   f"experts' scores on average (normalised score = merged ÷ expert, per task)")
-    console.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'chart.png'}, {out_dir / 'scores.json'} "
+    console.print(f"wrote {out_dir / 'report.html'}, {out_dir / 'report.md'}, {out_dir / 'chart.png'}, {out_dir / 'scores.json'} "
                   f"in {timings['total_s']:.0f} s")
     console.print(f"[yellow]note:[/] {NOT_COMPETITION_LEGAL}")
     return payload
@@ -212,28 +216,68 @@ def summarise(tasks: list[str], base: dict[str, float], expert: dict[str, float]
     return out
 
 
-def print_demo_table(tasks, base, expert, results, summary, console) -> None:
-    """One row per task, one column per model (fits an 80-column terminal); the last rows give
-    the mean score and the normalised score (merged ÷ expert, averaged over the tasks)."""
+def task_abbreviations(tasks: list[str], length: int = 4) -> dict[str, str]:
+    """Each task's shortest unique prefix of at least ``length`` letters (a short name stays whole)."""
+    out = {}
+    for t in tasks:
+        n = min(length, len(t))
+        while n < len(t) and any(o != t and o.startswith(t[:n]) for o in tasks):
+            n += 1
+        out[t] = t[:n]
+    return out
+
+
+def demo_table(tasks, base, expert, results, summary, *, short: bool = False, per_task: bool = True):
+    """The demo's table: one row per model (base, experts, each merge — names always whole), one
+    column per task, then the mean and the normalised score. ``short``: tasks abbreviated (see
+    :func:`task_abbreviations`) and ``norm.`` for the last column, for a narrow terminal; without
+    ``per_task`` only the mean and the normalised score (the narrowest form)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="Test scores: accuracy (MC) / exact match (gen); normalised = merged ÷ expert",
-                  title_justify="left")
-    table.add_column("task", min_width=10, no_wrap=True)
-    short = {"task_arithmetic": "task arith."}
-    for col in ["base", "expert", *results]:
-        table.add_column(short.get(col, col.replace("_", "-")), justify="right")
+    shown = tasks if per_task else []
+    abbrev = task_abbreviations(shown) if short else {t: t for t in shown}
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("model", no_wrap=True)
+    for t in shown:
+        table.add_column(abbrev[t], justify="right", no_wrap=True)
+    table.add_column("mean", justify="right", no_wrap=True)
+    table.add_column("norm." if short else "normalised", justify="right", no_wrap=True)
     best = max(summary, key=lambda k: summary[k]["normalised_mean"]) if summary else None
-    for t in tasks:
-        table.add_row(t, f"{base[t]:.2f}", f"{expert[t]:.2f}", *[f"{r['scores'][t]:.2f}" for r in results.values()],
-                      end_section=t == tasks[-1])
-    table.add_row("mean", f"{_mean(base, tasks):.2f}", f"{_mean(expert, tasks):.2f}",
-                  *[f"{summary[k]['mean']:.2f}" for k in results])
-    table.add_row("[bold]normalised[/]",
-                  f"{_mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0}):.0%}", "100%",
-                  *[f"[bold]{summary[k]['normalised_mean']:.0%}[/]" if k == best
-                    else f"{summary[k]['normalised_mean']:.0%}" for k in results])
+    norm_base = _mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0})
+    table.add_row("base", *[f"{base[t]:.2f}" for t in shown], f"{_mean(base, tasks):.2f}", f"{norm_base:.0%}")
+    table.add_row("experts" if short else "expert (own task)", *[f"{expert[t]:.2f}" for t in shown],
+                  f"{_mean(expert, tasks):.2f}", "100%", end_section=True)
+    for k, r in results.items():
+        table.add_row(k, *[f"{r['scores'][t]:.2f}" for t in shown], f"{summary[k]['mean']:.2f}",
+                      f"{summary[k]['normalised_mean']:.0%}", style="bold" if k == best else None)
+    return table, {t: a for t, a in abbrev.items() if a != t}
+
+
+def print_demo_table(tasks, base, expert, results, summary, console) -> None:
+    """Print the demo's table (:func:`demo_table`) within the console's width, every method name
+    whole: tasks by their full names where they fit, else abbreviated with a legend, else (a very
+    narrow terminal) only the mean and normalised scores."""
+    from rich.markup import escape
+    from rich.measure import Measurement
+
+    def width(table) -> int:
+        return Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+
+    console.print("[bold]Test scores[/]: accuracy (MC) / exact match (gen); "
+                  "normalised = merged ÷ expert, averaged over the tasks", highlight=False)
+    table, legend = demo_table(tasks, base, expert, results, summary)
+    note = ""
+    if width(table) > console.width:
+        table, legend = demo_table(tasks, base, expert, results, summary, short=True)
+        note = "norm. = normalised"
+        if width(table) > console.width:
+            table, legend = demo_table(tasks, base, expert, results, summary, short=True, per_task=False)
+            note += "; per-task scores: report.html (too narrow here)"
     console.print(table)
+    if legend or note:
+        console.print("; ".join(filter(None, [", ".join(f"{a} = {escape(t)}" for t, a in legend.items()), note])),
+                      highlight=False)
 
 
 def _mean(d: dict[str, float], keys=None) -> float:
@@ -269,6 +313,51 @@ def write_chart(path: Path, tasks, base, expert, results) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def demo_report_html(p: dict) -> str:
+    """``report.html``: the demo's scores (models × tasks) with the chart inline, the methods and
+    the timings, on one static page (:mod:`mergelab.htmlpage`)."""
+    tasks = list(p["tasks"])
+    base, expert, merges, summary = p["base_scores"], p["expert_scores"], p["merges"], p["summary"]
+    best = max(summary, key=lambda k: summary[k]["normalised_mean"]) if summary else None
+    norm_base = _mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0})
+    rows = [["base", *[base[t] for t in tasks], _mean(base, tasks), f"{norm_base:.0%}"],
+            ["experts (own task)", *[expert[t] for t in tasks], _mean(expert, tasks), "100%"]]
+    rows += [[k, *[r["scores"][t] for t in tasks], summary[k]["mean"], f"{summary[k]['normalised_mean']:.0%}"]
+             for k, r in merges.items()]
+    classes = ["", ""] + ["best" if k == best else "" for k in merges]
+    norm = {"base": [base[t] / expert[t] if expert[t] > 0 else None for t in tasks]}
+    norm |= {k: [r["scores"][t] / expert[t] if expert[t] > 0 else None for t in tasks] for k, r in merges.items()}
+    labels = [f"{t} ({'MC' if TASKS[t].eval_type == MULTIPLE_CHOICE else 'gen'})" if t in TASKS else t for t in tasks]
+    t = p["timings"]
+    methods = [[k, json_text(r["method"]), json_text(r["output"]), r["about"], h.fmt_seconds(r["merge_s"]),
+                h.fmt_seconds(r["eval_s"])] for k, r in merges.items()]
+    return h.page("mergelab demo: merging LoRA experts of SmolLM2-135M-Instruct", [
+        h.para(f"Not competition-legal. {p['note']}", "note"),
+        h.section("Scores", h.para(f"Metric: {p['metric']}. Every merge combines all {len(tasks)} experts into one "
+                                   "adapter and is evaluated on every task's test file; normalised = merged ÷ the "
+                                   "expert's score on its own task, averaged over the tasks."),
+                  h.table(["model", *tasks, "mean", "normalised"], rows, id="scoretable", row_classes=classes),
+                  h.bar_chart(labels, norm, title="normalised score per task (merged ÷ expert)",
+                              y_label="normalised score", reference=1.0, reference_label="expert (= 100%)",
+                              colours={"base": h.GREY}, id="scorechart"),
+                  h.para(f"Best: {best}, {summary[best]['normalised_mean']:.0%} normalised score on average."
+                         if best else "no merge ran."), id="scores"),
+        h.section("Methods", h.table(["merge", "recipe method", "output", "what it does", "merge time", "eval time"],
+                                     methods), id="methods"),
+        h.section("Timings", h.table(["part", "time"], [
+            ["zoo (base conversion, data, experts)", h.fmt_seconds(t["zoo_s"])],
+            ["base and expert evaluation (cached after the first run)", h.fmt_seconds(t["reference_eval_s"])],
+            ["whole demo", h.fmt_seconds(t["total_s"])]]), id="timings"),
+        h.section("Tasks", h.table(["task", "type", "skill", "test rows"],
+                                   [[k, v["eval_type"].replace("_", " "), v["skill"], v["test_rows"]]
+                                    for k, v in p["tasks"].items()]), id="tasks"),
+    ], subtitle=f"base {p['base']} · zoo {p['zoo']}")
+
+
+def json_text(obj) -> str:
+    return json.dumps(obj, sort_keys=False)
 
 
 def report_markdown(p: dict) -> str:
