@@ -27,6 +27,11 @@ from pathlib import Path
 import httpx2
 import yaml
 
+from mergelab.evaluate import read_competition_csv
+from mergelab.judge import leaderboard, rounds
+from mergelab.judge.db import connect
+from mergelab.judge.home import init_home
+from mergelab.judge.intake import content_hash
 from mergelab.testing.judge_season import write_tasks
 
 RECIPE = {"base": {"path": "base"}, "experts": [{"path": "e1"}], "method": {"name": "linear"}}
@@ -34,8 +39,6 @@ RECIPE = {"base": {"path": "base"}, "experts": [{"path": "e1"}], "method": {"nam
 
 def make_home(root: Path, **limits) -> Path:
     """A competition home at ``root`` (tasks in ``root``.hidden), with ``limits`` written into competition.yaml."""
-    from mergelab.judge.home import init_home
-
     tasks = write_tasks(root.parent / f"{root.name}.hidden")
     init_home(root, tasks, hardware="cpu")
     cfg = root / "competition.yaml"
@@ -117,8 +120,6 @@ class Server:
 
 def stub_judge_one(spec: dict) -> dict:
     """A judged run's result without running anything: random (by id) but valid predictions."""
-    from mergelab.evaluate import read_competition_csv
-
     home = Path(spec["home"])
     preds: dict[str, dict[str, str]] = {}
     for task in spec["tasks"]:
@@ -134,8 +135,6 @@ def stub_judge_one(spec: dict) -> dict:
 
 def stub_round(home: Path):
     """One ``judge round`` with :func:`stub_judge_one` as the judged run."""
-    from mergelab.judge import rounds
-
     real = rounds.judge_one
     rounds.judge_one = stub_judge_one
     try:
@@ -146,8 +145,6 @@ def stub_round(home: Path):
 
 def round_loop(home: str, stop_file: str) -> None:
     """Stub rounds and leaderboard reads, one after the other, until ``stop_file`` exists (a child process)."""
-    from mergelab.judge import leaderboard
-
     n = judged = 0
     stub_round(Path(home))                       # imports done: say so
     Path(stop_file + ".ready").touch()
@@ -178,9 +175,6 @@ def start_round_loop(home: Path, stop_file: Path, timeout: float = 90.0) -> subp
 def check_store(home: Path) -> dict:
     """Every submission in the database once, its store folder complete (content hash = its name),
     nothing else in the store, no upload or staging leftovers."""
-    from mergelab.judge.db import connect
-    from mergelab.judge.intake import content_hash
-
     conn = connect(home / "secret" / "judge.sqlite")
     try:
         rows = conn.execute("SELECT id, content, status FROM submissions").fetchall()
