@@ -47,6 +47,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mergelab.errors import MergelabError
 from mergelab.judge import leaderboard as lb
 from mergelab.judge.db import connect, get_state, loads
 from mergelab.judge.home import Competition, Home, JudgeError
@@ -172,7 +173,7 @@ class Service:
             self.check_quota(team)
             try:
                 receipt = submit(self.home.root, archive, team)
-            except JudgeError as exc:
+            except MergelabError as exc:
                 raise Refused(400, exc.message) from None
         body = asdict(receipt)
         log.info("submission %s from team %s: %s%s", receipt.id[:12], team, receipt.status,
