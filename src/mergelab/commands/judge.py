@@ -1,4 +1,5 @@
-"""``mergelab judge``: the organizer's side (init, submit, round, leaderboard, finalize, similar, verify)."""
+"""``mergelab judge``: the organizer's side (init, submit, round, leaderboard, finalize, similar, verify,
+serve, team add/revoke/list)."""
 from __future__ import annotations
 
 import glob
@@ -12,7 +13,9 @@ from mergelab.judge import leaderboard as lb
 from mergelab.judge.home import init_home
 from mergelab.judge.intake import submit
 from mergelab.judge.rounds import run_round
+from mergelab.judge.service import serve
 from mergelab.judge.similar import Thresholds, compare, table
+from mergelab.judge.teams import add_team, list_teams, revoke_team
 from mergelab.judge.verify import verify
 
 
@@ -122,3 +125,42 @@ def register(app: typer.Typer) -> None:
         if not report.differences:
             typer.echo(report.log_tail[-1500:])
         raise typer.Exit(1)
+
+    @judge.command("serve")
+    def serve_cmd(
+        home: Path = typer.Argument(..., help="Competition home.", show_default=False),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (put a TLS reverse proxy in "
+                                 "front for anything but the loopback)."),
+        port: int = typer.Option(8000, "--port", help="Port to listen on."),
+        log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    ) -> None:
+        """Serve the submission API, the team page and the public leaderboard (FastAPI + uvicorn)."""
+        serve(home, host=host, port=port, log_level=log_level)
+
+    team = typer.Typer(help="Team tokens for `judge serve`.", no_args_is_help=True)
+    judge.add_typer(team, name="team")
+
+    @team.command("add")
+    def team_add_cmd(
+        home: Path = typer.Argument(..., help="Competition home.", show_default=False),
+        name: str = typer.Argument(..., help="Team name.", show_default=False),
+    ) -> None:
+        """Issue a token for a team; it is printed once and only its salted hash is kept."""
+        token = add_team(home, name)
+        typer.echo(token)
+        _say(f"token of team {name} (shown once; only its salted hash is stored): give it to the team")
+
+    @team.command("revoke")
+    def team_revoke_cmd(
+        home: Path = typer.Argument(..., help="Competition home.", show_default=False),
+        name: str = typer.Argument(..., help="Team name.", show_default=False),
+    ) -> None:
+        """Revoke a team's token (its requests answer 401 at once)."""
+        n = revoke_team(home, name)
+        typer.echo(f"team {name}: {n} token(s) revoked" if n else f"team {name} has no active token")
+
+    @team.command("list")
+    def team_list_cmd(home: Path = typer.Argument(..., help="Competition home.", show_default=False)) -> None:
+        """The teams with tokens (no token is shown)."""
+        for t in list_teams(home):
+            typer.echo(f"{t['team']}  created {t['created']}" + (f"  revoked {t['revoked']}" if t["revoked"] else ""))

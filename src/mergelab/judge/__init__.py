@@ -13,5 +13,7 @@ Layout of a competition home (``mergelab judge init DIR``)::
 The modules: :mod:`.home` (configuration and layout), :mod:`.db` (SQLite), :mod:`.archive`
 (safe extraction), :mod:`.intake` (``submit``), :mod:`.sandbox` (limits and isolation),
 :mod:`.scoring`, :mod:`.fingerprint`, :mod:`.worker` (one judged run), :mod:`.rounds`,
-:mod:`.leaderboard`, :mod:`.similar`, :mod:`.verify`.
+:mod:`.leaderboard`, :mod:`.similar`, :mod:`.verify`; the service: :mod:`.teams` (team tokens, stored as
+scrypt hashes), :mod:`.service` (``judge serve``: FastAPI over the same intake and database),
+:mod:`.client` (``mergelab submit``).
 """

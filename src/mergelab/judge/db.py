@@ -57,6 +57,15 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     submission TEXT PRIMARY KEY,
     vector TEXT NOT NULL               -- JSON list of floats
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    key TEXT PRIMARY KEY,              -- the public part of a team token (mlj_KEY_SECRET)
+    team TEXT NOT NULL,
+    salt BLOB NOT NULL,
+    hash BLOB NOT NULL,                -- scrypt(token, salt): the token itself is never stored
+    created TEXT NOT NULL,
+    revoked TEXT
+);
+CREATE INDEX IF NOT EXISTS submissions_team ON submissions (team, received);
 CREATE TABLE IF NOT EXISTS state (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL

@@ -43,6 +43,11 @@ class Competition:
     archive_max_bytes: int = 2 << 30     # unpacked size cap of a submission
     archive_max_files: int = 1000
     archive_max_ratio: float = 200.0     # unpacked / packed size cap (zip-bomb guard)
+    # the service (`judge serve`): limits per team token
+    upload_max_bytes: int = 1 << 30      # packed size of one uploaded archive (413 above it)
+    submissions_per_day: int | None = 5  # per team and UTC day, rejected ones included (429); None = unlimited
+    requests_per_minute: int = 60        # per token, any API request or team page (429)
+    team_log_tail: bool = True           # teams see the tail of their own judged run's log
 
     @property
     def time_limit_s(self) -> float:

@@ -149,7 +149,7 @@ def check_submission(folder: Path, comp: Competition, home: Home) -> tuple[list[
 
 def submit(root: str | Path, submission: str | Path, team: str) -> Receipt:
     """Validate and store one submission (see the module doc); returns the receipt."""
-    home = Home(Path(root))
+    home = Home(Path(root).resolve())      # the judged recipe names the inputs by absolute path
     comp = home.load()
     team = team.strip()
     if not team:
