@@ -5,6 +5,7 @@ Equality with mergekit 0.1.5 is in tests/test_mergekit_compat.py."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -367,3 +368,14 @@ def test_new_methods_on_lora_experts_in_delta_space(zoo, tmp_path):
             assert set(res.routes) == {"dense-from-base"}
         else:
             assert set(res.routes) == {"dense"}, (method, res.routes)
+
+
+@pytest.mark.parametrize("method, n, message", [
+    ({"name": "wudi", "steps": -1}, 1, "method.steps: expected a whole number at least 0, got -1"),
+    ({"name": "sce", "select_topk": 2}, 1, "method.select_topk: expected a number between 0 and 1, got 2"),
+    ({"name": "nuslerp", "nuslerp_flatten": "yes"}, 2, "method.nuslerp_flatten: expected true or false, got 'yes'"),
+    ({"name": "iso_cts", "common_space_fraction": 1.5}, 1, "method.common_space_fraction: expected a number between 0 and 1"),
+])
+def test_new_method_parameters_are_checked_by_the_recipe(method, n, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_recipe({"base": {"path": "b"}, "experts": [{"path": "e"}] * n, "method": method})

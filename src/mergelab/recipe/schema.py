@@ -47,6 +47,10 @@ PARAM_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "normalize": (_BOOL, None, None), "rescale": (_BOOL, None, None),
     "filter_wise": (_BOOL, None, None), "int8_mask": (_BOOL, None, None),
     "alpha": (_NUMBER, 0.0, 1.0), "ridge": (_NUMBER, 0.0, None), "rows": (_INT, 1, None),
+    "steps": (_INT, 0, None), "lr": (_NUMBER, 0.0, None), "select_topk": (_NUMBER, 0.0, 1.0),
+    "common_space_fraction": (_NUMBER, 0.0, 1.0), "use_base": (_BOOL, None, None),
+    "normalize_weights": (_BOOL, None, None), "nuslerp_flatten": (_BOOL, None, None),
+    "nuslerp_row_wise": (_BOOL, None, None),
 }
 _MODEL_KEYS = ("path", "model", "revision")
 
