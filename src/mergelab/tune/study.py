@@ -193,6 +193,57 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
 
     splits = load_splits(section.data, section.check_fraction, section.split_seed,
                          section.rows_per_task, section.objective)
+    files = _write_splits(out_dir, splits)
+    fp = fingerprint(recipe_data, section)
+    storage_url = section.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    study_name = section.study or f"{recipe_path.stem}-{fp[:8]}"
+    st = _open_study(optuna, storage_url, study_name, fp, direction)
+    n_before = len(st.trials)
+    start = space.start_point() if section.start_from_recipe else {}
+    st.sampler = make_sampler(section.sampler, section.seed + n_before, start)
+    if start and n_before == 0:
+        st.enqueue_trial(start, user_attrs={"start": True})
+
+    say(f"loading the base {base_recipe.base} …")
+    model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
+                                                dtype=options.dtype)
+    merger = InPlaceMerger(base_recipe, model)
+    score = objective or Objective(section.objective, files, options, tokenizer, metric=section.metric)
+    say(f"study {study_name} ({len(space.dims)} parameters, {section.sampler}, {direction}) in {storage_url}; "
+        f"{n_before} earlier trial(s); in-place merge: {merger.describe()['mode']}, "
+        f"{merger.describe()['tensors']} tensors")
+
+    best_seen: list[float] = []
+    try:
+        best_seen.append(float(st.best_value))   # a continued study: the best of earlier trials
+    except ValueError:
+        pass
+
+    trial_fn = _trial_function(space, root, merger, model, score, direction, best_seen, say)
+
+    stopped_by = "trials" if section.trials is not None else "time_limit"
+    try:
+        st.optimize(trial_fn, n_trials=section.trials, timeout=section.time_limit, catch=(MergelabError,))
+        if section.time_limit is not None and time.monotonic() - t_start >= section.time_limit:
+            stopped_by = "time_limit"
+    except KeyboardInterrupt:
+        stopped_by = "interrupted"
+        say("interrupted: writing the best trial so far")
+    finally:
+        merger.restore()
+
+    result = collect(st, out_dir, study_name, storage_url, direction, section, stopped_by,
+                     time.monotonic() - t_start, len(st.trials) - n_before)
+    result.merger = merger.describe()
+    result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
+    best_dict = space.recipe_dict(result.best.values)
+    result.tuned_recipe = best_dict
+    write_outputs(result, recipe_path, section, space)
+    return result
+
+
+def _write_splits(out_dir: Path, splits) -> dict[str, list[Path]]:
+    """Each task's search and check rows written under ``out_dir/split`` (the objective reads them)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[Path]] = {"search": [], "check": []}
     for s in splits:
@@ -200,9 +251,11 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
             f = out_dir / "split" / part / s.source.name
             write_rows(f, getattr(s, part))
             files[part].append(f)
-    fp = fingerprint(recipe_data, section)
-    storage_url = section.storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-    study_name = section.study or f"{recipe_path.stem}-{fp[:8]}"
+    return files
+
+
+def _open_study(optuna, storage_url: str, study_name: str, fp: str, direction: str):
+    """The study to continue (made for this very search) or a new one."""
     try:
         st = optuna.load_study(study_name=study_name, storage=storage_url)
         known = st.user_attrs.get("fingerprint")
@@ -233,27 +286,12 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
                             hint="give an SQLAlchemy URL such as sqlite:///study.db") from None
         if st.user_attrs.get("fingerprint") is None:
             st.set_user_attr("fingerprint", fp)
-    n_before = len(st.trials)
-    start = space.start_point() if section.start_from_recipe else {}
-    st.sampler = make_sampler(section.sampler, section.seed + n_before, start)
-    if start and n_before == 0:
-        st.enqueue_trial(start, user_attrs={"start": True})
+    return st
 
 
-    say(f"loading the base {base_recipe.base} …")
-    model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
-                                                dtype=options.dtype)
-    merger = InPlaceMerger(base_recipe, model)
-    score = objective or Objective(section.objective, files, options, tokenizer, metric=section.metric)
-    say(f"study {study_name} ({len(space.dims)} parameters, {section.sampler}, {direction}) in {storage_url}; "
-        f"{n_before} earlier trial(s); in-place merge: {merger.describe()['mode']}, "
-        f"{merger.describe()['tensors']} tensors")
-
-    best_seen: list[float] = []
-    try:
-        best_seen.append(float(st.best_value))   # a continued study: the best of earlier trials
-    except ValueError:
-        pass
+def _trial_function(space: SearchSpace, root: Path, merger, model, score, direction: str,
+                    best_seen: list[float], say: Callable[[str], None]):
+    """One optuna trial: sample, merge in place, score the search and check parts, report."""
 
     def trial_fn(trial) -> float:
         t0 = time.perf_counter()
@@ -283,25 +321,7 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
             f"{'★ ' if better else ''}{shown}")
         return s
 
-    stopped_by = "trials" if section.trials is not None else "time_limit"
-    try:
-        st.optimize(trial_fn, n_trials=section.trials, timeout=section.time_limit, catch=(MergelabError,))
-        if section.time_limit is not None and time.monotonic() - t_start >= section.time_limit:
-            stopped_by = "time_limit"
-    except KeyboardInterrupt:
-        stopped_by = "interrupted"
-        say("interrupted: writing the best trial so far")
-    finally:
-        merger.restore()
-
-    result = collect(st, out_dir, study_name, storage_url, direction, section, stopped_by,
-                     time.monotonic() - t_start, len(st.trials) - n_before)
-    result.merger = merger.describe()
-    result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
-    best_dict = space.recipe_dict(result.best.values)
-    result.tuned_recipe = best_dict
-    write_outputs(result, recipe_path, section, space)
-    return result
+    return trial_fn
 
 
 def _used(rdict: dict, d) -> float:
