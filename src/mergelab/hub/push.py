@@ -154,7 +154,7 @@ class _push_errors:
             if isinstance(cause, hf.HfHubHTTPError):
                 status = cause.response.status_code if cause.response is not None else None
                 if status == 401:
-                    if get_token() is None:
+                    if not (self.client.token or get_token()):
                         return HubAccessError(f"pushing to '{repo}' needs a Hub token with write access, and none "
                                               "was found", hint="set HF_TOKEN, or log in once with `hf auth login`")
                     return HubAccessError(f"the Hub at {endpoint} rejected your token (pushing to '{repo}')",
