@@ -162,7 +162,9 @@ def test_dare_gives_the_same_bytes_whatever_the_tensor_order(zoo, tmp_path):
           b, progress=False, workers=1)
     c = tmp_path / "c"
     merge(_recipe(fz, method, seed=9), c, progress=False, workers=3)
-    assert _digest(a) == _digest(b) == _digest(c)
+    weights = lambda out: {k: v for k, v in _digest(out).items() if k != "README.md"}  # noqa: E731 (the card names the inputs' paths)
+    assert weights(a) == weights(b) == weights(c)
+    assert _digest(a) == _digest(c)
     d = tmp_path / "d"
     merge(_recipe(fz, method, seed=10), d, progress=False)
     assert _digest(a)["config.json"] == _digest(d)["config.json"]
