@@ -37,6 +37,11 @@ def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+def _weights(out) -> dict:
+    """``_digest`` without the model card (it names the inputs' paths, which these tests change)."""
+    return {k: v for k, v in _digest(out).items() if k != "README.md"}
+
+
 def _rewrite(src, dst, edit=None, order=None, shard_size="5GB", config=None):
     """Copy a model folder with its tensors edited, reordered or re-sharded."""
     state = _state(src)
@@ -162,7 +167,8 @@ def test_dare_gives_the_same_bytes_whatever_the_tensor_order(zoo, tmp_path):
           b, progress=False, workers=1)
     c = tmp_path / "c"
     merge(_recipe(fz, method, seed=9), c, progress=False, workers=3)
-    assert _digest(a) == _digest(b) == _digest(c)
+    assert _weights(a) == _weights(b) == _weights(c)
+    assert _digest(a) == _digest(c)
     d = tmp_path / "d"
     merge(_recipe(fz, method, seed=10), d, progress=False)
     assert _digest(a)["config.json"] == _digest(d)["config.json"]
@@ -218,7 +224,7 @@ def test_tied_aliases_in_experts_are_found(zoo, tmp_path):
     plain, aliased = tmp_path / "plain", tmp_path / "aliased"
     merge(_recipe(fz, "linear", n=1), plain, progress=False)
     merge(_recipe(fz, "linear", experts=[{"path": str(t5_old)}]), aliased, progress=False)
-    assert _digest(plain) == _digest(aliased)
+    assert _weights(plain) == _weights(aliased)
     assert "encoder.embed_tokens.weight" not in _state(aliased)
 
     fz = zoo["gemma"]
@@ -227,7 +233,7 @@ def test_tied_aliases_in_experts_are_found(zoo, tmp_path):
     plain, aliased = tmp_path / "gplain", tmp_path / "galiased"
     merge(_recipe(fz, "task_arithmetic", n=1), plain, progress=False)
     merge(_recipe(fz, "task_arithmetic", experts=[{"path": str(both)}]), aliased, progress=False)
-    assert _digest(plain) == _digest(aliased) and "lm_head.weight" not in _state(aliased)
+    assert _weights(plain) == _weights(aliased) and "lm_head.weight" not in _state(aliased)
 
 
 def test_untied_head_cannot_go_into_a_tied_base(zoo, tmp_path):

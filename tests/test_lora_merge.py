@@ -290,7 +290,7 @@ def test_adapter_output_is_deterministic_whatever_the_workers(zoo, tmp_path):
         merge_to_adapter(recipe, out, progress=False, workers=workers)
         digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())})
     assert digests[0] == digests[1] == digests[2]
-    assert set(digests[0]) == {"adapter_config.json", "adapter_model.safetensors", "merge_report.json"}
+    assert set(digests[0]) == {"adapter_config.json", "adapter_model.safetensors", "merge_report.json", "README.md"}
 
 
 def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):

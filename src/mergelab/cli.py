@@ -38,7 +38,7 @@ _state = {"debug": False}
 err_console = Console(stderr=True)
 
 # Subcommand modules; each defines ``register(app)``. A module that is not there yet is skipped.
-COMMAND_MODULES = ("merge", "evaluate", "run", "check", "zoo", "tune", "plan", "judge", "submit")
+COMMAND_MODULES = ("merge", "evaluate", "run", "check", "push", "zoo", "tune", "plan", "judge", "submit")
 
 
 def _version(value: bool) -> None:

@@ -130,6 +130,7 @@ class ResolvedRef:
     commit_date: datetime | None = None
     files: tuple[str, ...] = ()
     from_cache_only: bool = False  # the Hub was unreachable; a complete cached snapshot was used
+    license: str | None = None  # the licence in the Hub's model card metadata (hub refs; None: not stated)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -180,6 +181,20 @@ def select_files(files) -> list[str]:
 
 def _iso(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def card_licence(card: dict | None) -> str | None:
+    """The licence id in model card metadata, lower-cased (``other`` + ``license_name`` → that name), or None."""
+    card = card or {}
+    value = card.get("license")
+    if isinstance(value, list):
+        value = value[0] if len(value) == 1 else ", ".join(map(str, value))
+    if not value:
+        return None
+    value = str(value).strip().lower()
+    if value == "other" and card.get("license_name"):
+        return str(card["license_name"]).strip().lower()
+    return value
 
 
 def ref_fields(ref) -> tuple[str | None, str | None, str | None]:
@@ -553,11 +568,13 @@ def resolve_ref(ref, *, cache_dir: str | Path | None = None, cutoff: str | datet
         log.warning("the Hub is unreachable; using the cached snapshot of %s at %s", model, revision)
         files = tuple(sorted(p.relative_to(cached).as_posix() for p in cached.rglob("*") if p.is_file()))
         return ResolvedRef("hub", cached, model, revision, revision, None, files, from_cache_only=True)
+    licence = card_licence(info.card)
     if not download:
         return ResolvedRef("hub", None, model, info.requested_revision, info.sha, info.commit_date,
-                           tuple(select_files(info.files)))
+                           tuple(select_files(info.files)), license=licence)
     folder, files = client.download(info, cache_dir)
-    return ResolvedRef("hub", folder, model, info.requested_revision, info.sha, info.commit_date, files)
+    return ResolvedRef("hub", folder, model, info.requested_revision, info.sha, info.commit_date, files,
+                       license=licence)
 
 
 def resolve_model(ref, *, cache_dir: str | Path | None = None, cutoff: str | datetime | None = None) -> Path:

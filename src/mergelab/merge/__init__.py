@@ -20,7 +20,7 @@ __all__ = ["merge", "MergeResult", "LoraMergeResult"]
 def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
           device: str = "auto", force: bool = False, progress: bool = True,
           workers: int | None = None, exact_ties: bool = True,
-          warn: Callable[[str], None] | None = None) -> MergeResult | LoraMergeResult:
+          warn: Callable[[str], None] | None = None, card: bool = True) -> MergeResult | LoraMergeResult:
     """Merge the models of ``recipe`` (a :class:`Recipe`, a recipe file, or a dict) into ``out_dir``.
 
     ``output.format: full`` writes a Hugging Face model folder, ``lora`` one PEFT adapter. An
@@ -29,7 +29,9 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     ``exact_ties=False`` lets the adapter path take TIES' magnitude cuts from a sample.
     The output never is, holds or lies inside an input (:func:`mergelab.util.check_output_path`),
     experts of another model are refused (:func:`mergelab.merge.inputs.check_identity`; ``warn``
-    receives what cannot be checked) and NaN/Inf are refused unless ``output.allow_nonfinite``.
+    receives what cannot be checked, and the licence conflicts of the model card) and NaN/Inf are
+    refused unless ``output.allow_nonfinite``. ``card`` writes the model card ``README.md``
+    (:mod:`mergelab.merge.card`: Hub front matter, inputs, licence, method, recipe).
     """
     if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too
         check_output_path(out_dir, [recipe])
@@ -37,5 +39,6 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
         recipe = load_recipe(recipe)
     if recipe.output.format == "lora":
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
-                                workers=workers, exact_ties=exact_ties, warn=warn)
-    return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers, warn=warn)
+                                workers=workers, exact_ties=exact_ties, warn=warn, card=card)
+    return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers, warn=warn,
+                      card=card)

@@ -53,6 +53,7 @@ from mergelab.util import natural_key, single_torch_thread
 from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
 from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, input_paths, open_inputs
 from mergelab.merge.statistics import data_statistics
+from mergelab.merge.card import write_merge_card
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 
 REPORT_NAME = "merge_report.json"
@@ -288,11 +289,13 @@ def _common(values, default=None):
 
 def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
                      progress: bool = True, workers: int | None = None,
-                     exact_ties: bool = True, warn: Callable[[str], None] | None = None) -> LoraMergeResult:
+                     exact_ties: bool = True, warn: Callable[[str], None] | None = None,
+                     card: bool = True) -> LoraMergeResult:
     """Merge the recipe's LoRA experts into one PEFT adapter in ``out_dir`` (``output.format: lora``).
 
-    Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``merge_report.json`` (method,
-    inputs, and per module the route, ranks and relative reconstruction error) into a temporary
+    Writes ``adapter_config.json``, ``adapter_model.safetensors``, ``merge_report.json`` (method,
+    inputs, and per module the route, ranks and relative reconstruction error) and, with ``card``,
+    the model card ``README.md`` (:mod:`mergelab.merge.card`) into a temporary
     folder that is renamed into place at the end. Every expert must be a LoRA adapter of the base.
     ``exact_ties=False`` (or the recipe's ``output.ties_cuts: sampled``) takes TIES' magnitude
     cuts from a sample instead of a pass over every
@@ -354,6 +357,8 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
                           task_type=_common(e.adapter.task_type for e in experts),
                           dtype=dtype, base_keys=base_names, revision=recipe.base.revision)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            if card:
+                warnings += write_merge_card(tmp, recipe, base_path, expert_paths, warn)
     finally:
         for src in opened:
             src.close()

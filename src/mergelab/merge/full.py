@@ -20,7 +20,7 @@
    without the synchronisation cost of splitting small operations, and the result does not depend
    on the number of workers.
 4. **Finish**: copy config, tokenizer, generation config and chat template from the base, set the
-   config's dtype, and rename the temporary folder into place (nothing is left on error).
+   config's dtype, write the model card (:mod:`mergelab.merge.card`), and rename the temporary folder into place (nothing is left on error).
 """
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ from mergelab.util import pick_device, single_torch_thread
 from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert,
                                    input_paths, open_inputs)
 from mergelab.merge.statistics import data_statistics
+from mergelab.merge.card import write_merge_card
 
 __all__ = ["merge_full", "MergeResult"]
 
@@ -81,13 +82,15 @@ class MergeResult:
 
 def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
                progress: bool = True, workers: int | None = None,
-               warn: Callable[[str], None] | None = None) -> MergeResult:
+               warn: Callable[[str], None] | None = None, card: bool = True) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir``, a Hugging Face model folder (``output.format: full``).
 
     ``device="auto"`` uses CUDA when present. An existing ``out_dir`` is refused unless ``force``.
     ``workers`` (tensors merged at once) defaults to the number of torch threads on the CPU and 2
     on a GPU; the output bytes do not depend on it. ``warn`` receives the warnings of the identity
-    check (:func:`~mergelab.merge.inputs.check_identity`), also kept in the result. Callers go through :func:`mergelab.merge.merge`.
+    check (:func:`~mergelab.merge.inputs.check_identity`) and the model card's licence warnings, also kept
+    in the result. ``card`` writes the model card ``README.md`` (:mod:`mergelab.merge.card`); ``mergelab
+    run`` writes its own. Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -126,6 +129,8 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
             index = writer.close()
             copied = copy_model_files(base_path, tmp) if Path(base_path).is_dir() else []
             _set_config_dtype(tmp / "config.json", recipe.output.dtype)
+            if card:
+                warnings += write_merge_card(tmp, recipe, base_path, expert_paths, warn)
     finally:
         for src in opened:
             if hasattr(src, "close"):

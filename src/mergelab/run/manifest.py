@@ -137,3 +137,57 @@ def manifest_problem(data: Any) -> str | None:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ------------------------------------------------------------------------------ publishing a run
+
+#: Where `mergelab push` puts a run's own records in the Hub repo (the model itself goes at the root).
+PUSH_RUN_PREFIX = "mergelab-run/"
+#: The files and folders of a run folder that `mergelab push` uploads under PUSH_RUN_PREFIX.
+PUSH_RUN_ITEMS = (MANIFEST_NAME, "timing.json", "report.html", "eval", "finetune")
+
+
+def is_run_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds a mergelab run manifest (``mergelab run``'s output)."""
+    try:
+        read_manifest(Path(folder) / MANIFEST_NAME)
+    except ReproducibilityError:
+        return False
+    return True
+
+
+def run_push_files(run_dir: str | Path) -> dict[str, Path]:
+    """``{path in repo: local file}`` for pushing a run: ``model/`` at the repository root (a loadable
+    model with its card), and the manifest, timings, report and ``eval/`` (submissions, scores,
+    predictions) and ``finetune/`` under :data:`PUSH_RUN_PREFIX`. ``merged/`` (the model before
+    ``finetune: after_merge``) stays local."""
+    run_dir = Path(run_dir)
+
+    def files(folder: Path, prefix: str) -> dict[str, Path]:
+        return {prefix + p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
+
+    if not (run_dir / "model").is_dir():
+        raise ReproducibilityError(f"{run_dir} is a run folder without model/: the run did not get to the merge",
+                                   hint="run `mergelab run` into it again to finish it, then push")
+    out = files(run_dir / "model", "")
+    for item in PUSH_RUN_ITEMS:
+        path = run_dir / item
+        if path.is_file():
+            out[PUSH_RUN_PREFIX + item] = path
+        elif path.is_dir():
+            out |= files(path, f"{PUSH_RUN_PREFIX}{item}/")
+    return out
+
+
+def record_push(run_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``record`` (``{repo, revision, commit_url}``) as the manifest's ``push`` entry; return the manifest.
+
+    ``reproduce`` ignores the entry; a later ``mergelab run`` into the folder keeps it while the
+    outputs are the bytes that were pushed.
+    """
+    path = Path(run_dir) / MANIFEST_NAME
+    manifest = read_manifest(path)
+    manifest["push"] = dict(record)
+    write_manifest(path, manifest)
+    return manifest

@@ -43,6 +43,7 @@ from mergelab.recipe import read_recipe
 from mergelab.hub.sources import select_files, resolve_ref
 from mergelab.recipe import Recipe
 from mergelab.merge import merge
+from mergelab.merge.card import CARD_NAME, CardInput, inputs_from_records, render_card, write_card
 from mergelab.plan import get_profile, parse_budget, plan_run
 from mergelab.finetune.train import check_data_licences, train_adapter
 from mergelab.hub.rules import check_models, recipe_refs
@@ -125,10 +126,11 @@ def _stage_key(*parts: Any) -> str:
     return fingerprint({"mergelab": __version__, "parts": parts})
 
 
-def _up_to_date(previous: dict | None, name: str, key: str, folder: Path) -> bool:
+def _up_to_date(previous: dict | None, name: str, key: str, folder: Path,
+                skip: tuple[str, ...] = VOLATILE_FILES) -> bool:
     stage = (previous or {}).get("stages", {}).get(name)
     return bool(stage and stage.get("key") == key and stage.get("complete", True) and folder.is_dir()
-                and hash_tree(folder, skip=VOLATILE_FILES) == stage.get("outputs"))
+                and hash_tree(folder, skip=skip) == stage.get("outputs"))
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -197,6 +199,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     run.plan_budget()
     merged_dir = run.merge_stages()
     run.evaluate_stage(merged_dir)
+    run.card_stage()
     return run.finish()
 
 
@@ -315,9 +318,13 @@ class _Run:
 
     # ------------------------------------------------------------------------------ the stages
 
-    def skip_if_done(self, name: str, key: str, folder: Path) -> bool:
+    #: model/README.md is the run's card (:meth:`card_stage`), rewritten by every run: the merge and
+    #: fold stages hash their folder without it, so a rewritten card never makes them stale.
+    MODEL_SKIP = VOLATILE_FILES + (CARD_NAME,)
+
+    def skip_if_done(self, name: str, key: str, folder: Path, skip: tuple[str, ...] = VOLATILE_FILES) -> bool:
         """True (and the stage recorded as skipped) when the manifest says it is up to date."""
-        if not _up_to_date(self.previous, name, key, folder):
+        if not _up_to_date(self.previous, name, key, folder, skip):
             return False
         self.stages.append(StageReport(name, "skipped", 0.0, "inputs and outputs match the manifest"))
         self.records[name] = self.previous["stages"][name]
@@ -390,17 +397,17 @@ class _Run:
         extra = (self.records["finetune"]["outputs"], self.normalised["finetune"]["expert"]) \
             if self.finetune is not None and not after else None
         key = _stage_key(merge_part, self.inputs, *([extra] if extra else []))
-        if self.skip_if_done("merge", key, merged_dir):
+        if self.skip_if_done("merge", key, merged_dir, self.MODEL_SKIP):
             return
         if self.deadline is not None and time.monotonic() > self.deadline:
             self.loud("the deadline passed before the merge; merging anyway so that a submission can be written")
         self.say(f"merging with {self.recipe.method.name}")
         t0 = time.perf_counter()
         result = merge(self.merge_recipe(), merged_dir, device=self.device, force=True, progress=not self.quiet,
-                       warn=self.loud)
+                       warn=self.loud, card=False)
         self.timings["merge"] = time.perf_counter() - t0
         self.stages.append(StageReport("merge", "ran", self.timings["merge"], str(getattr(result, "method", ""))))
-        self.finished("merge", {"key": key, "outputs": hash_tree(merged_dir, skip=VOLATILE_FILES),
+        self.finished("merge", {"key": key, "outputs": hash_tree(merged_dir, skip=self.MODEL_SKIP),
                                 "seconds": self.timings["merge"]})
 
     def fold_stage(self, merged_dir: Path) -> None:
@@ -408,17 +415,17 @@ class _Run:
         model_dir = self.out_dir / MODEL_DIR
         key = _stage_key(self.records["merge"]["outputs"], self.records["finetune"]["outputs"],
                          self.normalised["output"])
-        if self.skip_if_done("fold", key, model_dir):
+        if self.skip_if_done("fold", key, model_dir, self.MODEL_SKIP):
             return
         self.say("folding the trained adapter into the merged model")
         t0 = time.perf_counter()
         fold = {"base": {"path": str(merged_dir)},
                 "experts": [{"path": str(self.out_dir / FINETUNE_DIR), "weight": 1.0}],
                 "method": {"name": "task_arithmetic"}, "output": self.normalised["output"]}
-        merge(fold, model_dir, device=self.device, force=True, progress=not self.quiet)
+        merge(fold, model_dir, device=self.device, force=True, progress=not self.quiet, card=False)
         self.timings["fold"] = time.perf_counter() - t0
         self.stages.append(StageReport("fold", "ran", self.timings["fold"], "W + ΔW of the trained adapter"))
-        self.finished("fold", {"key": key, "outputs": hash_tree(model_dir, skip=VOLATILE_FILES),
+        self.finished("fold", {"key": key, "outputs": hash_tree(model_dir, skip=self.MODEL_SKIP),
                                "seconds": self.timings["fold"]})
 
     def evaluate_stage(self, model_dir: Path) -> None:
@@ -465,6 +472,23 @@ class _Run:
                                "seconds": self.timings["eval"], "data": data_hashes,
                                "complete": bool(scores.get("complete", True)), "rows_not_reached": missed})
 
+    def card_stage(self) -> None:
+        """Write the run's model card ``model/README.md``: pinned recipe, inputs and licences, rule
+        check and scores (:mod:`mergelab.merge.card`). Rewritten by every run (same inputs, same
+        bytes), after evaluation; recorded as the ``card`` output."""
+        inputs = inputs_from_records(self.models)
+        if self.finetune is not None and self.finetune.when == "before_merge":
+            inputs.append(CardInput(f"expert {len(inputs)}", path=f"{FINETUNE_DIR}/ (the adapter this run trained)"))
+        rules = self.rule_report.to_dict() if self.rule_report is not None else "--no-rules"
+        scores_file = self.out_dir / EVAL_DIR / "scores.json"
+        scores = json.loads(scores_file.read_text()) if self.eval_section is not None and scores_file.is_file() else None
+        text, warnings = render_card(inputs, self.normalised, method=self.recipe.method.name,
+                                     output_format=self.recipe.output.format, rules=rules, scores=scores)
+        for w in warnings:
+            self.loud(w)
+        card = write_card(self.out_dir / MODEL_DIR, text)
+        self.records["card"] = {"outputs": {CARD_NAME: sha256_file(card)}}
+
     # ------------------------------------------------------------------------------ the record
 
     def budget_record(self) -> dict:
@@ -489,6 +513,7 @@ class _Run:
         after = self._merge_to_merged()
         final = self.records.get("fold" if after else "merge", {}).get("outputs", {})
         outputs = {f"{MODEL_DIR}/{k}": v for k, v in final.items()}
+        outputs |= {f"{MODEL_DIR}/{k}": v for k, v in self.records.get("card", {}).get("outputs", {}).items()}
         if after:
             outputs |= {f"{MERGED_DIR}/{k}": v for k, v in self.records.get("merge", {}).get("outputs", {}).items()}
         if self.finetune is not None:
@@ -518,6 +543,9 @@ class _Run:
             manifest["budget"] = budget
         if self.warnings:
             manifest["warnings"] = self.warnings
+        pushed = (self.previous or {}).get("push")
+        if finished and pushed and self.previous.get("outputs") == manifest["outputs"]:
+            manifest["push"] = pushed   # `mergelab push` of these very bytes: still true
         return manifest
 
     def _merge_to_merged(self) -> bool:

@@ -11,6 +11,22 @@ reading safetensors headers)::
     HEAD /{repo}/resolve/{rev}/{file}            file metadata (X-Repo-Commit, ETag, X-Linked-*)
     GET  /{repo}/resolve/{rev}/{file}            file bytes, honouring ``Range: bytes=a-b``
 
+and the upload API that ``HfApi.create_repo`` / ``create_branch`` / ``create_commit`` /
+``upload_folder`` call (a token is needed; ``writers`` says which namespaces a token may write)::
+
+    POST /api/repos/create                       a new repo with the Hub's first commit (.gitattributes); 409 if it exists
+    POST /api/models/{repo}/branch/{branch}      a branch at main (or ``startingPoint``); 409 if it exists
+    POST /api/validate-yaml                      the README front matter: a mapping, ``base_model`` repo ids
+    POST /api/models/{repo}/preupload/{rev}      per file: ``regular`` or ``lfs`` (binary, an LFS suffix, or
+                                                 ≥ 10 MB) and the oid of the file already there
+    POST /{repo}.git/info/lfs/objects/batch      LFS batch API (basic transfer): an upload action per new object
+    PUT  /lfs-upload/{sha256}                    the object's bytes (checked against its sha256), no token, like S3
+    POST /api/models/{repo}/commit/{rev}         ndjson: header, file (base64), lfsFile (an uploaded oid),
+                                                 deletedFile / deletedFolder → a new commit on that branch
+
+Uploads go through LFS, not Xet: :meth:`HubSim.environ` sets ``HF_HUB_DISABLE_XET`` (the real Hub
+takes both; the Xet protocol talks to a separate storage service this imitation does not have).
+
 Errors have the Hub's shape: status 401/403/404 with an ``X-Error-Code`` header
 (``RepoNotFound``, ``RevisionNotFound``, ``EntryNotFound``, ``GatedRepo``) that ``huggingface_hub``
 turns into its typed exceptions. :meth:`HubSim.set_fault` makes the server hang (to test
@@ -25,11 +41,13 @@ Usage::
     with HubSim([repo]) as hub, hub.environ(cache_dir=tmp_path / "cache"):
         huggingface_hub.HfApi().model_info("org/model")       # talks to 127.0.0.1
 
-Repositories have a linear history (``Commit`` objects oldest first, each holding the complete
-file set at that commit); branches and tags (``refs``) name a commit by its index.
+Repositories keep their commits in a list (oldest first, each holding the complete file set at that
+commit); a commit's parent is the one before it unless ``parent`` names another index (a commit on
+a branch); branches and tags (``refs``) name a commit by its index.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -121,6 +139,7 @@ class Commit:
     date: str | datetime
     title: str = "Upload files"
     sha: str = ""  # filled in by Repo (deterministic)
+    parent: int | None = None  # index of the parent commit (None: the one before)
 
 
 @dataclass
@@ -154,6 +173,28 @@ class Repo:
         self.created_at = _utc(self.created_at) if self.created_at else self.commits[0].date
         self.refs = {"main": len(self.commits) - 1, **self.refs}
 
+    def history(self, index: int) -> list[Commit]:
+        """The commits reachable from commit ``index``, newest first."""
+        out = []
+        while index is not None and index >= 0:
+            out.append(self.commits[index])
+            parent = self.commits[index].parent
+            index = index - 1 if parent is None else parent
+        return out
+
+    def add_commit(self, branch: str, files: dict[str, bytes], title: str) -> Commit:
+        """Append a commit holding ``files`` on ``branch`` (dated now) and move the branch to it."""
+        parent = self.refs[branch]
+        commit = Commit(files, date=datetime.now(timezone.utc), title=title, parent=parent)
+        index = len(self.commits)
+        digest = hashlib.sha1(f"{self.repo_id}\0{index}\0{commit.date.isoformat()}\0{title}".encode())
+        for name in sorted(files):
+            digest.update(f"\0{name}\0{git_blob_sha1(files[name])}".encode())
+        commit.sha = digest.hexdigest()
+        self.commits.append(commit)
+        self.refs[branch] = index
+        return commit
+
     def commit_index(self, revision: str) -> int | None:
         """The index of the commit a branch, tag or full sha names (None if it names none)."""
         if revision in self.refs:
@@ -178,11 +219,16 @@ class HubSim:
     credentials". ``page_size`` is the page length of the commit and tree listings.
     """
 
-    def __init__(self, repos: Iterable[Repo] = (), *, tokens: Iterable[str] = (), page_size: int = 50):
+    def __init__(self, repos: Iterable[Repo] = (), *, tokens: Iterable[str] = (), page_size: int = 50,
+                 writers: Mapping[str, Iterable[str]] | None = None):
         self.repos: dict[str, Repo] = {}
         for repo in repos:
             self.add(repo)
         self.tokens = set(tokens)
+        # token -> namespaces it may create repos in and push to (None: every valid token, everywhere)
+        self.writers = None if writers is None else {t: set(ns) for t, ns in writers.items()}
+        self.lfs: dict[str, bytes] = {}  # uploaded LFS objects by sha256
+        self._lock = threading.Lock()
         self.page_size = page_size
         self.requests: list[LoggedRequest] = []
         self._fault: tuple[str, str | None] | None = None
@@ -208,6 +254,11 @@ class HubSim:
             raise ValueError(f"unknown fault {kind!r}")
         self._fault = None if kind is None else (kind, path_contains)
         self.trickle_interval = interval
+
+    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
+        """The files of ``repo_id`` at ``revision`` (to check what a push left there)."""
+        repo = self.repos[repo_id]
+        return dict(repo.commits[repo.commit_index(revision)].files)
 
     @property
     def url(self) -> str:
@@ -253,8 +304,9 @@ class HubSim:
         """
         from huggingface_hub import constants
 
-        saved_env = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE")}
-        names = ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_OFFLINE", "HF_HUB_CACHE")
+        saved_env = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE",
+                                                     "HF_HUB_DISABLE_XET")}
+        names = ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HUB_DISABLE_XET")
         saved_constants = {k: getattr(constants, k) for k in names}
         os.environ["HF_ENDPOINT"] = self.url
         os.environ["HF_HUB_OFFLINE"] = "0"
@@ -262,6 +314,8 @@ class HubSim:
         constants.ENDPOINT = self.url
         constants.HUGGINGFACE_CO_URL_TEMPLATE = self.url + "/{repo_id}/resolve/{revision}/{filename}"
         constants.HF_HUB_OFFLINE = False
+        os.environ["HF_HUB_DISABLE_XET"] = "1"   # uploads through LFS (see the module doc)
+        constants.HF_HUB_DISABLE_XET = True
         if cache_dir is not None:
             os.environ["HF_HUB_CACHE"] = str(cache_dir)
             constants.HF_HUB_CACHE = str(cache_dir)
@@ -296,6 +350,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._dispatch("HEAD")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
 
     # -- plumbing ------------------------------------------------------------------------------
     def _dispatch(self, method: str) -> None:
@@ -339,7 +399,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, method: str, path: str, query: dict) -> None:
         try:
             segments = [unquote(s) for s in path.strip("/").split("/")]
-            if segments[:2] == ["api", "models"] and method == "GET":
+            if method in ("POST", "PUT"):
+                self._write(method, segments)
+            elif segments[:2] == ["api", "models"] and method == "GET":
                 self._api(segments[2:], query)
             elif "resolve" in segments:
                 self._resolve(method, segments)
@@ -412,7 +474,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif kind == "tree":
             self._paged(self._tree(commit, path, query.get("recursive", ["false"])[0].lower() == "true"), query)
         elif kind == "commits":
-            history = repo.commits[: repo.commits.index(commit) + 1][::-1]
+            history = repo.history(repo.commit_index(revision))
             self._paged([{"id": c.sha, "title": c.title, "message": "", "date": _iso(c.date),
                           "authors": [{"user": "hubsim"}]} for c in history], query)
         else:
@@ -482,6 +544,163 @@ class _Handler(BaseHTTPRequestHandler):
         if prefix and not entries:
             raise _Answer(404, f"{path} does not exist", "EntryNotFound")
         return entries
+
+    # -- uploads -----------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        """The request body (Content-Length or chunked transfer encoding)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _writer(self, namespace: str) -> str:
+        """The token of a request that may write into ``namespace`` (401 without a valid one, 403 elsewhere)."""
+        sim = self.sim
+        auth = self.headers.get("Authorization")
+        token = auth.split(" ", 1)[1] if auth and " " in auth else None
+        if token is None or token not in sim.tokens:
+            raise _Answer(401, "Invalid credentials in Authorization header" if token else
+                          "You must be authenticated to write (no token sent)")
+        if sim.writers is not None and namespace not in sim.writers.get(token, set()):
+            raise _Answer(403, f"You don't have the rights to write to {namespace}: your token may not write there")
+        return token
+
+    def _write(self, method: str, segments: list[str]) -> None:
+        body = self._body()
+        if method == "PUT" and segments[0] == "lfs-upload" and len(segments) == 2:
+            if hashlib.sha256(body).hexdigest() != segments[1]:
+                raise _Answer(400, "the uploaded bytes do not match their sha256")
+            with self.sim._lock:
+                self.sim.lfs[segments[1]] = body
+            return self._send(200, b"", "text/plain")
+        if method != "POST":
+            raise _Answer(404, "Not Found")
+        if segments == ["api", "validate-yaml"]:
+            return self._validate_yaml(json.loads(body))
+        if segments == ["api", "repos", "create"]:
+            return self._create_repo(json.loads(body))
+        if len(segments) >= 5 and segments[-4:-1] == ["info", "lfs", "objects"] and segments[-1] == "batch":
+            repo_id = "/".join(segments[:-4])
+            repo_id = repo_id[:-4] if repo_id.endswith(".git") else repo_id
+            return self._lfs_batch(repo_id, json.loads(body))
+        if segments[:2] == ["api", "models"] and len(segments) >= 6 and segments[4] in ("preupload", "commit", "branch"):
+            repo_id, kind, revision = "/".join(segments[2:4]), segments[4], "/".join(segments[5:])
+            repo = self._writable(repo_id)
+            with self.sim._lock:
+                if kind == "branch":
+                    return self._create_branch(repo, revision, json.loads(body or b"{}"))
+                self._commit(repo, revision)    # 404 RevisionNotFound for a branch that is not there
+                if kind == "preupload":
+                    return self._preupload(repo, revision, json.loads(body))
+                return self._new_commit(repo, revision, body)
+        raise _Answer(404, "Not Found")
+
+    def _writable(self, repo_id: str) -> Repo:
+        self._writer(repo_id.split("/")[0])
+        repo = self.sim.repos.get(repo_id)
+        if repo is None:
+            raise _Answer(404, "Repository not found", "RepoNotFound")
+        return repo
+
+    def _validate_yaml(self, payload: dict) -> None:
+        text = payload.get("content", "")
+        errors = []
+        card = _front_matter(text.encode()) if text.startswith("---") else {}
+        if card is None:
+            errors.append({"message": "the YAML front matter is not a mapping"})
+        else:
+            bases = card.get("base_model") or []
+            for base in bases if isinstance(bases, list) else [bases]:
+                if not (isinstance(base, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", base)):
+                    errors.append({"message": f"base_model: {base!r} is not a model id (namespace/name)"})
+        status = 400 if errors else 200
+        self._send(status, json.dumps({"errors": errors, "warnings": []}).encode(), "application/json")
+
+    def _create_repo(self, payload: dict) -> None:
+        namespace, name = payload.get("organization"), payload.get("name")
+        if not namespace or not name:
+            raise _Answer(400, "a repo needs a namespace (the imitation has no default user)")
+        self._writer(namespace)
+        repo_id = f"{namespace}/{name}"
+        with self.sim._lock:
+            if repo_id in self.sim.repos:   # the Hub's 409 names the repo's URL too
+                body = {"error": "You already created this model repo", "url": f"{self.sim.url}/{repo_id}"}
+                return self._send(409, json.dumps(body).encode(), "application/json",
+                                  {"X-Error-Message": body["error"]})
+            private = payload.get("visibility", "public") == "private" or bool(payload.get("private"))
+            files = {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+                                      b"*.bin filter=lfs diff=lfs merge=lfs -text\n"}
+            self.sim.add(Repo(repo_id, [Commit(files, date=datetime.now(timezone.utc), title="initial commit")],
+                              private=private))
+        self._json({"url": f"{self.sim.url}/{repo_id}", "name": repo_id})
+
+    def _create_branch(self, repo: Repo, branch: str, payload: dict) -> None:
+        if branch in repo.refs:
+            raise _Answer(409, f"Reference refs/heads/{branch} already exists")
+        if branch.startswith("refs/"):
+            raise _Answer(400, f"Invalid reference for a branch: {branch}")
+        start = repo.commit_index(payload.get("startingPoint") or "main")
+        if start is None:
+            raise _Answer(404, f"Invalid rev id: {payload.get('startingPoint')}", "RevisionNotFound")
+        repo.refs[branch] = start
+        self._json({})
+
+    def _preupload(self, repo: Repo, revision: str, payload: dict) -> None:
+        current = self._commit(repo, revision).files
+        files = []
+        for f in payload.get("files", []):
+            sample = base64.b64decode(f.get("sample", ""))
+            lfs = f["path"].endswith(LFS_SUFFIXES) or f.get("size", 0) >= 10 * 1024 * 1024 or b"\0" in sample
+            old = current.get(f["path"])
+            oid = None if old is None else (hashlib.sha256(old).hexdigest() if lfs else git_blob_sha1(old))
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
+                          "oid": oid})
+        self._json({"files": files, "commitOid": self._commit(repo, revision).sha})
+
+    def _lfs_batch(self, repo_id: str, payload: dict) -> None:
+        self._writable(repo_id)
+        objects = []
+        for obj in payload.get("objects", []):
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.sim.lfs:
+                entry["actions"] = {"upload": {"href": f"{self.sim.url}/lfs-upload/{obj['oid']}", "header": {}}}
+            objects.append(entry)
+        self._send(200, json.dumps({"transfer": "basic", "objects": objects}).encode(),
+                   "application/vnd.git-lfs+json")
+
+    def _new_commit(self, repo: Repo, branch: str, body: bytes) -> None:
+        lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        if not lines or lines[0].get("key") != "header":
+            raise _Answer(400, "a commit starts with its header line")
+        if branch not in repo.refs or branch in ("refs/pr",):
+            raise _Answer(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+        files = dict(repo.commits[repo.refs[branch]].files)
+        for line in lines[1:]:
+            key, value = line.get("key"), line.get("value", {})
+            if key == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif key == "lfsFile":
+                data = self.sim.lfs.get(value["oid"])
+                if data is None or len(data) != value.get("size"):
+                    raise _Answer(422, f"LFS object {value['oid']} of {value['path']} was not uploaded")
+                files[value["path"]] = data
+            elif key == "deletedFile":
+                if files.pop(value["path"], None) is None:
+                    raise _Answer(404, f"A file with this name doesn't exist: {value['path']}", "EntryNotFound")
+            elif key == "deletedFolder":
+                prefix = value["path"].rstrip("/") + "/"
+                files = {k: v for k, v in files.items() if not k.startswith(prefix)}
+            else:
+                raise _Answer(400, f"unknown commit operation {key!r}")
+        commit = repo.add_commit(branch, files, lines[0]["value"].get("summary") or "Upload files")
+        self._json({"success": True, "commitOid": commit.sha, "pullRequestUrl": None,
+                    "commitUrl": f"{self.sim.url}/{repo.repo_id}/commit/{commit.sha}"})
 
     def _resolve(self, method: str, segments: list[str]) -> None:
         at = segments.index("resolve")
