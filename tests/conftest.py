@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -23,3 +24,13 @@ def zoo(tmp_path_factory):
     from mergelab.testing import build_families
 
     return build_families(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture
+def llama(zoo, tmp_path):
+    """``(base, [expert 0, expert 1])``: a private copy of the llama fixture, for tests that change
+    input files or name them in their outputs."""
+    fz = zoo["llama"]
+    base = shutil.copytree(fz.base, tmp_path / "base")
+    experts = [shutil.copytree(e, tmp_path / f"e{i}") for i, e in enumerate(fz.experts[:2])]
+    return base, experts

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -16,20 +15,9 @@ from mergelab.hub.push import push_folder
 from mergelab.hub.sources import HubAccessError, HubNotFoundError, HubUnreachableError
 from mergelab.merge import merge
 from mergelab.run.pipeline import run_recipe
-from mergelab.testing import make_lora
+from mergelab.testing import make_lora, tree_bytes
 from mergelab.testing.hubsim import Commit, HubSim, Repo, files_from_folder
 
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def llama(zoo, tmp_path):
-    fz = zoo["llama"]
-    base = shutil.copytree(fz.base, tmp_path / "base")
-    experts = [shutil.copytree(e, tmp_path / f"e{i}") for i, e in enumerate(fz.experts[:2])]
-    return base, experts
 
 
 def test_card_of_local_inputs_derives_the_licence_and_warns_on_a_conflict(llama, tmp_path):
@@ -98,7 +86,7 @@ def test_hub_inputs_are_the_base_models_and_a_push_downloads_back_equal(hub, zoo
     first = push_folder(out, "me/merged")
     assert first.changed and first.commit_url.endswith(f"/me/merged/commit/{first.commit_sha}")
     back = Path(snapshot_download("me/merged", revision=first.commit_sha, cache_dir=tmp_path / "dl"))
-    assert {k: v for k, v in tree(back).items() if k != ".gitattributes"} == tree(out)
+    assert {k: v for k, v in tree_bytes(back).items() if k != ".gitattributes"} == tree_bytes(out)
     assert ModelCard.load(back / "README.md").data.base_model == ["org/base", "org/expert"]
     assert any(r.method == "PUT" and r.path.startswith("/lfs-upload/") for r in hub.requests)   # weights via LFS
 
@@ -109,7 +97,7 @@ def test_hub_inputs_are_the_base_models_and_a_push_downloads_back_equal(hub, zoo
     second = push_folder(out, "me/merged")
     assert second.changed and second.commit_sha != first.commit_sha
     assert hub.repos["me/merged"].history(hub.repos["me/merged"].refs["main"])[1].sha == first.commit_sha
-    assert {k for k in hub.files("me/merged") if k != ".gitattributes"} == set(tree(out))   # deletions too
+    assert {k for k in hub.files("me/merged") if k != ".gitattributes"} == set(tree_bytes(out))   # deletions too
     branch = push_folder(out, "me/merged", revision="v2")
     assert hub.files("me/merged", "v2") == hub.files("me/merged") and branch.revision == "v2"
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mergelab.cli import main
 from mergelab.errors import RecipeError
 from mergelab.run.pipeline import OutputsDifferError, reproduce, run_recipe
-from mergelab.testing import write_mixed_csv
+from mergelab.testing import write_mixed_csv, tree_bytes
 
 
 def write_recipe(folder: Path, base: Path, experts: list[Path], **extra) -> Path:
@@ -27,18 +26,6 @@ def write_recipe(folder: Path, base: Path, experts: list[Path], **extra) -> Path
     path.write_text(yaml.safe_dump(recipe))
     return path
 
-
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def llama(zoo, tmp_path):
-    """A private copy of the llama fixture (tests below change input files)."""
-    fz = zoo["llama"]
-    base = shutil.copytree(fz.base, tmp_path / "base")
-    experts = [shutil.copytree(e, tmp_path / f"e{i}") for i, e in enumerate(fz.experts[:2])]
-    return base, experts
 
 
 def test_two_runs_give_identical_bytes_and_a_full_manifest(llama, tmp_path):

@@ -45,13 +45,13 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.lowrank import LowRank, concat, lowrank_approx, truncate
-from mergelab.io.adapter import (LoraExpertSource, OutputModule, is_adapter_dir, open_lora_expert, write_adapter)
-from mergelab.methods import MethodParams, MethodSpec, get_method
+from mergelab.io.adapter import (LoraExpertSource, OutputModule, open_lora_expert, write_adapter)
+from mergelab.methods import MethodParams, MethodSpec
 from mergelab.progress import ProgressBar
 from mergelab.recipe import layer_depths
 from mergelab.util import natural_key, single_torch_thread
-from mergelab.util import atomic_output_dir, check_output_dir, check_output_path, pick_device
-from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, input_paths, open_inputs
+from mergelab.util import atomic_output_dir
+from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs
 from mergelab.merge.statistics import data_statistics
 from mergelab.merge.card import write_merge_card
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
@@ -306,20 +306,9 @@ def merge_to_adapter(recipe, out_dir: str | os.PathLike, *, device: str = "auto"
     t0 = time.perf_counter()
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    out_dir = Path(out_dir)
-    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
-    check_output_dir(out_dir, force)
-    dev = pick_device(device)
-    spec = get_method(recipe.method.name)
-    base_path = recipe.base.resolve()
-    expert_paths = [Path(e.resolve()) for e in recipe.experts]
-    for i, path in enumerate(expert_paths):
-        if not is_adapter_dir(path):
-            raise RecipeError(
-                f"experts[{i}] ({path}): output format lora needs every expert to be a LoRA adapter, "
-                "and this is not one (no adapter_config.json)",
-                hint="use output format full to merge full fine-tunes, alone or mixed with LoRA adapters")
-    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
+    inputs = prepare_inputs(recipe, out_dir, force=force, device=device, adapters_only=True)
+    out_dir, dev, spec = inputs.out_dir, inputs.device, inputs.spec
+    base_path, expert_paths = inputs.base_path, inputs.expert_paths
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened, open_lora_expert)

@@ -38,14 +38,13 @@ from typing import Callable
 import torch
 
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
-from mergelab.util import atomic_output_dir, check_output_dir, check_output_path
+from mergelab.util import atomic_output_dir
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodSpec, get_method
+from mergelab.methods import MethodSpec
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
-from mergelab.util import pick_device, single_torch_thread
-from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert,
-                                   input_paths, open_inputs)
+from mergelab.util import single_torch_thread
+from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs)
 from mergelab.merge.statistics import data_statistics
 from mergelab.merge.card import write_merge_card
 
@@ -93,15 +92,9 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
     run`` writes its own. Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
-    out_dir = Path(out_dir)
-    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
-    check_output_dir(out_dir, force)
-    dev = pick_device(device)
-    spec = get_method(recipe.method.name)
-
-    base_path = recipe.base.resolve()
-    expert_paths = [e.resolve() for e in recipe.experts]
-    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
+    inputs = prepare_inputs(recipe, out_dir, force=force, device=device)
+    out_dir, dev, spec = inputs.out_dir, inputs.device, inputs.spec
+    base_path, expert_paths = inputs.base_path, inputs.expert_paths
     opened: list = []
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)

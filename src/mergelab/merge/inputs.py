@@ -12,12 +12,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from mergelab.errors import ModelMismatchError, NonFiniteError, ShapeMismatchError
-from mergelab.io.adapter import open_lora_expert
+from mergelab.errors import ModelMismatchError, NonFiniteError, RecipeError, ShapeMismatchError
+from mergelab.io.adapter import is_adapter_dir, open_lora_expert
 from mergelab.io.checkpoint import CheckpointReader, TensorSource
-from mergelab.methods import MethodSpec
+from mergelab.methods import MethodSpec, get_method
 from mergelab.recipe import Recipe, layer_of
-from mergelab.util import natural_key
+from mergelab.util import check_output_dir, check_output_path, natural_key, pick_device
 
 
 class MissingTensorError(ShapeMismatchError):
@@ -337,3 +337,36 @@ def input_paths(recipe: Recipe, base_path=None, expert_paths: Sequence = ()) -> 
     paths += [Path(r.path) for r in (recipe.base, *recipe.experts) if r.path is not None]
     paths += [Path(f) for e in recipe.experts for f in (e.data or [])]
     return paths
+
+
+@dataclass
+class MergeInputs:
+    """What both merge paths settle before opening anything: the device, the method, and every
+    input resolved to a local folder (Hub references fetched), the output checked against them."""
+
+    out_dir: Path
+    device: torch.device
+    spec: MethodSpec
+    base_path: Path
+    expert_paths: list[Path]
+
+
+def prepare_inputs(recipe: Recipe, out_dir, *, force: bool, device: str, adapters_only: bool = False) -> MergeInputs:
+    """Check the output (never an input, nor holding or inside one; existing only with ``force``)
+    before and after the Hub is asked, choose the device and the method, resolve the models.
+    ``adapters_only`` (the adapter output) refuses an expert that is not a LoRA adapter."""
+    out_dir = Path(out_dir)
+    check_output_path(out_dir, input_paths(recipe))   # before the Hub is asked
+    check_output_dir(out_dir, force)
+    dev = pick_device(device)
+    spec = get_method(recipe.method.name)
+    base_path = Path(recipe.base.resolve())
+    expert_paths = [Path(e.resolve()) for e in recipe.experts]
+    for i, path in enumerate(expert_paths if adapters_only else ()):
+        if not is_adapter_dir(path):
+            raise RecipeError(
+                f"experts[{i}] ({path}): output format lora needs every expert to be a LoRA adapter, "
+                "and this is not one (no adapter_config.json)",
+                hint="use output format full to merge full fine-tunes, alone or mixed with LoRA adapters")
+    check_output_path(out_dir, input_paths(recipe, base_path, expert_paths))
+    return MergeInputs(out_dir, dev, spec, base_path, expert_paths)

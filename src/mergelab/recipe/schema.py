@@ -1,22 +1,11 @@
-"""The recipe file: what to merge, how, and where the result goes.
-
-A recipe is YAML (or JSON) validated by the pydantic models below; see ``docs/recipe.md``::
-
-    base: {path: ./base}                    # or {model: org/name, revision: <commit>}
-    experts:
-      - {path: ./expert_a, weight: 1.0, density: 0.5}
-      - {path: ./expert_b, weight: 0.7}
-    method: {name: ties, density: 0.2, lambda: 1.0}
-    output: {dtype: bfloat16}
-    seed: 0
+"""The recipe's merge schema (pydantic): models, method, output, seed — and the value rules of
+the methods' parameters.
 
 A parameter is a scalar, a list spread across the layers (``[0, 0.5, 1]``: the first value at
 the first layer, the last at the last, linear in between), or a list of ``{filter, value}``
-entries whose first match (substring of the tensor name; no filter = any) applies. A mergekit
-YAML config (it has ``merge_method``) is accepted as it is and translated.
-
-A wrong recipe raises :class:`~mergelab.errors.RecipeError` naming the key path
-(``experts[1].weight``), the value, and what is expected.
+entries whose first match (substring of the tensor name; no filter = any) applies. A wrong recipe
+raises :class:`~mergelab.errors.RecipeError` naming the key path (``experts[1].weight``), the
+value, and what is expected. The example recipe is in :mod:`mergelab.recipe`.
 """
 from __future__ import annotations
 

@@ -248,3 +248,9 @@ def write_mixed_csv(path: str | Path, n: int, *, choice_input: str, choices: lis
             rows.append({"id": str(i), "input": gen_input.format(i=i), "target": gen_target.format(i=i),
                          "answer_choices": "", "eval_type": "generation"})
     return write_csv(path, rows)
+
+
+def tree_bytes(folder: str | Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by its relative path, with its bytes (to compare output folders)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
