@@ -7,6 +7,9 @@ from typing import Any, Callable, Sequence
 #: The width of a console that is not a terminal (a pipe, a file, a log, a test's capture): tables
 #: are laid out for it (they take only the width their cells need); text is never wrapped at all.
 PLAIN_WIDTH = 240
+#: The width of the tables printed as plain text (``judge leaderboard``, ``judge similar``): a
+#: usual terminal's, whatever the output is; they wrap by columns or lines to stay within it.
+TEXT_WIDTH = 80
 
 
 def make_console(stderr: bool = False):

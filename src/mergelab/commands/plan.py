@@ -24,8 +24,11 @@ def print_plan(plan, console) -> None:
                      f"beyond FLOPs), model load {p['load_s']:.2f} s")
         console.print(escape(line), highlight=False)
     table = Table(title=f"plan on {hw.label} — budget {_time(plan.budget_s)}", title_justify="left")
-    for col, justify in (("stage", "left"), ("time", "right"), ("peak memory", "right"), ("detail", "left")):
-        table.add_column(col, justify=justify)
+    # stage names, times and sizes stay whole on one line; the detail wraps (a path in it folds)
+    table.add_column("stage", no_wrap=True)
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("peak memory", justify="right", no_wrap=True)
+    table.add_column("detail", overflow="fold")
     for s in plan.stages:
         over = s.peak_memory > hw.memory
         mem = fmt_bytes(s.peak_memory)

@@ -76,7 +76,11 @@ def register(app: typer.Typer) -> None:
 
         from mergelab.zoo.tasks import TASKS
 
-        table = Table("task", "type", "skill", "training steps")
+        table = Table(caption="steps: LoRA training steps of the task's expert", caption_justify="left")
+        table.add_column("task", overflow="fold")
+        table.add_column("type", no_wrap=True)
+        table.add_column("skill")   # wraps at spaces
+        table.add_column("steps", justify="right", no_wrap=True)
         for t in TASKS.values():
             table.add_row(t.name, t.eval_type, t.skill, str(t.steps))
         make_console().print(table)

@@ -454,17 +454,21 @@ def recipe_refs(recipe) -> list[tuple[str, Any]]:
 
 
 def report_table(report: Report):
-    """The report as a rich table: one row per model and rule."""
+    """The report as a rich table: one row per model and rule.
+
+    Nothing is cut: a model's reference (a Hub id with its revision, or a path) folds onto more
+    lines when its column is narrow, reasons wrap at spaces; rule and status names stay whole.
+    """
     from rich.markup import escape
     from rich.table import Table
 
     colours = {OK: "green", WARN: "yellow", VIOLATION: "bold red", UNVERIFIABLE: "magenta"}
     table = Table(title=f"Competition rules: cut-off {_iso(report.cutoff)}, at most "
                         f"{format_limit(report.max_params)} parameters", title_justify="left")
-    table.add_column("model", overflow="fold", max_width=36)
+    table.add_column("model", overflow="fold")
     table.add_column("rule", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    table.add_column("reason", overflow="fold", ratio=1)
+    table.add_column("reason", overflow="fold")
     previous = None
     for f in report.findings:
         first = (f.model, f.role) != previous

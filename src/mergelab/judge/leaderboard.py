@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import html
 import json
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergelab.judge.db import connect, get_state, loads, transaction
 from mergelab.judge.home import Home
+from mergelab.progress import TEXT_WIDTH
 from mergelab.run.manifest import now_iso
 
 
@@ -87,10 +89,40 @@ def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def text(board: Board) -> str:
-    """A plain-text table (no dependence on the terminal width) plus the history by round."""
+def blocks(head: list[str], rows: list[list[str]], key: int, width: int = TEXT_WIDTH) -> list[list[str]]:
+    """Columns laid out in blocks of at most ``width`` characters, each line ``rstrip``-ed.
+
+    The first block holds as many columns as fit; each further block repeats the first ``key``
+    columns (what names a row) and takes the next columns that fit, so a wide table wraps by
+    columns and no cell is cut. A column wider than a block on its own gets a block of its own.
+    """
+    cols = [[h, *(r[i] for r in rows)] for i, h in enumerate(head)]
+    widths = [max(len(c) for c in col) for col in cols]
+
+    def line(idx: list[int]) -> int:
+        return sum(widths[i] for i in idx) + 2 * (len(idx) - 1)
+
+    out, idx, i = [], [], 0
+    while i < len(cols):
+        if idx and line(idx + [i]) > width and len(idx) > key:
+            out.append(idx)
+            idx = list(range(key))
+            continue
+        idx.append(i)
+        i += 1
+    out.append(idx)
+    return [["  ".join(cols[c][r].ljust(widths[c]) for c in b).rstrip() for r in range(len(cols[0]))] for b in out]
+
+
+def text(board: Board, width: int = TEXT_WIDTH) -> str:
+    """A plain-text table of at most ``width`` columns (the task columns wrap into further
+    blocks that repeat rank and team), plus the history by round, wrapped likewise.
+
+    The layout does not depend on the terminal: team names, submission ids and scores are never
+    cut; only a long rejection reason in the history is shortened (to three lines).
+    """
     head = ["rank", "team", "submission", "round", "public"] + (["private"] if board.show_private else [])
-    head += [f"{t} (public)" for t in board.tasks]
+    head += list(board.tasks)
     lines = []
     for r in board.rows:
         cells = [str(r["rank"]), r["team"], r["submission"][:12], str(r["round"]), fmt(r["public"])]
@@ -98,20 +130,24 @@ def text(board: Board) -> str:
             cells.append(fmt(r["private"]))
         cells += [fmt(r["tasks"].get(t, {}).get("public")) for t in board.tasks]
         lines.append(cells)
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *lines]]
     title = "leaderboard (final: private scores)" if board.finalized else (
         "leaderboard (public part; private shown to the organizer)" if board.show_private else
         "leaderboard (public part)")
-    out.insert(0, title)
+    out = [title]
+    for n, block in enumerate(blocks(head, lines, key=2, width=width)):
+        out += ([""] if n else []) + block
+    if board.tasks:
+        out += ["", "the task columns: each task's public score"]
     out.append("")
     out.append("history by round")
     for team in sorted(board.history):
         for e in board.history[team]:
             extra = f"  private {fmt(e.get('private'))}" if board.show_private else ""
-            why = f"  ({e['why'][:80]})" if e.get("why") else ""
-            out.append(f"  {team}  round {e['round'] if e['round'] is not None else '-'}  {e['submission'][:12]}  "
-                       f"{e['status']}  public {fmt(e['public'])}{extra}{why}")
+            why = f"  ({e['why']})" if e.get("why") else ""
+            line = (f"{team}  round {e['round'] if e['round'] is not None else '-'}  {e['submission'][:12]}  "
+                    f"{e['status']}  public {fmt(e['public'])}{extra}{why}")
+            out += textwrap.wrap(line, width, initial_indent="  ", subsequent_indent="      ", max_lines=4,
+                                 placeholder=" …)", break_on_hyphens=False)
     return "\n".join(out) + "\n"
 
 

@@ -20,6 +20,7 @@ Nothing is decided here: flagged pairs are listed with their evidence.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from mergelab.judge.db import connect, loads
 from mergelab.judge.fingerprint import cosine
 from mergelab.judge.home import Home
 from mergelab.judge.intake import model_entries
+from mergelab.progress import TEXT_WIDTH
 
 
 @dataclass(frozen=True)
@@ -178,19 +180,49 @@ def compare(root: str | Path, *, round_: int | None = None, thresholds: Threshol
     return out
 
 
-def table(pairs: list[Pair]) -> str:
-    """One line per pair (flagged first), then the evidence of each flagged pair."""
+#: What the short column names of :func:`table` stand for (printed under it).
+TABLE_LEGEND = ("agree: share of the common rows with the same prediction; expect: that share for two "
+                "independent models of the same accuracies; z: the excess in standard deviations; cosine: of "
+                "the task vectors; recipe: same when the recipes are equivalent")
+
+
+def table(pairs: list[Pair], width: int = TEXT_WIDTH) -> str:
+    """One line per pair (flagged first), then the evidence of each flagged pair; at most ``width``
+    columns: a team pair too long for its column takes a line of its own above the pair's
+    figures, and the evidence wraps. Team names and submission ids are never cut."""
     def f(v, spec=".3f"):
         return "-" if v is None else format(v, spec)
 
-    lines = ["flag  team A / team B  submissions  rows  agree  expected  z  cosine  same recipe"]
+    head = ["submissions", "rows", "agree", "expect", "z", "cosine", "recipe"]
+    rows = []
     for p in sorted(pairs, key=lambda p: (not p.flags, p.team_a, p.team_b)):
-        lines.append(f"{'FLAG' if p.flags else '    '}  {p.team_a} / {p.team_b}  {p.a[:8]}/{p.b[:8]}  {p.rows}  "
-                     f"{f(p.agreement)}  {f(p.expected)}  {f(p.z, '.1f')}  {f(p.cosine)}  "
-                     f"{'yes' if p.same_recipe else 'no'}")
+        rows.append(("FLAG" if p.flags else "", f"{p.team_a} / {p.team_b}",
+                     [f"{p.a[:8]}/{p.b[:8]}", str(p.rows), f(p.agreement), f(p.expected), f(p.z, ".1f"), f(p.cosine),
+                      "same" if p.same_recipe else "-"]))
+    widths = [max(len(h), *(len(r[2][i]) for r in rows)) for i, h in enumerate(head)]
+    figures_width = sum(widths) + 2 * (len(widths) - 1)
+    fits = [len(r[1]) for r in rows if 6 + len(r[1]) + 2 + figures_width <= width]
+    teams_width = max([len("teams"), *fits])
+
+    def figures(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [f"flag  {'teams'.ljust(teams_width)}  {figures(head)}".rstrip()]
+    for flag, teams, cells in rows:
+        if len(teams) <= teams_width:
+            lines.append(f"{flag:4}  {teams.ljust(teams_width)}  {figures(cells)}")
+            continue
+        lines += textwrap.wrap(teams, width, initial_indent=f"{flag:4}  ", subsequent_indent=" " * 6,
+                               break_long_words=False, break_on_hyphens=False)
+        lines.append(" " * (6 + teams_width + 2) + figures(cells))
+    lines += [""] + textwrap.wrap(TABLE_LEGEND, width)
     for p in pairs:
         if p.flags:
-            lines.append(f"\n{p.team_a} ({p.a[:12]}) and {p.team_b} ({p.b[:12]}):")
-            lines += [f"  - {x}" for x in p.flags]
-    lines.append("\n(evidence for a person to weigh: nothing is disqualified automatically)")
+            lines.append("")
+            lines += textwrap.wrap(f"{p.team_a} ({p.a[:12]}) and {p.team_b} ({p.b[:12]}):", width,
+                                   break_long_words=False, break_on_hyphens=False)
+            for x in p.flags:
+                lines += textwrap.wrap(x, width, initial_indent="  - ", subsequent_indent="    ",
+                                   break_on_hyphens=False)
+    lines += [""] + textwrap.wrap("(evidence for a person to weigh: nothing is disqualified automatically)", width)
     return "\n".join(lines) + "\n"

@@ -380,19 +380,24 @@ def _rows(csv_path: Path) -> int:
 
 def print_expert_table(zoo: Zoo, base_scores: dict[str, float], expert_scores: dict[str, float],
                        console) -> None:
+    """Each expert's score on its own task beside the base's; fits 80 columns (the verdict is a
+    short mark explained by a legend under the table)."""
     from rich.table import Table
 
-    table = Table(title="Each expert on its own task (test split)", title_justify="left")
-    for col, just in [("task", "left"), ("type", "left"), ("metric", "left"), ("base", "right"),
-                      ("expert", "right"), ("gain", "right"), ("", "left")]:
-        table.add_column(col, justify=just)
+    table = Table(title="Each expert on its own task (test split)", title_justify="left",
+                  caption=f"clear: the expert beats the base by at least {CLEAR_MARGIN:.2f}", caption_justify="left")
+    table.add_column("task", overflow="fold")
+    table.add_column("type")
+    table.add_column("metric")
+    for col in ("base", "expert", "gain"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("clear", no_wrap=True)
     for t in zoo.tasks:
         b, e = base_scores[t], expert_scores[t]
         mc = TASKS[t].eval_type == MULTIPLE_CHOICE
         ok = e - b >= CLEAR_MARGIN
         table.add_row(t, "multiple choice" if mc else "generation", "accuracy" if mc else "exact match",
-                      f"{b:.2f}", f"{e:.2f}", f"{e - b:+.2f}",
-                      "[green]✓ clearly better[/]" if ok else "[yellow]✗ not clearly better[/]")
+                      f"{b:.2f}", f"{e:.2f}", f"{e - b:+.2f}", "[green]✓ yes[/]" if ok else "[yellow]✗ no[/]")
     console.print(table)
 
 
