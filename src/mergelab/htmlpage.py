@@ -146,7 +146,8 @@ def bar_chart(categories: Sequence[str], series: Mapping[str, Sequence[float | N
         colours.setdefault(n, PALETTE[i % len(PALETTE)])
     values = [v for vs in series.values() for v in vs if v is not None and math.isfinite(v)]
     top = _nice_max(max(values + ([reference] if reference is not None else []) + [0.0]) * 1.05)
-    group_w = max(60.0, 14.0 * len(names) + 20)
+    # wide enough for its bars and for its label (about 7 px a character at the page's font size)
+    group_w = max(60.0, 14.0 * len(names) + 20, 7.0 * max((len(c) for c in categories), default=0) + 12)
     left, right, top_pad = 64.0, 16.0, 34.0
     plot_w = max(420.0, group_w * len(categories))
     plot_h = 220.0
