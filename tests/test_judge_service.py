@@ -66,7 +66,7 @@ def submitted(svc):
 def test_tokens_are_stored_only_as_salted_hashes(svc):
     db = (svc["home"] / "secret" / "judge.sqlite").read_bytes()
     for token in svc["tokens"].values():
-        assert token.encode() not in db and token.split("_")[2].encode() not in db
+        assert token.encode() not in db and token.split("_", 2)[2].encode() not in db
     with pytest.raises(JudgeError, match="already has an active token"):
         add_team(svc["home"], "alpha")
     with pytest.raises(JudgeError, match="not allowed"):
@@ -316,5 +316,5 @@ def test_tokens_never_appear_in_logs_or_pages(svc, submitted):
     log = svc["server"].log()
     assert "POST /api/submissions" in log and "submission " in log
     for token in svc["tokens"].values():
-        secret = token.split("_")[2]
+        secret = token.split("_", 2)[2]
         assert secret not in log and all(secret not in p for p in pages)
