@@ -45,16 +45,8 @@ class EvalSection(BaseModel):
         shots = section.get("shots")
         if shots is not None and not isinstance(shots, (str, Path)):
             raise RecipeError(f"eval.shots: expected a CSV file of examples, got {clip(shots)}")
-        if shots and not Path(shots).is_absolute():
-            section["shots"] = str(root / shots)
-        try:
-            options = EvalOptions.model_validate(section)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            raise RecipeError(f"eval.{where}: {msg} (got {clip(err.get('input'))})",
-                              hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)") from None
+        options = parse_eval_options(section, "eval", root,
+                                     hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)")
         return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True))
 
     def eval_options(self, device: str):
@@ -62,6 +54,22 @@ class EvalSection(BaseModel):
         if device != "auto":
             opts["device"] = device
         return EvalOptions(**opts)
+
+
+def parse_eval_options(opts: Mapping[str, Any], where: str, root: Path, *, error: type[RecipeError] = RecipeError,
+                       hint: str = "the options of `mergelab eval` (see docs/eval.md)") -> EvalOptions:
+    """The options of ``mergelab eval`` given in the recipe section ``where`` (a relative ``shots``
+    file counts from ``root``), or one ``error`` naming the key."""
+    opts = dict(opts)
+    if opts.get("shots") and not Path(opts["shots"]).is_absolute():
+        opts["shots"] = str(root / opts["shots"])
+    try:
+        return EvalOptions.model_validate(opts)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise error(f"{where}.{key}: {msg} (got {clip(err.get('input'))})", hint=hint) from None
 
 
 class DataFile(BaseModel):

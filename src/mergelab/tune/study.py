@@ -28,10 +28,9 @@ from typing import Any, Callable, Mapping
 from mergelab.errors import MergelabError
 from mergelab.recipe import load_recipe, read_recipe
 from mergelab.tune.config import SearchSpace, fingerprint
-from mergelab.recipe.sections import TuneError, TuneSection
+from mergelab.recipe.sections import TuneError, TuneSection, parse_eval_options
 from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
 from mergelab.util import atomic_write, check_output_path
-from mergelab.evaluate import EvalOptions
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inplace import InPlaceMerger
 from mergelab.tune.config import round_value
@@ -81,26 +80,14 @@ class TuneResult:
 
 
 def _eval_options(section: TuneSection, recipe_data: Mapping[str, Any], root: Path, device: str):
-    from pydantic import ValidationError
-
-
-    where = "tune.eval"
-    opts = dict(section.eval) if section.eval is not None else None
-    if opts is None:
-        where = "eval"
-        opts = {k: v for k, v in (recipe_data.get("eval") or {}).items() if k != "data"}
-    if opts.get("shots") and not Path(opts["shots"]).is_absolute():
-        opts["shots"] = str(root / opts["shots"])
+    """The evaluation options of the trials: the tune section's own ``eval``, else the recipe's."""
+    if section.eval is not None:
+        where, opts = "tune.eval", dict(section.eval)
+    else:
+        where, opts = "eval", {k: v for k, v in (recipe_data.get("eval") or {}).items() if k != "data"}
     if device != "auto":
         opts["device"] = device
-    try:
-        return EvalOptions(**opts)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(x) for x in err["loc"])
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        raise TuneError(f"{where}.{key}: {msg} (got {err.get('input')!r})",
-                        hint="the options of `mergelab eval` (see docs/eval.md)") from None
+    return parse_eval_options(opts, where, root, error=TuneError)
 
 
 def _overrides(section: TuneSection, **kw: Any) -> TuneSection:
