@@ -82,15 +82,16 @@ class Refused(Exception):
 class RateLimiter:
     """A token bucket per key: ``per_minute`` requests in a burst, refilled at ``per_minute``/60 s."""
 
-    def __init__(self, per_minute: int):
+    def __init__(self, per_minute: int, clock=time.monotonic):
         self.capacity = max(1, int(per_minute))
         self.rate = self.capacity / 60.0
+        self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     def take(self, key: str) -> float:
         """0 when a request may go ahead, else the seconds until one may."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             level, last = self._buckets.get(key, (float(self.capacity), now))
             level = min(float(self.capacity), level + (now - last) * self.rate)
