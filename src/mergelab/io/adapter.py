@@ -417,6 +417,14 @@ class LoraAdapter:
         d = (b @ a) * mod.scale
         return d if mod.kind == LINEAR else d.T
 
+    def delta_rows(self, path: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of :meth:`delta`, from those rows of the factors (the same numbers)."""
+        mod = self.modules[path]
+        a, b = self.raw(path)
+        if mod.kind == LINEAR:
+            return (b[r0:r1] @ a) * mod.scale
+        return ((b @ a[:, r0:r1]) * mod.scale).T
+
     def close(self) -> None:
         self._reader.close()
 
@@ -557,6 +565,18 @@ class LoraExpertSource:
         """ΔW (float32) of tensor ``name``, or None when the adapter leaves it unchanged."""
         mod = self.modules.get(name)
         return None if mod is None else self.adapter.delta(mod.path)
+
+    def changes(self, name: str) -> bool:
+        """Whether the adapter changes tensor ``name`` (else every row is the base's)."""
+        return name in self.modules
+
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` of :meth:`get`, built from those rows of the base and of ΔW only."""
+        w = self.base.get_rows(name, r0, r1) if hasattr(self.base, "get_rows") else self.base.get(name)[r0:r1]
+        mod = self.modules.get(name)
+        if mod is None:
+            return w
+        return (w.float() + self.adapter.delta_rows(mod.path, r0, r1)).to(w.dtype)
 
     def factors(self, name: str) -> LowRank | None:
         """ΔW of tensor ``name`` as :class:`LowRank`, or None when the adapter leaves it unchanged."""

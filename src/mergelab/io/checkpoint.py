@@ -314,6 +314,13 @@ class CheckpointReader:
         self._read(info, out)
         return out
 
+    def get_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``[r0, r1)`` (first dimension) of tensor ``name``, reading only their bytes."""
+        info = self._info(name)
+        row = math.prod(info.shape[1:]) if info.shape else 1
+        out = torch.empty(max((r1 - r0) * row, 0), dtype=info.dtype)
+        return self.read_rows_into(name, r0, r1, out)
+
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read ``name`` into ``out`` (a contiguous CPU tensor of at least its size, any dtype).
 
@@ -326,6 +333,27 @@ class CheckpointReader:
         flat = out.reshape(-1).view(torch.uint8)[: info.nbytes]
         view = flat.view(info.dtype).view(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
         self._read(info, view)
+        return view
+
+    def read_rows_into(self, name: str, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """Read rows ``[r0, r1)`` (first dimension) of ``name`` into ``out``, as :meth:`read_into`.
+
+        Only those rows' bytes are read (one positional read): a slice of a tensor costs the
+        slice's memory, not the tensor's.
+        """
+        info = self._info(name)
+        shape = info.shape if info.shape else (1,)
+        if not 0 <= r0 <= r1 <= shape[0]:
+            raise ValueError(f"rows [{r0}, {r1}) are outside {name!r} of shape {info.shape}")
+        row = math.prod(shape[1:]) * info.dtype.itemsize
+        nbytes = (r1 - r0) * row
+        if out.numel() * out.element_size() < nbytes:
+            raise ValueError(f"buffer of {out.numel() * out.element_size()} bytes is too small for "
+                             f"{r1 - r0} rows of {name!r} ({nbytes} bytes)")
+        flat = out.reshape(-1).view(torch.uint8)[:nbytes]
+        view_shape = (r1 - r0, *shape[1:])
+        view = flat.view(info.dtype).view(view_shape) if nbytes else torch.empty(view_shape, dtype=info.dtype)
+        self._read(_TensorInfo(info.file, info.dtype, view_shape, info.start + r0 * row, nbytes), view)
         return view
 
     def _read(self, info: _TensorInfo, out: torch.Tensor) -> None:
@@ -440,6 +468,7 @@ class ShardedWriter:
         self._entry: dict[str, tuple] = {}
         self._pending: dict[str, torch.Tensor] = {}  # unplanned: tensors of the open shard
         self._written: set[str] = set()  # planned: tensors already on disk
+        self._rows: dict[str, int] = {}  # planned: rows written so far of tensors written in blocks
         self._remaining: dict[int, int] = {}
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()  # planned mode: add() may be called from several threads
@@ -501,20 +530,63 @@ class ShardedWriter:
         with self._lock:
             if name in self._written:
                 raise ValueError(f"tensor {name!r} written twice")
+            if name in self._rows:
+                raise ValueError(f"tensor {name!r} written twice (row blocks of it already were)")
             self._written.add(name)
-            fd = self._fds.get(i)
-            if fd is None:
-                header, shard.offsets = _header_bytes(shard, self.metadata)
-                shard.data_start = len(header)
-                fd = self._fds[i] = os.open(self.out_dir / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.ftruncate(fd, len(header) + shard.size)
-                _pwrite_all(fd, memoryview(header), 0)
+            fd = self._open_shard(shard)
         if entry[3]:  # positional writes to disjoint ranges: no lock needed
             _pwrite_all(fd, _byte_view(t), shard.data_start + shard.offsets[name])
         with self._lock:
             self._remaining[i] -= 1
             if self._remaining[i] == 0:
                 os.close(self._fds.pop(i))
+
+    def add_rows(self, name: str, r0: int, rows: torch.Tensor) -> None:
+        """Write rows ``[r0, r0 + len(rows))`` of a planned tensor (blocks may come in any order).
+
+        The tensor counts as written when all its rows are; a row block written twice is refused.
+        """
+        if self._closed:
+            raise RuntimeError("ShardedWriter is closed")
+        if not self._planned:
+            raise RuntimeError("add_rows needs a planned layout")
+        shard = self._where.get(name)
+        if shard is None:
+            raise ValueError(f"tensor {name!r} is not in the planned layout")
+        _, shape, dtype, nbytes = self._entry[name]
+        t = rows.detach().cpu().contiguous() if rows.device.type != "cpu" else rows.detach().contiguous()
+        n_rows = shape[0] if shape else 1
+        if t.dtype != dtype or tuple(t.shape[1:]) != tuple(shape[1:]) or not 0 <= r0 <= r0 + t.shape[0] <= n_rows:
+            raise ValueError(f"tensor {name!r}: rows {r0}+{tuple(t.shape)} {t.dtype} do not fit {shape} {dtype}")
+        row_bytes = nbytes // n_rows if n_rows else 0
+        i = shard.index
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"tensor {name!r} written twice")
+            done = self._rows.setdefault(name, 0)
+            fd = self._open_shard(shard)
+        if t.numel():
+            _pwrite_all(fd, _byte_view(t), shard.data_start + shard.offsets[name] + r0 * row_bytes)
+        with self._lock:
+            self._rows[name] = done = self._rows[name] + t.shape[0]
+            if done > n_rows:
+                raise ValueError(f"tensor {name!r}: more rows written than it has")
+            if done == n_rows:
+                self._written.add(name)
+                self._remaining[i] -= 1
+                if self._remaining[i] == 0:
+                    os.close(self._fds.pop(i))
+
+    def _open_shard(self, shard: _Shard) -> int:
+        """The open file of a planned shard, created with its header on first use (lock held)."""
+        fd = self._fds.get(shard.index)
+        if fd is None:
+            header, shard.offsets = _header_bytes(shard, self.metadata)
+            shard.data_start = len(header)
+            fd = self._fds[shard.index] = os.open(self.out_dir / shard.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, len(header) + shard.size)
+            _pwrite_all(fd, memoryview(header), 0)
+        return fd
 
     def _flush(self, shard: _Shard) -> None:
         header, offsets = _header_bytes(shard, self.metadata)

@@ -10,7 +10,7 @@ import os
 from typing import Any, Callable, Mapping
 
 from mergelab.merge.adapter import LoraMergeResult, merge_to_adapter
-from mergelab.merge.full import MergeResult, merge_full
+from mergelab.merge.full import BLOCK_BYTES, MergeResult, merge_full
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.util import check_output_path
 
@@ -20,7 +20,8 @@ __all__ = ["merge", "MergeResult", "LoraMergeResult"]
 def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str | os.PathLike, *,
           device: str = "auto", force: bool = False, progress: bool = True,
           workers: int | None = None, exact_ties: bool = True,
-          warn: Callable[[str], None] | None = None, card: bool = True) -> MergeResult | LoraMergeResult:
+          warn: Callable[[str], None] | None = None, card: bool = True,
+          block_bytes: int | None = None) -> MergeResult | LoraMergeResult:
     """Merge the models of ``recipe`` (a :class:`Recipe`, a recipe file, or a dict) into ``out_dir``.
 
     ``output.format: full`` writes a Hugging Face model folder, ``lora`` one PEFT adapter. An
@@ -32,6 +33,8 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     receives what cannot be checked, and the licence conflicts of the model card) and NaN/Inf are
     refused unless ``output.allow_nonfinite``. ``card`` writes the model card ``README.md``
     (:mod:`mergelab.merge.card`: Hub front matter, inputs, licence, method, recipe).
+    ``block_bytes`` (full output): float32 bytes of one input read at once; larger tensors are
+    merged in row blocks with the same bytes out (default :data:`mergelab.merge.full.BLOCK_BYTES`).
     """
     if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too
         check_output_path(out_dir, [recipe])
@@ -41,4 +44,4 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
                                 workers=workers, exact_ties=exact_ties, warn=warn, card=card)
     return merge_full(recipe, out_dir, device=device, force=force, progress=progress, workers=workers, warn=warn,
-                      card=card)
+                      card=card, block_bytes=block_bytes or BLOCK_BYTES)

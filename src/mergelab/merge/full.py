@@ -40,7 +40,7 @@ import torch
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
 from mergelab.util import atomic_output_dir
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodSpec
+from mergelab.methods import Block, MethodSpec, Passes, chunk_size
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import single_torch_thread
@@ -79,9 +79,14 @@ class MergeResult:
                 f"on {self.device} in {self.seconds.get('total', 0):.1f} s → {self.out_dir}")
 
 
+#: bytes of float32 per input in one row block: a tensor larger than this is merged in blocks
+BLOCK_BYTES = 32 << 20
+
+
 def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
                progress: bool = True, workers: int | None = None,
-               warn: Callable[[str], None] | None = None, card: bool = True) -> MergeResult:
+               warn: Callable[[str], None] | None = None, card: bool = True,
+               block_bytes: int = BLOCK_BYTES) -> MergeResult:
     """Merge the models of ``recipe`` into ``out_dir``, a Hugging Face model folder (``output.format: full``).
 
     ``device="auto"`` uses CUDA when present. An existing ``out_dir`` is refused unless ``force``.
@@ -89,7 +94,10 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
     on a GPU; the output bytes do not depend on it. ``warn`` receives the warnings of the identity
     check (:func:`~mergelab.merge.inputs.check_identity`) and the model card's licence warnings, also kept
     in the result. ``card`` writes the model card ``README.md`` (:mod:`mergelab.merge.card`); ``mergelab
-    run`` writes its own. Callers go through :func:`mergelab.merge.merge`.
+    run`` writes its own. ``block_bytes`` bounds the float32 bytes of one input read at once: a
+    larger tensor is merged in row blocks (its method's :class:`~mergelab.methods.Blockwise` form,
+    with whole-tensor statistics in passes over the blocks first), with the same bytes out.
+    Callers go through :func:`mergelab.merge.merge`.
     """
     t_start = time.perf_counter()
     inputs = prepare_inputs(recipe, out_dir, force=force, device=device)
@@ -101,6 +109,8 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
         warnings = check_identity(recipe, base, experts, warn)
         tasks = align_tensors(recipe, base, experts, spec)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
+        for task in tasks:
+            plan_blocks(task, spec, dev, block_bytes, resolve_params(recipe, task.name, task.num_layers))
         t_plan = time.perf_counter()
 
         n_workers = workers or (max(1, torch.get_num_threads()) if dev.type == "cpu" else 2)
@@ -198,12 +208,140 @@ def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _Buffer
     return out
 
 
+def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_bytes: int, params=None) -> None:
+    """Set ``task.block_rows`` (rows per block; 0 = whole tensor) and its work bytes per block.
+
+    A tensor is split when its float32 size exceeds ``block_bytes``, its method has a block form
+    and every input can be read by rows. Blocks hold whole rows and, except the last, a multiple
+    of the reduction chunk, so the method's chunked sums line up with the whole tensor's.
+    """
+    task.block_rows = 0
+    if not task.floating or not spec.blocks or task.numel * 4 <= block_bytes or not task.shape:
+        return
+    if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params):
+        return
+    if not all(isinstance(src, CheckpointReader) or hasattr(src, "get_rows") for src, _ in task.inputs):
+        return
+    cols = math.prod(task.shape[1:])
+    chunk = chunk_size(dev)
+    step = chunk // math.gcd(cols, chunk)           # rows per aligned unit
+    rows = max(step, (block_bytes // 4 // max(cols, 1)) // step * step)
+    if rows >= task.shape[0] or rows * cols * 4 > 4 * block_bytes:
+        return
+    task.block_rows = rows
+    task.work_bytes = task.work_bytes * rows // task.shape[0]
+
+
+def _read_rows_float32(src: TensorSource, name: str, r0: int, r1: int, dev: torch.device,
+                       pool: _BufferPool, held: list) -> torch.Tensor:
+    """Rows ``[r0, r1)`` of tensor ``name`` as float32 on ``dev``, through pooled buffers."""
+    if not isinstance(src, CheckpointReader):  # a LoRA expert builds base + ΔW for these rows
+        return src.get_rows(name, r0, r1).to(dev, torch.float32)
+    shape, dtype = tuple(src.shape(name)), src.dtype(name)
+    n = (r1 - r0) * math.prod(shape[1:])
+    raw = pool.take(n * dtype.itemsize)
+    native = src.read_rows_into(name, r0, r1, raw)
+    if dtype == torch.float32 and dev.type == "cpu":
+        held.append(raw)
+        return native
+    if dev.type != "cpu":
+        out = native.to(dev, torch.float32, non_blocking=False)
+        pool.give(raw)
+        return out
+    f32 = pool.take(n * 4)
+    held.append(f32)
+    out = _view(f32, tuple(native.shape), torch.float32)
+    out.copy_(native)
+    pool.give(raw)
+    return out
+
+
+def _unchanged(task: TensorTask) -> bool:
+    """Every expert is a LoRA adapter that leaves this tensor alone: the result is the base's."""
+    experts = task.inputs[1:]
+    return bool(experts) and all(hasattr(src, "changes") and not src.changes(n) for src, n in experts)
+
+
+def _cast_out(out: torch.Tensor, task: TensorTask, pool: _BufferPool, held: list) -> torch.Tensor:
+    """``out`` in the output dtype on the CPU, through a pooled buffer when it must be converted."""
+    if out.dtype != task.out_dtype or out.device.type != "cpu":
+        buf = pool.take(out.numel() * task.out_dtype.itemsize)
+        held.append(buf)
+        cast = _view(buf, tuple(out.shape), task.out_dtype)
+        cast.copy_(out)
+        return cast
+    return out
+
+
+def _merge_blocks(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.device,
+                  writer: ShardedWriter, pool: _BufferPool, params) -> None:
+    """One tensor in row blocks: the method's statistics pass(es), then one block at a time."""
+    (base_src, base_name), expert_inputs = task.inputs[0], task.inputs[1:]
+    n_rows, cols, step = task.shape[0], math.prod(task.shape[1:]), task.block_rows
+    finite = not recipe.output.allow_nonfinite
+    passes_done = [0]
+
+    def passes():
+        first = passes_done[0] == 0
+        passes_done[0] += 1
+        for r0 in range(0, n_rows, step):
+            r1 = min(n_rows, r0 + step)
+            held: list[torch.Tensor] = []
+            try:
+                if spec.needs_base:
+                    base = _read_rows_float32(base_src, base_name, r0, r1, dev, pool, held)
+                else:
+                    base = torch.zeros((), dtype=torch.float32, device=dev).expand(r1 - r0, *task.shape[1:])
+                experts = [_read_rows_float32(src, n, r0, r1, dev, pool, held) for src, n in expert_inputs]
+                if first and finite:
+                    if spec.needs_base:
+                        check_finite(base, task.name, "the base")
+                    for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
+                        check_finite(e, task.name, describe_expert(i, src))
+                yield Block(r0 * cols, base, experts, task.shape)
+                del base, experts
+            finally:
+                pool.give(*held)
+
+    try:
+        if spec.blockwise is not None:
+            state = spec.blockwise.stats(Passes(passes, len(expert_inputs)), params, task.shape)
+            apply = lambda blk: spec.blockwise.apply(blk, state, params)  # noqa: E731
+        else:
+            apply = lambda blk: spec.fn(blk.base, blk.experts, params)  # noqa: E731
+        for blk in passes():
+            out = apply(blk)
+            if tuple(out.shape) != tuple(blk.base.shape):
+                raise RuntimeError(f"merge method {spec.name} returned shape {tuple(out.shape)} for a "
+                                   f"block of {task.name!r}, expected {tuple(blk.base.shape)}")
+            held: list[torch.Tensor] = []
+            try:
+                out = _cast_out(out, task, pool, held)
+                if finite:
+                    check_finite(out, task.name, RESULT)
+                writer.add_rows(task.name, blk.start // max(cols, 1), out)
+            finally:
+                pool.give(*held)
+    except RecipeError as exc:
+        raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
+
+
 def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.device,
                writer: ShardedWriter, pool: _BufferPool, grams: list | None = None) -> None:
     """Read the inputs of one tensor, run the method, write the output."""
     (base_src, base_name), expert_inputs = task.inputs[0], task.inputs[1:]
     if not task.floating:  # integer/bool buffers: the base's, unchanged
         writer.add(task.name, base_src.get(base_name))
+        return
+    params = resolve_params(recipe, task.name, task.num_layers)
+    if spec.needs_base and _unchanged(task):
+        # Every task vector is zero (a tensor no LoRA expert adapts): every method gives the base
+        # back, and skipping it avoids reading and merging what cannot change.
+        task = TensorTask(task.name, task.shape, task.out_dtype, task.inputs[:1], True, task.num_layers,
+                          task.work_bytes, task.block_rows)
+        spec = _IDENTITY
+    if task.block_rows:
+        _merge_blocks(task, recipe, spec, dev, writer, pool, params)
         return
     held: list[torch.Tensor] = []
     try:
@@ -218,33 +356,25 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
                 check_finite(base, task.name, "the base")
             for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
                 check_finite(e, task.name, describe_expert(i, src))
-        params = resolve_params(recipe, task.name, task.num_layers)
         if grams is not None:
             params.stats = [g.get(task.name, dev) for g in grams]
-        if spec.needs_base and all(torch.equal(e, base) for e in experts):
-            # Every task vector is zero (e.g. a tensor no LoRA expert adapts): every method gives
-            # the base back, and skipping it avoids slow work such as TIES's top-k on zeros.
-            out = base
-        else:
-            try:
-                out = spec.fn(base, experts, params)
-            except RecipeError as exc:
-                raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
+        try:
+            out = spec.fn(base, experts, params)
+        except RecipeError as exc:
+            raise RecipeError(f"{spec.name} on tensor {task.name!r}: {exc.message}", hint=exc.hint) from None
         del base, experts
         if tuple(out.shape) != task.shape:
             raise RuntimeError(f"merge method {spec.name} returned shape {tuple(out.shape)} for "
                                f"{task.name!r}, expected {task.shape}")
-        if out.dtype != task.out_dtype or out.device.type != "cpu":
-            buf = pool.take(out.numel() * task.out_dtype.itemsize)
-            held.append(buf)
-            cast = _view(buf, task.shape, task.out_dtype)
-            cast.copy_(out)
-            out = cast
+        out = _cast_out(out, task, pool, held)
         if finite:   # after the cast: an overflow to float16 counts too
             check_finite(out, task.name, RESULT)
         writer.add(task.name, out)
     finally:
         pool.give(*held)
+
+
+_IDENTITY = MethodSpec("base", lambda base, experts, p: base, elementwise=True)
 
 
 def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.device,

@@ -99,6 +99,7 @@ class TensorTask:
     floating: bool
     num_layers: int
     work_bytes: int = 0
+    block_rows: int = 0   # rows per block when merged in row blocks (0: the whole tensor at once)
 
     @property
     def numel(self) -> int:

@@ -14,6 +14,13 @@ The contract (shared by the full-model engine and the LoRA path):
 * Inputs arrive in float32 on the compute device; the method returns float32 of the same shape.
 * No I/O, no globals, no device moves. The docstring states the formula and the paper.
 * Register with :func:`register`; adding a method = one function + one decorator + one test.
+* Tensors larger than memory: a method whose result is elementwise (``elementwise=True``) is
+  simply called on row blocks. A method that needs whole-tensor statistics declares a
+  :class:`Blockwise` form (``blockwise=``): ``stats`` reads the tensor in one or more passes over
+  its row blocks and returns what the blocks share (norms, a magnitude cut, random states),
+  ``apply`` maps one block to its merged block. The engine owns the passes and the reading
+  (:mod:`mergelab.merge.full`); the method's plain function is the same two steps over one block
+  (:func:`run_whole`), so the merged bytes do not depend on the block size.
   A method that also has a form on LoRA factors declares it in the same call (``factors=`` for an
   exact low-rank result, ``from_factors=`` for a dense result computed from the factors); the
   adapter path (:mod:`mergelab.merge.adapter`) picks the cheapest exact route from these.
@@ -21,7 +28,7 @@ The contract (shared by the full-model engine and the LoRA path):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -34,6 +41,77 @@ FactorFn = Callable[[Sequence[Any], "MethodParams", tuple], Any]
 #: a dense result computed from the experts' factors block by block (or None: use the dense form):
 #: ``fn(parts, p, shape, device, exact_cut=True) -> Tensor | None``
 FromFactorsFn = Callable[..., "torch.Tensor | None"]
+
+
+#: elements per reduction chunk: a method sums whole-tensor statistics chunk by chunk in this order,
+#: and the engine's row blocks start at multiples of it, so a sum is the same whatever the blocks
+CHUNK = 1 << 17
+GPU_CHUNK = 1 << 24
+
+
+def chunk_size(device: torch.device) -> int:
+    """Reduction chunk of the flattened tensor on ``device``: small on the CPU (cache), large on an accelerator."""
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
+
+
+def chunks(n: int, device: torch.device) -> Iterator[slice]:
+    """Slices of ``chunk_size(device)`` elements covering ``range(n)``, in order."""
+    step = chunk_size(device)
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+@dataclass
+class Block:
+    """Rows ``[row, row + len)`` of one tensor's inputs (float32, the tensor's trailing shape).
+
+    ``start`` is the flat index of the block's first element; every block but the last holds a
+    multiple of :func:`chunk_size` elements, so chunked sums line up with the whole tensor's.
+    """
+
+    start: int
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    shape: tuple[int, ...]        # the whole tensor's shape
+
+    @property
+    def numel(self) -> int:
+        return self.base.numel()
+
+
+@dataclass(frozen=True)
+class Passes:
+    """A tensor's inputs as a stats function sees them: call it for one pass over the blocks, in
+    order (as many passes as the statistics need); ``n_experts`` says how many experts there are."""
+
+    read: Callable[[], Iterable[Block]]
+    n_experts: int
+
+    def __call__(self) -> Iterable[Block]:
+        return self.read()
+
+
+@dataclass(frozen=True)
+class Blockwise:
+    """A method's form over row blocks: whole-tensor ``stats``, then a per-block ``apply``.
+
+    ``stats(passes, p, shape)`` computes what every block needs from the whole tensor, reading it
+    through ``passes()`` (one call, one pass; the blocks arrive in order); ``apply(block, st, p)``
+    returns the merged block (float32, the block's shape). ``apply`` is called once per block in
+    order and may update ``st`` (e.g. a count carried from block to block).
+    """
+
+    stats: Callable[[Passes, "MethodParams", tuple], Any]
+    apply: Callable[[Block, Any, "MethodParams"], torch.Tensor]
+    #: for parameters under which blocks of whole rows do not suffice (e.g. a per-column
+    #: statistic), False: the engine then merges the tensor whole
+    only_if: Callable[["MethodParams"], bool] | None = None
+
+
+def run_whole(form: Blockwise, base: torch.Tensor, experts: Sequence[torch.Tensor], p: "MethodParams") -> torch.Tensor:
+    """A :class:`Blockwise` method on a whole tensor: its two steps over one block."""
+    block = Block(0, base, list(experts), tuple(base.shape))
+    return form.apply(block, form.stats(Passes(lambda: (block,), len(block.experts)), p, tuple(base.shape)), p)
 
 
 @dataclass
@@ -72,6 +150,15 @@ class MethodSpec:
     factors: FactorFn | None = None
     #: the dense result computed from the factors in row blocks without forming each ΔWᵢ (ties)
     from_factors: FromFactorsFn | None = None
+    #: the result of an entry depends only on the inputs at that entry: row blocks merge alone
+    elementwise: bool = False
+    #: whole-tensor statistics + a per-block rule, for tensors merged in row blocks
+    blockwise: Blockwise | None = None
+
+    @property
+    def blocks(self) -> bool:
+        """Whether the engine may merge a tensor of this method in row blocks."""
+        return self.elementwise or self.blockwise is not None
 
     @property
     def doc(self) -> str:

@@ -13,7 +13,7 @@ from mergelab.errors import RecipeError
 from mergelab.methods import MethodParams, register
 
 
-@register("linear", linear_in_delta=True, needs_base=False,
+@register("linear", linear_in_delta=True, needs_base=False, elementwise=True,
           expert_params=("weight",), global_params=("normalize",))
 def linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Weighted average of the experts ("model soup"); the base takes no part.
@@ -38,7 +38,7 @@ def linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams)
     return out
 
 
-@register("task_arithmetic", linear_in_delta=True,
+@register("task_arithmetic", linear_in_delta=True, elementwise=True,
           expert_params=("weight",), global_params=("lambda", "normalize"))
 def task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Add the weighted task vectors to the base.

@@ -67,7 +67,7 @@ def cat_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[i
     return concat(parts, _weights(p, len(parts)), shape)
 
 
-@register("cat", factors=cat_factors, linear_in_delta=True, expert_params=("weight",))
+@register("cat", factors=cat_factors, linear_in_delta=True, elementwise=True, expert_params=("weight",))
 def cat(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Exact concatenation of LoRA factors: ``θ = θ₀ + Σᵢ wᵢ τᵢ`` (``weight`` default 1).
 

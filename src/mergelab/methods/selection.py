@@ -6,13 +6,16 @@ so the temporaries stay small.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodParams, register
-from mergelab.methods.sparsify import chunks, topk_mask
+from mergelab.methods import Block, Blockwise, MethodParams, Passes, chunks, register, run_whole
+from mergelab.methods.kth import KthLargest
+from mergelab.methods.sparsify import Cut
 
 
 def _variance(b: torch.Tensor, es: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -23,7 +26,85 @@ def _variance(b: torch.Tensor, es: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-@register("sce", global_params=("select_topk", "lambda"))
+@dataclass
+class _SceStats:
+    cut: Cut | None          # the variance cut (None: no selection)
+    coefs: list[float]
+    lam: float
+    n: int
+    carry: list[int] = field(default_factory=list)
+
+
+def _sce_stats(passes: Passes, p: MethodParams, shape: tuple) -> _SceStats:
+    """The variance cut (a count pass, then the exact cut's two passes) and the experts' energies."""
+    topk = float(p.get("select_topk", 1.0))
+    n = math.prod(shape)
+    cut = None
+    if topk < 1:
+        k = 0
+        if topk > 0:
+            nonzero = sum(int(torch.count_nonzero(_variance(blk.base.reshape(-1), _flat(blk)))) for blk in passes())
+            k = int(torch.tensor(nonzero) * topk)  # in float32, as mergekit
+        cut = Cut(k)
+        if 0 < k < n:
+            sel = KthLargest(n, [k])
+            more = True
+            while more:
+                for blk in passes():
+                    sel.observe(_variance(blk.base.reshape(-1), _flat(blk)))
+                more = sel.next_pass()
+            cut.v, cut.n_gt, cut.n_eq = sel.result(0)
+    energies = [0.0] * passes.n_experts
+    carry = cut.start() if cut is not None else []
+    for blk in passes():
+        for i, d in enumerate(_sce_deltas(blk, cut, carry, n)):
+            for sl in chunks(d.numel(), d.device):
+                energies[i] += float(torch.linalg.vector_norm(d[sl], dtype=torch.float64)) ** 2
+    energies = [x / max(n, 1) for x in energies]
+    total = sum(energies)
+    k = len(energies)
+    coefs = [1.0 / k] * k if abs(total) < 1e-6 else [x / total for x in energies]
+    return _SceStats(cut, coefs, float(p.get("lambda", 1.0)), n, cut.start() if cut is not None else [])
+
+
+def _flat(blk: Block) -> list[torch.Tensor]:
+    return [e.reshape(-1) for e in blk.experts]
+
+
+def _sce_deltas(blk: Block, cut: Cut | None, carry: list[int], n: int) -> list[torch.Tensor]:
+    """The block's task vectors, zero outside the selected entries."""
+    b = blk.base.reshape(-1)
+    ds = [torch.sub(e, b) for e in _flat(blk)]
+    if cut is not None:
+        keep = cut.mask(_variance(b, _flat(blk)), carry, n)
+        for d in ds:
+            d.mul_(keep)
+    return ds
+
+
+def _sce_apply(blk: Block, st: _SceStats, p: MethodParams) -> torch.Tensor:
+    b = blk.base.reshape(-1)
+    dss = _sce_deltas(blk, st.cut, st.carry, st.n)
+    out = torch.empty_like(b)
+    for sl in chunks(b.numel(), b.device):
+        ds = [d[sl] for d in dss]
+        mixed = torch.stack(ds).sum(dim=0)
+        sign = torch.where(mixed >= 0, 1.0, -1.0)
+        mixed.zero_()
+        divisor = torch.zeros_like(mixed)
+        for d, c in zip(ds, st.coefs):
+            weight = (torch.sign(d) == sign).to(d.dtype).mul_(c)
+            mixed.addcmul_(d, weight)
+            divisor.add_(weight)
+        mixed.div_(divisor.clamp_(min=1e-6))
+        torch.add(b[sl], mixed, alpha=st.lam, out=out[sl])
+    return out.view(blk.base.shape)
+
+
+_SCE = Blockwise(_sce_stats, _sce_apply)
+
+
+@register("sce", global_params=("select_topk", "lambda"), blockwise=_SCE)
 def sce(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """SCE: select the entries where the experts differ most, weigh each expert by its energy,
     erase the entries that disagree with the elected sign.
@@ -43,50 +124,10 @@ def sce(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) ->
 
     Paper: Wan et al., "FuseChat: Knowledge Fusion of Chat Models", 2024 (arXiv:2408.07990).
     """
-    topk = float(p.get("select_topk", 1.0))
-    lam = float(p.get("lambda", 1.0))
-    shape, device, n = base.shape, base.device, base.numel()
-    b = base.reshape(-1)
-    es = [e.reshape(-1) for e in experts]
-    keep = None
-    if topk < 1:
-        k = 0
-        if topk > 0:
-            var = _variance(b, es)
-            k = int(torch.tensor(int(torch.count_nonzero(var))) * topk)  # in float32, as mergekit
-        keep = topk_mask(var, torch.zeros_like(var), k) if k > 0 else torch.zeros(n, dtype=torch.bool, device=device)
-
-    def deltas(sl: slice) -> list[torch.Tensor]:
-        ds = [torch.sub(e[sl], b[sl]) for e in es]
-        if keep is not None:
-            for d in ds:
-                d.mul_(keep[sl])
-        return ds
-
-    energies = [0.0] * len(es)
-    for sl in chunks(n, device):
-        for i, d in enumerate(deltas(sl)):
-            energies[i] += float(torch.linalg.vector_norm(d, dtype=torch.float64)) ** 2
-    energies = [x / max(n, 1) for x in energies]
-    total = sum(energies)
-    coefs = [1.0 / len(es)] * len(es) if abs(total) < 1e-6 else [x / total for x in energies]
-    out = torch.empty_like(b)
-    for sl in chunks(n, device):
-        ds = deltas(sl)
-        mixed = torch.stack(ds).sum(dim=0)
-        sign = torch.where(mixed >= 0, 1.0, -1.0)
-        mixed.zero_()
-        divisor = torch.zeros_like(mixed)
-        for d, c in zip(ds, coefs):
-            weight = (torch.sign(d) == sign).to(d.dtype).mul_(c)
-            mixed.addcmul_(d, weight)
-            divisor.add_(weight)
-        mixed.div_(divisor.clamp_(min=1e-6))
-        torch.add(b[sl], mixed, alpha=lam, out=out[sl])
-    return out.view(shape)
+    return run_whole(_SCE, base, experts, p)
 
 
-@register("nearswap", n_experts=(1, 1), global_params=("t",))
+@register("nearswap", n_experts=(1, 1), elementwise=True, global_params=("t",))
 def nearswap(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """NearSwap: take the expert's value where it is near the base's, keep the base's elsewhere.
 

@@ -27,24 +27,19 @@ tensor first. Inputs are float32 (or any float type) of one shape; the result ha
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodParams, register
+from mergelab.methods import CHUNK, Block, Blockwise, MethodParams, Passes, chunks, register, run_whole
+from mergelab.methods.kth import KthLargest
 from mergelab.methods.ties_factors import ties_from_factors
 
-CHUNK = 1 << 17        # elements per chunk on the CPU (512 KiB of float32)
 RANDOM_CHUNK = 1 << 20  # uniform numbers drawn per call (the draw itself is order-preserving)
 _SAMPLE = 1 << 16       # sample size for locating a selection threshold
-
-
-def chunks(n: int, device: torch.device) -> Iterator[slice]:
-    """Slices covering ``range(n)``: small on the CPU (cache), one slice on an accelerator."""
-    step = CHUNK if device.type == "cpu" else max(n, 1)
-    for start in range(0, n, step):
-        yield slice(start, min(start + step, n))
 
 
 def uniform(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -128,40 +123,77 @@ def topk_mask(e: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ keep masks
 
 
-def _magnitude_keep(e, b, shape, density, p, i):
+@dataclass
+class Cut:
+    """An exact top-``k`` cut of ``|δ_i|``: keep ``> v``, and the first ``quota`` entries ``= v``."""
+
+    k: int
+    v: float = math.inf
+    n_gt: int = 0
+    n_eq: int = 0
+
+    def start(self) -> list[int]:
+        """The quota of entries equal to ``v`` still to keep, carried through one pass in order."""
+        return [self.k - self.n_gt]
+
+    def mask(self, a: torch.Tensor, quota: list[int], n: int) -> torch.Tensor:
+        """Keep-mask of a block of ``|δ|`` (flat, in order) under this cut."""
+        if self.k <= 0:
+            return torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+        if self.k >= n:
+            return torch.ones(a.numel(), dtype=torch.bool, device=a.device)
+        if quota[0] >= self.n_eq:  # no tie at the cut: keep everything at or above v
+            return a >= self.v
+        m = a > self.v
+        if quota[0] > 0:
+            eq = a == self.v
+            m |= eq & (eq.cumsum(0) <= quota[0])
+            quota[0] -= min(quota[0], int(eq.sum()))
+        return m
+
+
+@dataclass
+class _Sparsifier:
+    """The keep-mask of one expert: a kind, its cuts (magnitude, outliers) or random states."""
+
+    kind: str
+    density: float
+    cuts: list[Cut] = field(default_factory=list)
+    epsilon: float = 0.0
+    states: dict[int, torch.Tensor] = field(default_factory=dict)  # block start → generator state
+
+    def start(self) -> list[list[int]]:
+        return [c.start() for c in self.cuts]
+
+    def mask(self, blk: Block, i: int, carry: list[list[int]], n: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Keep-mask (flat bool) of expert ``i`` over one block."""
+        e, b = blk.experts[i].reshape(-1), blk.base.reshape(-1)
+        if self.kind in ("magnitude", "outliers"):
+            a = torch.sub(e, b).abs_()
+            if self.kind == "magnitude":
+                return self.cuts[0].mask(a, carry[0], n)
+            return self.cuts[1].mask(a, carry[1], n) & ~self.cuts[0].mask(a, carry[0], n)
+        if self.kind == "della" and self.density <= 0:   # nothing kept, nothing drawn
+            return torch.zeros(e.numel(), dtype=torch.bool, device=e.device)
+        gen = torch.Generator(device=generator.device)
+        gen.set_state(self.states[blk.start])
+        u = uniform(e.numel(), gen, e.device)
+        if self.kind == "random":
+            return u < self.density
+        return _della_block(e, b, blk.shape, self.density, self.epsilon, u)
+
+
+def _della_block(e, b, shape, density, eps, u) -> torch.Tensor:
+    """DELLA's keep-mask of whole rows: keep an entry with a probability that grows with its rank."""
     n = e.numel()
-    return topk_mask(e, b, max(1, int(density * n))) if density > 0 else torch.zeros(n, dtype=torch.bool, device=e.device)
-
-
-def _outliers_keep(e, b, shape, density, p, i):
-    n = e.numel()
-    gamma = float(p.per_expert("gamma", 0.01)[i])
-    if not 0 <= gamma <= 1:
-        raise RecipeError(f"gamma must be in [0, 1], got {gamma}")
-    keep_n = int(density * n)
-    skip_top = min(int(gamma * n), n - keep_n)  # fewer outliers dropped if density needs them
-    return topk_mask(e, b, skip_top + keep_n) & ~topk_mask(e, b, skip_top)
-
-
-def _random_keep(e, b, shape, density, p, i):
-    return uniform(e.numel(), p.generator, e.device) < density
-
-
-def _della_keep(e, b, shape, density, p, i):
     if density <= 0:
-        return torch.zeros(e.numel(), dtype=torch.bool, device=e.device)
-    eps = float(p.per_expert("epsilon", 0.15)[i])
-    if not (0 < density - eps and density + eps < 1):
-        raise RecipeError(f"della: density ± epsilon must lie inside (0, 1), got density {density} "
-                          f"and epsilon {eps}", hint="lower epsilon, or move density away from 0 and 1")
-    n = e.numel()
+        return torch.zeros(n, dtype=torch.bool, device=e.device)
     cols = shape[-1] if len(shape) >= 2 else n
     rows = n // cols if cols else 0
-    u = uniform(n, p.generator, e.device)
     keep = torch.empty(n, dtype=torch.bool, device=e.device)
-    block = max(1, CHUNK // max(cols, 1))
-    for r0 in range(0, rows, block):
-        sl = slice(r0 * cols, min(rows, r0 + block) * cols)
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        sl = slice(r0 * cols, min(rows, r0 + step) * cols)
         a = (e[sl] - b[sl]).abs_().view(-1, cols)
         rank = a.argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)  # 0 = smallest in row
         rank_norm = rank / (cols - 1) if cols > 1 else torch.full_like(rank, 0.5)
@@ -170,50 +202,118 @@ def _della_keep(e, b, shape, density, p, i):
     return keep
 
 
-SPARSIFIERS = {"magnitude": _magnitude_keep, "outliers": _outliers_keep,
-               "random": _random_keep, "della": _della_keep}
+def _sparsifier(kind: str, density: float, n: int, p: MethodParams, i: int) -> _Sparsifier:
+    if kind == "magnitude":
+        return _Sparsifier(kind, density, [Cut(max(1, int(density * n)) if density > 0 else 0)])
+    if kind == "outliers":
+        gamma = float(p.per_expert("gamma", 0.01)[i])
+        if not 0 <= gamma <= 1:
+            raise RecipeError(f"gamma must be in [0, 1], got {gamma}")
+        keep_n = int(density * n)
+        skip_top = min(int(gamma * n), n - keep_n)  # fewer outliers dropped if density needs them
+        return _Sparsifier(kind, density, [Cut(skip_top), Cut(skip_top + keep_n)])
+    eps = 0.0
+    if kind == "della" and density > 0:
+        eps = float(p.per_expert("epsilon", 0.15)[i])
+        if not (0 < density - eps and density + eps < 1):
+            raise RecipeError(f"della: density ± epsilon must lie inside (0, 1), got density {density} "
+                              f"and epsilon {eps}", hint="lower epsilon, or move density away from 0 and 1")
+    return _Sparsifier(kind, density, epsilon=eps)
 
 
 # ------------------------------------------------------------------------------------ the scheme
 
 
-def generalized_task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams, *,
-                                sparsify: str | None, consensus: bool, normalize: bool,
-                                rescale: bool) -> torch.Tensor:
-    """Steps 1–5 of the module docstring; ``normalize``/``rescale`` are the method's defaults."""
-    shape, device, n = base.shape, base.device, base.numel()
-    b = base.reshape(-1)
-    es = [e.reshape(-1) for e in experts]
+@dataclass
+class _GtaStats:
+    """What every block of a sparsified task-arithmetic merge shares."""
+
+    n: int
+    weights: list[float]
+    coefs: list[float]
+    sparsifiers: list[_Sparsifier | None]
+    normalize: bool
+    lam: float
+    carry: list[list[list[int]]] = field(default_factory=list)  # per expert, per cut: quota left
+
+
+def _find_cuts(passes: Passes, cuts: list[tuple[int, Cut]], n: int) -> None:
+    """Fill in the exact value of every cut ``(expert, cut)`` with ``0 < k < n``: two passes."""
+    todo = [(i, c) for i, c in cuts if 0 < c.k < n]
+    if not todo:
+        return
+    sel = {i: KthLargest(n, [c.k for j, c in todo if j == i]) for i, _ in todo}
+    more = True
+    while more:
+        for blk in passes():
+            b = blk.base.reshape(-1)
+            for i, s in sel.items():
+                s.observe(torch.sub(blk.experts[i].reshape(-1), b).abs_())
+        more = any([s.next_pass() for s in sel.values()])
+    for i, s in sel.items():
+        for j, c in enumerate(c for e, c in todo if e == i):
+            c.v, c.n_gt, c.n_eq = s.result(j)
+
+
+def _gta_stats(passes: Passes, p: MethodParams, shape: tuple, *, sparsify: str | None, consensus: bool,
+               normalize: bool, rescale: bool) -> _GtaStats:
+    """Every expert's keep rule (exact cuts, random states) and coefficient (weight × L1 rescale)."""
+    n = math.prod(shape)
     weights = [float(w) for w in p.per_expert("weight", 1.0)]
     densities = [float(d) for d in p.per_expert("density", 1.0)]
     normalize = bool(p.get("normalize", normalize))
     rescale = bool(p.get("rescale", rescale))
-    lam = float(p.get("lambda", 1.0))
+    sps = [_sparsifier(sparsify, d, n, p, i) if sparsify is not None and d < 1 else None
+           for i, d in enumerate(densities)]
+    _find_cuts(passes, [(i, c) for i, sp in enumerate(sps) if sp is not None for c in sp.cuts], n)
+    if any(sp is not None and sp.kind in ("random", "della") for sp in sps):
+        # expert by expert, as one draw over the flattened tensor: note the generator's state
+        # where each block starts, then skip the block's draws
+        if p.generator is None:
+            raise RecipeError("a random merge method was called without a random generator")
+        layout = [(blk.start, blk.numel) for blk in passes()] if n else []
+        for sp in sps:
+            if sp is None or sp.kind not in ("random", "della") or (sp.kind == "della" and sp.density <= 0):
+                continue
+            for start, size in layout:
+                sp.states[start] = p.generator.get_state()
+                for s0 in range(0, size, RANDOM_CHUNK):
+                    torch.rand(min(RANDOM_CHUNK, size - s0), generator=p.generator, device=p.generator.device)
+    coefs = list(weights)
+    if rescale and any(sp is not None for sp in sps):
+        before, after = [0.0] * len(sps), [0.0] * len(sps)
+        carry = [sp.start() if sp is not None else [] for sp in sps]
+        for blk in passes():
+            b = blk.base.reshape(-1)
+            for i, sp in enumerate(sps):
+                if sp is None:
+                    continue
+                keep = sp.mask(blk, i, carry[i], n, p.generator)
+                e = blk.experts[i].reshape(-1)
+                for sl in chunks(b.numel(), b.device):
+                    a = (e[sl] - b[sl]).abs_()
+                    before[i] += float(a.sum(dtype=torch.float64))
+                    after[i] += float(a.mul_(keep[sl]).sum(dtype=torch.float64))
+        for i, sp in enumerate(sps):
+            if sp is not None and before[i] >= 1e-7 and after[i] >= 1e-7:
+                coefs[i] = weights[i] * (before[i] / after[i])
+    st = _GtaStats(n, weights, coefs, sps, normalize, float(p.get("lambda", 1.0)))
+    st.carry = [sp.start() if sp is not None else [] for sp in sps]
+    return st
 
-    keeps: list[torch.Tensor | None] = []
-    coefs: list[float] = []
-    for i, e in enumerate(es):
-        keep = None
-        if sparsify is not None and densities[i] < 1:
-            keep = SPARSIFIERS[sparsify](e, b, shape, densities[i], p, i)
-        scale = 1.0
-        if rescale and keep is not None:
-            before = after = 0.0
-            for sl in chunks(n, device):
-                a = (e[sl] - b[sl]).abs_()
-                before += float(a.sum(dtype=torch.float64))
-                after += float(a.mul_(keep[sl]).sum(dtype=torch.float64))
-            if before >= 1e-7 and after >= 1e-7:
-                scale = before / after
-        keeps.append(keep)
-        coefs.append(weights[i] * scale)
 
-    wsum = sum(weights)
-    out = torch.empty(n, dtype=base.dtype, device=device)
-    for sl in chunks(n, device):
+def _gta_apply(blk: Block, st: _GtaStats, p: MethodParams, *, consensus: bool) -> torch.Tensor:
+    """One block: masked, weighted task vectors, signs elected per entry, added to the base."""
+    b = blk.base.reshape(-1)
+    es = [e.reshape(-1) for e in blk.experts]
+    keeps = [sp.mask(blk, i, st.carry[i], st.n, p.generator) if sp is not None else None
+             for i, sp in enumerate(st.sparsifiers)]
+    wsum = sum(st.weights)
+    out = torch.empty_like(b)
+    for sl in chunks(b.numel(), b.device):
         bc = b[sl]
         ds = []
-        for e, keep, c in zip(es, keeps, coefs):
+        for e, keep, c in zip(es, keeps, st.coefs):
             d = torch.sub(e[sl], bc)
             if keep is not None:
                 d.mul_(keep[sl])
@@ -226,25 +326,42 @@ def generalized_task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tens
         if consensus:
             sign = torch.where(mixed >= 0, 1.0, -1.0)  # the elected sign (+ for a zero sum)
             mixed.zero_()
-            divisor = torch.zeros_like(bc) if normalize else None
-            for d, w in zip(ds, weights):
+            divisor = torch.zeros_like(bc) if st.normalize else None
+            for d, w in zip(ds, st.weights):
                 agree = d.mul(sign).gt_(0)  # 1 where d has the elected sign, else 0
                 mixed.addcmul_(d, agree)
                 if divisor is not None:
                     divisor.add_(agree, alpha=w)
             if divisor is not None:
                 mixed.div_(divisor.masked_fill_(divisor == 0, 1))
-        elif normalize and abs(wsum) >= 1e-8:
+        elif st.normalize and abs(wsum) >= 1e-8:
             mixed.div_(wsum)
-        torch.add(bc, mixed, alpha=lam, out=out[sl])
-    return out.view(shape)
+        torch.add(bc, mixed, alpha=st.lam, out=out[sl])
+    return out.view(blk.base.shape)
+
+
+def gta_form(*, sparsify: str | None, consensus: bool, normalize: bool, rescale: bool) -> Blockwise:
+    """The :class:`Blockwise` form of one variant of the scheme (its defaults as keywords)."""
+    return Blockwise(partial(_gta_stats, sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale),
+                     partial(_gta_apply, consensus=consensus))
+
+
+def generalized_task_arithmetic(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams, *,
+                                sparsify: str | None, consensus: bool, normalize: bool,
+                                rescale: bool) -> torch.Tensor:
+    """Steps 1–5 of the module docstring; ``normalize``/``rescale`` are the method's defaults."""
+    form = gta_form(sparsify=sparsify, consensus=consensus, normalize=normalize, rescale=rescale)
+    return run_whole(form, base, experts, p)
 
 
 _GTA = ("weight", "density")
 _COMMON = ("lambda", "normalize", "rescale", "int8_mask")
 
 
-@register("ties", from_factors=ties_from_factors, expert_params=_GTA, global_params=_COMMON)
+_TIES = gta_form(sparsify="magnitude", consensus=True, normalize=True, rescale=False)
+
+
+@register("ties", blockwise=_TIES, from_factors=ties_from_factors, expert_params=_GTA, global_params=_COMMON)
 def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """TIES-Merging: trim each task vector to its largest ``density`` share, elect a sign per
     entry by mass, average the agreeing entries.
@@ -256,11 +373,13 @@ def ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -
     Paper: Yadav et al., "TIES-Merging: Resolving Interference When Merging Models",
     NeurIPS 2023 (arXiv:2306.01708).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="magnitude", consensus=True,
-                                       normalize=True, rescale=False)
+    return run_whole(_TIES, base, experts, p)
 
 
-@register("dare_ties", random=True, expert_params=_GTA, global_params=_COMMON)
+_DARE_TIES = gta_form(sparsify="random", consensus=True, normalize=False, rescale=True)
+
+
+@register("dare_ties", blockwise=_DARE_TIES, random=True, expert_params=_GTA, global_params=_COMMON)
 def dare_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """DARE with TIES sign election: drop entries at random, rescale, elect signs, sum.
 
@@ -272,11 +391,13 @@ def dare_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodPara
     Paper: Yu et al., "Language Models are Super Mario: Absorbing Abilities from Homologous
     Models as a Free Lunch", ICML 2024 (arXiv:2311.03099).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=True,
-                                       normalize=False, rescale=True)
+    return run_whole(_DARE_TIES, base, experts, p)
 
 
-@register("dare_linear", random=True, expert_params=_GTA, global_params=_COMMON)
+_DARE_LINEAR = gta_form(sparsify="random", consensus=False, normalize=False, rescale=True)
+
+
+@register("dare_linear", blockwise=_DARE_LINEAR, random=True, expert_params=_GTA, global_params=_COMMON)
 def dare_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """DARE: drop entries of each task vector at random, rescale, add.
 
@@ -285,11 +406,13 @@ def dare_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodPa
 
     Paper: Yu et al., "Language Models are Super Mario", ICML 2024 (arXiv:2311.03099).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="random", consensus=False,
-                                       normalize=False, rescale=True)
+    return run_whole(_DARE_LINEAR, base, experts, p)
 
 
-@register("breadcrumbs", expert_params=_GTA + ("gamma",), global_params=_COMMON)
+_BREADCRUMBS = gta_form(sparsify="outliers", consensus=False, normalize=False, rescale=False)
+
+
+@register("breadcrumbs", blockwise=_BREADCRUMBS, expert_params=_GTA + ("gamma",), global_params=_COMMON)
 def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Model Breadcrumbs: drop the largest ``gamma`` share (outliers) and the smallest entries of
     each task vector, keeping a ``density`` share; add the weighted results.
@@ -301,11 +424,13 @@ def breadcrumbs(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodPa
     Paper: Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with
     Sparse Masks", ECCV 2024 (arXiv:2312.06795).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="outliers", consensus=False,
-                                       normalize=False, rescale=False)
+    return run_whole(_BREADCRUMBS, base, experts, p)
 
 
-@register("breadcrumbs_ties", expert_params=_GTA + ("gamma",), global_params=_COMMON)
+_BREADCRUMBS_TIES = gta_form(sparsify="outliers", consensus=True, normalize=False, rescale=False)
+
+
+@register("breadcrumbs_ties", blockwise=_BREADCRUMBS_TIES, expert_params=_GTA + ("gamma",), global_params=_COMMON)
 def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Model Breadcrumbs masks followed by TIES sign election (sum of agreeing entries).
 
@@ -315,11 +440,13 @@ def breadcrumbs_ties(base: torch.Tensor, experts: Sequence[torch.Tensor], p: Met
     Paper: Davari & Belilovsky, ECCV 2024 (arXiv:2312.06795), with the sign election of
     Yadav et al., NeurIPS 2023 (arXiv:2306.01708).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="outliers", consensus=True,
-                                       normalize=False, rescale=False)
+    return run_whole(_BREADCRUMBS_TIES, base, experts, p)
 
 
-@register("della", random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
+_DELLA = gta_form(sparsify="della", consensus=True, normalize=True, rescale=True)
+
+
+@register("della", blockwise=_DELLA, random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
 def della(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """DELLA-Merging: magnitude-based random pruning (MagPrune), rescale, elect signs, average.
 
@@ -331,11 +458,13 @@ def della(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     Paper: Deep et al., "DELLA-Merging: Reducing Interference in Model Merging through
     Magnitude-Based Sampling", 2024 (arXiv:2406.11617).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="della", consensus=True,
-                                       normalize=True, rescale=True)
+    return run_whole(_DELLA, base, experts, p)
 
 
-@register("della_linear", random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
+_DELLA_LINEAR = gta_form(sparsify="della", consensus=False, normalize=False, rescale=True)
+
+
+@register("della_linear", blockwise=_DELLA_LINEAR, random=True, expert_params=_GTA + ("epsilon",), global_params=_COMMON)
 def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """DELLA's MagPrune masks and rescaling, then a weighted sum without sign election.
 
@@ -344,5 +473,4 @@ def della_linear(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodP
 
     Paper: Deep et al., 2024 (arXiv:2406.11617).
     """
-    return generalized_task_arithmetic(base, experts, p, sparsify="della", consensus=False,
-                                       normalize=False, rescale=True)
+    return run_whole(_DELLA_LINEAR, base, experts, p)

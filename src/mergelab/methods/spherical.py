@@ -16,8 +16,7 @@ from typing import Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodParams, register
-from mergelab.methods.sparsify import chunks
+from mergelab.methods import Block, Blockwise, MethodParams, Passes, chunks, register, run_whole
 
 
 def _weights(p: MethodParams, n: int) -> list[float]:
@@ -34,6 +33,20 @@ def _gram(vectors: Sequence[torch.Tensor]) -> torch.Tensor:
     for sl in chunks(vectors[0].numel(), vectors[0].device):
         block = torch.stack([v[sl] for v in vectors]).double()
         g += (block @ block.T).cpu()
+    return g
+
+
+def _vectors(blk: Block, use_base: bool) -> list[torch.Tensor]:
+    """The flat vectors a method works on in one block: task vectors ``δ_i``, or the experts."""
+    return [(e - blk.base).reshape(-1) if use_base else e.reshape(-1) for e in blk.experts]
+
+
+def _pass_gram(passes: Passes, use_base: bool) -> torch.Tensor:
+    """:func:`_gram` of the whole tensor's vectors, summed block by block in the same chunks."""
+    g = None
+    for blk in passes():
+        vs = _vectors(blk, use_base)
+        g = _gram(vs) if g is None else g + _gram(vs)
     return g
 
 
@@ -94,7 +107,30 @@ def karcher_coefficients(gram: torch.Tensor, alphas: Sequence[float], max_iter: 
     return c * inv * scale
 
 
-@register("karcher", needs_base=False, expert_params=("weight",), global_params=("max_iter", "tol"))
+def _karcher_stats(passes: Passes, p: MethodParams, shape: tuple) -> list[float] | None:
+    """Coefficients of the experts in the result (None: one expert, returned as it is)."""
+    k = passes.n_experts
+    if k == 1:
+        return None
+    w = _weights(p, k)
+    if any(x < 0 for x in w) or sum(w) <= 0:
+        raise RecipeError(f"karcher: weights must be ≥ 0 with a positive sum, got {w}")
+    alphas = [x / sum(w) for x in w]
+    max_iter, tol = int(p.get("max_iter", 10)), float(p.get("tol", 1e-5))
+    return karcher_coefficients(_pass_gram(passes, False), alphas, max_iter, tol).tolist()
+
+
+def _karcher_apply(blk: Block, coeffs: list[float] | None, p: MethodParams) -> torch.Tensor:
+    if coeffs is None:
+        return blk.experts[0].clone()
+    return _combine(_vectors(blk, False), coeffs, blk.base.shape)
+
+
+_KARCHER = Blockwise(_karcher_stats, _karcher_apply)
+
+
+@register("karcher", needs_base=False, expert_params=("weight",), global_params=("max_iter", "tol"),
+          blockwise=_KARCHER)
 def karcher(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """The Karcher (Riemannian, Fréchet) mean of the experts' directions on the unit sphere,
     scaled by their mean norm; the base takes no part (as in ``linear``).
@@ -117,16 +153,7 @@ def karcher(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams
     Math. 30 (1977); Buss & Fillmore, "Spherical averages and applications to spherical splines
     and interpolation", ACM TOG 20 (2001); mergekit's ``karcher`` (arXiv:2603.04972).
     """
-    if len(experts) == 1:
-        return experts[0].clone()
-    w = _weights(p, len(experts))
-    if any(x < 0 for x in w) or sum(w) <= 0:
-        raise RecipeError(f"karcher: weights must be ≥ 0 with a positive sum, got {w}")
-    alphas = [x / sum(w) for x in w]
-    max_iter, tol = int(p.get("max_iter", 10)), float(p.get("tol", 1e-5))
-    flat = [e.reshape(-1) for e in experts]
-    coeffs = karcher_coefficients(_gram(flat), alphas, max_iter, tol)
-    return _combine(flat, coeffs.tolist(), base.shape)
+    return run_whole(_KARCHER, base, experts, p)
 
 
 # ------------------------------------------------------------------------------------ NuSLERP
@@ -155,8 +182,40 @@ def _slerp_coefficients(t: float, n0: float, n1: float, dot: float) -> tuple[flo
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
+def _nuslerp_stats(passes: Passes, p: MethodParams, shape: tuple) -> tuple[float, tuple[float, float] | None]:
+    """``t``, and for the flattened form the two coefficients (from the 2 × 2 Gram matrix)."""
+    w1, w2 = _weights(p, 2)
+    total = w1 + w2
+    t = 0.5 if abs(total) < 1e-6 else w2 / total
+    if not (bool(p.get("nuslerp_flatten", True)) or len(shape) < 2):
+        return t, None
+    g = _pass_gram(passes, bool(p.get("use_base", True)))
+    return t, _slerp_coefficients(t, math.sqrt(g[0, 0]), math.sqrt(g[1, 1]), float(g[0, 1]))
+
+
+def _nuslerp_apply(blk: Block, st: tuple, p: MethodParams) -> torch.Tensor:
+    t, coeffs = st
+    use_base, base = bool(p.get("use_base", True)), blk.base
+    v0, v1 = (blk.experts[0] - base, blk.experts[1] - base) if use_base else (blk.experts[0], blk.experts[1])
+    if coeffs is not None:
+        out = torch.add(v0.reshape(-1) * coeffs[0], v1.reshape(-1), alpha=coeffs[1]).view(base.shape)
+    elif bool(p.get("nuslerp_row_wise", False)):
+        out = _nuslerp_pairwise(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
+    else:
+        out = _nuslerp_pairwise(t, v0, v1)
+    return out.add_(base) if use_base else out
+
+
+def _nuslerp_blocks(p: MethodParams) -> bool:
+    """Row blocks hold whole vectors, except for the column form (``nuslerp_row_wise``)."""
+    return bool(p.get("nuslerp_flatten", True)) or not bool(p.get("nuslerp_row_wise", False))
+
+
+_NUSLERP = Blockwise(_nuslerp_stats, _nuslerp_apply, only_if=_nuslerp_blocks)
+
+
 @register("nuslerp", n_experts=(2, 2), expert_params=("weight",),
-          global_params=("nuslerp_flatten", "nuslerp_row_wise", "use_base"))
+          global_params=("nuslerp_flatten", "nuslerp_row_wise", "use_base"), blockwise=_NUSLERP)
 def nuslerp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """NuSLERP: spherical interpolation of two experts' task vectors, the position given by weights.
 
@@ -175,31 +234,50 @@ def nuslerp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams
     Reference: mergekit's ``nuslerp`` (Goddard et al., arXiv:2403.13257); SLERP: Shoemake,
     SIGGRAPH 1985.
     """
-    w1, w2 = _weights(p, 2)
-    total = w1 + w2
-    t = 0.5 if abs(total) < 1e-6 else w2 / total
-    use_base = bool(p.get("use_base", True))
-    shape = base.shape
-    if use_base:
-        v0, v1 = experts[0] - base, experts[1] - base
-    else:
-        v0, v1 = experts[0], experts[1]
-    if bool(p.get("nuslerp_flatten", True)) or base.dim() < 2:
-        a, b = v0.reshape(-1), v1.reshape(-1)
-        g = _gram([a, b])
-        c0, c1 = _slerp_coefficients(t, math.sqrt(g[0, 0]), math.sqrt(g[1, 1]), float(g[0, 1]))
-        out = torch.add(a * c0, b, alpha=c1).view(shape)
-    elif bool(p.get("nuslerp_row_wise", False)):
-        out = _nuslerp_pairwise(t, v0.transpose(0, -1), v1.transpose(0, -1)).transpose(0, -1)
-    else:
-        out = _nuslerp_pairwise(t, v0, v1)
-    return out.add_(base) if use_base else out
+    return run_whole(_NUSLERP, base, experts, p)
 
 
 # ------------------------------------------------------------------------------------ Multi-SLERP
 
 
-@register("multislerp", expert_params=("weight",), global_params=("normalize_weights", "eps", "use_base"))
+def _multislerp_stats(passes: Passes, p: MethodParams, shape: tuple) -> list[float] | None:
+    """Coefficients of the vectors in ``θ − θ_0`` (None: one expert, returned as it is)."""
+    k = passes.n_experts
+    if k == 1:
+        return None
+    w = _weights(p, k)
+    if p.get("normalize_weights", True):
+        if abs(sum(w)) < 1e-12:
+            raise RecipeError(f"multislerp: the weights {w} sum to zero, so they cannot be normalized",
+                              hint="change the weights, or set normalize_weights: false")
+        w = [x / sum(w) for x in w]
+    eps = float(p.get("eps", 1e-8))
+    gram = _pass_gram(passes, bool(p.get("use_base", True)))
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    c = torch.tensor(w, dtype=torch.float64) / (norms + eps)     # m = Σ c_i v_i
+    mean_norm = math.sqrt(max(float(c @ gram @ c), 0.0))
+    if mean_norm < eps:
+        if k == 2:
+            return w
+        raise RecipeError("multislerp: the weighted sum of the unit task vectors is zero (opposite "
+                          "experts whose weights cancel), so it has no direction",
+                          hint="change the weights")
+    scale = float((torch.tensor(w, dtype=torch.float64) * norms).sum()) / mean_norm
+    return (c * scale).tolist()
+
+
+def _multislerp_apply(blk: Block, coeffs: list[float] | None, p: MethodParams) -> torch.Tensor:
+    if coeffs is None:
+        return blk.experts[0].clone()
+    use_base = bool(p.get("use_base", True))
+    return _combine(_vectors(blk, use_base), coeffs, blk.base.shape, blk.base if use_base else None)
+
+
+_MULTISLERP = Blockwise(_multislerp_stats, _multislerp_apply)
+
+
+@register("multislerp", expert_params=("weight",), global_params=("normalize_weights", "eps", "use_base"),
+          blockwise=_MULTISLERP)
 def multislerp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Multi-SLERP: barycentric interpolation on the sphere of any number of task vectors.
 
@@ -221,27 +299,4 @@ def multislerp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodPar
     Reference: Goddard, "Multi-SLERP" (goddard.blog/posts/multislerp-wow-what-a-cool-idea),
     mergekit's ``multislerp``; Buss & Fillmore, ACM TOG 20 (2001).
     """
-    if len(experts) == 1:
-        return experts[0].clone()
-    w = _weights(p, len(experts))
-    if p.get("normalize_weights", True):
-        if abs(sum(w)) < 1e-12:
-            raise RecipeError(f"multislerp: the weights {w} sum to zero, so they cannot be normalized",
-                              hint="change the weights, or set normalize_weights: false")
-        w = [x / sum(w) for x in w]
-    eps = float(p.get("eps", 1e-8))
-    use_base = bool(p.get("use_base", True))
-    flat = [(e - base).reshape(-1) if use_base else e.reshape(-1) for e in experts]
-    gram = _gram(flat)
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    c = torch.tensor(w, dtype=torch.float64) / (norms + eps)     # m = Σ c_i v_i
-    mean_norm = math.sqrt(max(float(c @ gram @ c), 0.0))
-    start = base if use_base else None
-    if mean_norm < eps:
-        if len(experts) == 2:
-            return _combine(flat, w, base.shape, start)
-        raise RecipeError("multislerp: the weighted sum of the unit task vectors is zero (opposite "
-                          "experts whose weights cancel), so it has no direction",
-                          hint="change the weights")
-    scale = float((torch.tensor(w, dtype=torch.float64) * norms).sum()) / mean_norm
-    return _combine(flat, (c * scale).tolist(), base.shape, start)
+    return run_whole(_MULTISLERP, base, experts, p)
