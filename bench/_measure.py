@@ -76,17 +76,22 @@ def timed(sync: Callable[[], None] | None = None) -> Iterator[Elapsed]:
     out.seconds = time.perf_counter() - t0
 
 
-def measure_command(cmd: list[str], env: dict | None = None) -> dict:
+def measure_command(cmd: list[str], env: dict | None = None, *, rss_cap: int | None = None,
+                    check: bool = True) -> dict:
     """Run ``cmd``; wall time, and its peak RSS (wait4) and the polled peak of its process tree.
 
-    Returns ``wall_s``, ``cpu_s`` (user + system of the child), ``peak_rss`` (bytes) and ``stdout``;
-    a failing command prints the end of its stderr and ends this process.
+    Returns ``wall_s``, ``cpu_s`` (user + system of the child), ``peak_rss`` (bytes), ``stdout``
+    and ``returncode``. With ``rss_cap`` (bytes) the child's tree is killed when it grows past
+    it (``capped: True``), so a peer that would exhaust the machine's memory is stopped first. A
+    failing command prints the end of its stderr and ends this process, unless ``check=False``
+    (then ``error`` holds that end).
     """
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     polled = [0]
+    capped = [False]
     stop = threading.Event()
 
     def poll():
@@ -96,6 +101,10 @@ def measure_command(cmd: list[str], env: dict | None = None) -> dict:
                 try:
                     rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
                     polled[0] = max(polled[0], rss)
+                    if rss_cap is not None and rss > rss_cap:
+                        capped[0] = True
+                        for c in p.children(recursive=True) + [p]:
+                            c.kill()
                 except psutil.Error:
                     pass
                 stop.wait(0.02)
@@ -116,11 +125,17 @@ def measure_command(cmd: list[str], env: dict | None = None) -> dict:
     for r in readers:
         r.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.stderr.write(err_chunks[0].decode(errors="replace")[-3000:])
+    err = err_chunks[0].decode(errors="replace")[-3000:]
+    if proc.returncode != 0 and check and not capped[0]:
+        sys.stderr.write(err)
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}")
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss": max(usage.ru_maxrss * 1024, polled[0]), "stdout": out_chunks[0].decode(errors="replace")}
+    out = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "returncode": proc.returncode,
+           "peak_rss": max(usage.ru_maxrss * 1024, polled[0]), "stdout": out_chunks[0].decode(errors="replace")}
+    if capped[0]:
+        out["capped"] = True
+    if proc.returncode != 0:
+        out["error"] = err
+    return out
 
 
 def print_result(result: dict) -> None:

@@ -32,7 +32,7 @@ PARAMS = {"ties": {"density": 0.3}, "dare_ties": {"density": 0.4}, "dare_linear"
           "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.5, "epsilon": 0.1},
           "slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {}, "sce": {"select_topk": 0.5}}
 
-BLOCK = 512 << 10    # bytes of float32 per input and block: the 512-wide tensors split in 2–4 blocks
+BLOCK = 1 << 20    # float32 bytes of a block's inputs: the 512-wide tensors split into blocks of 256 rows
 
 
 @pytest.fixture(scope="module")

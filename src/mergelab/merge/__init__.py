@@ -33,7 +33,7 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     receives what cannot be checked, and the licence conflicts of the model card) and NaN/Inf are
     refused unless ``output.allow_nonfinite``. ``card`` writes the model card ``README.md``
     (:mod:`mergelab.merge.card`: Hub front matter, inputs, licence, method, recipe).
-    ``block_bytes`` (full output): float32 bytes of one input read at once; larger tensors are
+    ``block_bytes`` (full output): float32 bytes of the inputs read at once; larger tensors are
     merged in row blocks with the same bytes out (default :data:`mergelab.merge.full.BLOCK_BYTES`).
     """
     if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too

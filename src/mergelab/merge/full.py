@@ -79,8 +79,10 @@ class MergeResult:
                 f"on {self.device} in {self.seconds.get('total', 0):.1f} s → {self.out_dir}")
 
 
-#: bytes of float32 per input in one row block: a tensor larger than this is merged in blocks
-BLOCK_BYTES = 32 << 20
+#: float32 bytes of one row block's inputs together (base and experts): a tensor whose inputs
+#: take more is merged in blocks, so the memory does not grow with the experts' count or the
+#: vocabulary
+BLOCK_BYTES = 128 << 20
 
 
 def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "auto", force: bool = False,
@@ -211,12 +213,13 @@ def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _Buffer
 def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_bytes: int, params=None) -> None:
     """Set ``task.block_rows`` (rows per block; 0 = whole tensor) and its work bytes per block.
 
-    A tensor is split when its float32 size exceeds ``block_bytes``, its method has a block form
+    A tensor is split when its inputs' float32 size exceeds ``block_bytes``, its method has a block form
     and every input can be read by rows. Blocks hold whole rows and, except the last, a multiple
     of the reduction chunk, so the method's chunked sums line up with the whole tensor's.
     """
     task.block_rows = 0
-    if not task.floating or not spec.blocks or task.numel * 4 <= block_bytes or not task.shape:
+    per_input = block_bytes // len(task.inputs)
+    if not task.floating or not spec.blocks or task.numel * 4 <= per_input or not task.shape:
         return
     if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params):
         return
@@ -225,8 +228,8 @@ def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_byt
     cols = math.prod(task.shape[1:])
     chunk = chunk_size(dev)
     step = chunk // math.gcd(cols, chunk)           # rows per aligned unit
-    rows = max(step, (block_bytes // 4 // max(cols, 1)) // step * step)
-    if rows >= task.shape[0] or rows * cols * 4 > 4 * block_bytes:
+    rows = max(step, (per_input // 4 // max(cols, 1)) // step * step)
+    if rows >= task.shape[0] or rows * cols * 4 > 4 * per_input:
         return
     task.block_rows = rows
     task.work_bytes = task.work_bytes * rows // task.shape[0]
