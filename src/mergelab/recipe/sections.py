@@ -221,6 +221,7 @@ class TuneSection(BaseModel):
     params: dict[str, ParamRange] = Field(min_length=1)
     objective: Literal["score", "entropy"] = "score"
     metric: Literal["rougeL", "exact_match", "rouge1", "rouge2"] = "rougeL"
+    below_base_penalty: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     data: list[Path] = Field(min_length=1)
     check_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     rows_per_task: int | None = Field(None, ge=2)
@@ -239,6 +240,14 @@ class TuneSection(BaseModel):
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
+
+    @field_validator("below_base_penalty")
+    @classmethod
+    def _penalty_needs_scores(cls, v: float, info) -> float:
+        if v > 0 and info.data.get("objective") == "entropy":
+            raise ValueError("a penalty below the base needs scores to compare with the base's: it works with "
+                             "objective: score (entropy is no score a merge can fall below)")
+        return v
 
     @field_validator("study")
     @classmethod
