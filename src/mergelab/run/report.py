@@ -24,6 +24,16 @@ def _task(file_name: str) -> str:
     return file_name[:-4] if file_name.endswith(".csv") else file_name
 
 
+#: What a task scored below the base is marked with in tables (the terminal, report.md, report.html).
+BELOW_MARK = "▼"
+
+
+def below_base(merged: Mapping[str, float | None], base: Mapping[str, float | None]) -> list[str]:
+    """The tasks of ``merged`` (in its order) where the merge scores below the base: for those,
+    merging is worse than not merging at all. A task without a score on either side is left out."""
+    return [t for t, v in merged.items() if v is not None and base.get(t) is not None and v < base[t]]
+
+
 def read_scores(out_dir: Path) -> dict | None:
     """``eval/scores.json`` of a run folder, or None when the run did not evaluate."""
     path = Path(out_dir) / "eval" / "scores.json"
@@ -174,4 +184,4 @@ def write_run_report(out_dir: str | Path, manifest: Mapping[str, Any], *,
     return path
 
 
-__all__ = ["REPORT_NAME", "run_report_html", "write_run_report", "read_scores"]
+__all__ = ["REPORT_NAME", "BELOW_MARK", "below_base", "run_report_html", "write_run_report", "read_scores"]
