@@ -674,3 +674,15 @@ def test_tune_warns_about_a_generation_task_whose_outputs_never_match(zoo, tmp_p
     assert "warning: task 'gen' scored 0.0000 on the search part in every one of the 2 trials" in err
     assert "the search could not see it" in err and "stop strings" in err
     assert "| gen | 0.0000 |" in (tmp_path / "out/report.md").read_text()
+
+
+def test_the_recipe_eval_section_of_run_gives_tune_its_options_without_compare_base(tmp_path):
+    """`eval.compare_base` belongs to `mergelab run`; the trials take the other options."""
+    from mergelab.recipe.sections import TuneSection
+    from mergelab.tune.study import _eval_options
+
+    _write_csv(tmp_path / "val.csv", _mc_rows(4))
+    section = TuneSection.model_validate({"params": {"weight": {"low": 0, "high": 1}}, "data": [tmp_path / "val.csv"]})
+    options = _eval_options(section, {"eval": {"data": ["x.csv"], "compare_base": True, "batch_size": 3}}, tmp_path,
+                            "auto")
+    assert options.batch_size == 3

@@ -23,12 +23,19 @@ class EvalSection(BaseModel):
 
     data: list[Path] = Field(min_length=1, description="competition CSV files to evaluate on")
     options: dict[str, Any] = Field(default_factory=dict)
+    compare_base: bool = Field(False, description="`mergelab run` also scores the base on the same files "
+                                                  "and flags each task the merge leaves below it")
 
     @classmethod
     def parse(cls, section: Mapping[str, Any], root: Path) -> "EvalSection":
-        """Split ``{data: [...], <EvalOptions fields>}``, checking each against its schema."""
+        """Split ``{data: [...], compare_base: bool, <EvalOptions fields>}``, checking each against its
+        schema."""
 
         section = dict(section)
+        compare_base = section.pop("compare_base", False)
+        if not isinstance(compare_base, bool):
+            raise RecipeError(f"eval.compare_base: expected true or false, got {clip(compare_base)}",
+                              hint="compare_base: true scores the base on the same files too (see docs/recipe.md)")
         data = section.pop("data", None)
         if isinstance(data, (str, Path)):
             data = [data]
@@ -47,7 +54,8 @@ class EvalSection(BaseModel):
             raise RecipeError(f"eval.shots: expected a CSV file of examples, got {clip(shots)}")
         options = parse_eval_options(section, "eval", root,
                                      hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)")
-        return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True))
+        return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True),
+                   compare_base=compare_base)
 
     def eval_options(self, device: str):
         opts = dict(self.options)

@@ -87,7 +87,8 @@ def _eval_options(section: TuneSection, recipe_data: Mapping[str, Any], root: Pa
     if section.eval is not None:
         where, opts = "tune.eval", dict(section.eval)
     else:
-        where, opts = "eval", {k: v for k, v in (recipe_data.get("eval") or {}).items() if k != "data"}
+        where, opts = "eval", {k: v for k, v in (recipe_data.get("eval") or {}).items()
+                               if k not in ("data", "compare_base")}   # keys of `mergelab run`, not options
     if device != "auto":
         opts["device"] = device
     return parse_eval_options(opts, where, root, error=TuneError)
