@@ -72,6 +72,45 @@ def test_the_demo_table_at_a_wide_console_shows_full_task_names():
     assert " sentiment " in out and " normalised " in out and "sent = " not in out
 
 
+def fake_demo_below_base():
+    """The fake demo with the base at 0.6 on grammar: linear (0.50) and ties (0.55) fall below it."""
+    from mergelab.zoo.demo import summarise
+
+    tasks, base, expert, results, _ = fake_demo()
+    base = {**base, "grammar": 0.6}
+    results = {k: {"scores": {**r["scores"], "grammar": 0.5 if k == "linear" else 0.55 if k == "ties" else 0.7}}
+               for k, r in results.items()}
+    return tasks, base, expert, results, summarise(tasks, base, expert, results)
+
+
+@pytest.mark.parametrize("width", [240, 80, 40])
+def test_the_demo_table_flags_a_task_below_the_base_at_any_width(width):
+    from mergelab.zoo.demo import print_demo_table
+
+    demo = fake_demo_below_base()
+    assert demo[4]["linear"]["below_base"] == ["grammar"] and demo[4]["ties"]["below_base"] == ["grammar"]
+    assert all(s["below_base"] == [] for k, s in demo[4].items() if k not in ("linear", "ties"))
+    console = at_width(width)
+    print_demo_table(*demo, console)
+    out = console.file.getvalue()
+    assert max(len(line) for line in out.splitlines()) <= width
+    text = " ".join(out.split())   # the line may wrap on a narrow console; its words stay
+    assert ("▼ below the base model (merging is worse there than not merging): linear on grammar "
+            "(0.50 < 0.60); ties on grammar (0.55 < 0.60).") in text
+    if width == 240:   # the per-task cells are shown: the two below the base are marked
+        rows = {line.split()[0]: line for line in out.splitlines() if line.split()}
+        assert "▼0.50" in rows["linear"] and "▼0.55" in rows["ties"] and "▼" not in rows["regmean"]
+
+
+def test_the_demo_table_says_when_no_merge_is_below_the_base():
+    from mergelab.zoo.demo import print_demo_table
+
+    console = at_width(120)
+    print_demo_table(*fake_demo(), console)
+    out = console.file.getvalue()
+    assert "No merge scores below the base model on any task." in out and "▼" not in out
+
+
 def test_the_demo_at_columns_80_on_a_terminal(monkeypatch):
     """make_console on a terminal of COLUMNS=80 (FORCE_COLOR makes rich treat the capture as one)."""
     from mergelab.zoo.demo import DEMO_MERGES, print_demo_table

@@ -375,3 +375,13 @@ def test_a_run_the_judge_cannot_even_start_is_a_recorded_failure(tmp_path, tasks
     detail = conn.execute("SELECT detail FROM results").fetchone()[0]
     conn.close()
     assert detail.startswith("the judge could not run it: FileNotFoundError")
+
+
+def test_the_judged_recipe_drops_compare_base():
+    """A submission's `eval.compare_base` would make the judge score the base too: it is dropped;
+    the other evaluation options stay, and the data are the hidden inputs."""
+    from mergelab.judge.intake import judged_recipe
+
+    recipe = {"method": {"name": "linear"}, "eval": {"data": ["mine.csv"], "compare_base": True, "batch_size": 2}}
+    assert judged_recipe(recipe, [Path("/hidden/t.csv")])["eval"] == {"data": ["/hidden/t.csv"], "batch_size": 2}
+    assert recipe["eval"]["compare_base"] is True   # the submission's own recipe is left as it was

@@ -178,6 +178,30 @@ def test_the_demo_page_renders_methods_by_tasks_and_its_chart(tmp_path):
     screenshot(page, tmp_path / "demo-report.png", size="1200,1400")
 
 
+def test_the_demo_page_and_markdown_flag_a_task_below_the_base(tmp_path):
+    from mergelab.zoo.demo import demo_report_html, report_markdown, summarise
+
+    p = demo_payload()
+    tasks = list(p["tasks"])
+    p["base_scores"]["sql"] = 0.5
+    p["merges"]["linear"]["scores"]["sql"] = 0.45
+    p["summary"] = summarise(tasks, p["base_scores"], p["expert_scores"], p["merges"])
+    assert p["summary"]["linear"]["below_base"] == ["sql"]
+    assert all(s["below_base"] == [] for k, s in p["summary"].items() if k != "linear")
+    page = tmp_path / "report.html"
+    page.write_text(demo_report_html(p))
+    dom = dump_dom(page)
+    cells = re.findall(r'<td class="num bad" title="([^"]*)">([^<]*)</td>', dom)
+    assert cells == [("below the base model (0.5000)", "0.4500 ▼")]
+    assert "▼ below the base model (merging is worse there than not merging): linear on sql (0.45 &lt; 0.50)." in dom
+    md = report_markdown(p)
+    linear = next(line for line in md.splitlines() if line.startswith("| **linear** |"))
+    assert "0.45 (56%) ▼" in linear and md.count("▼") == 2   # the cell and the line under the table
+    assert "linear on sql (0.45 < 0.50)" in md
+    # without a task below the base the page says so
+    assert "No merge scores below the base model on any task." in demo_report_html(demo_payload())
+
+
 def test_the_tune_page_renders_the_search_curve(tmp_path):
     from types import SimpleNamespace
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
+from mergelab import htmlpage
 from mergelab.cli import main
 from mergelab.errors import RecipeError
 from mergelab.run.pipeline import OutputsDifferError, reproduce, run_recipe
@@ -147,6 +149,7 @@ def test_a_non_run_folder_is_refused(llama, tmp_path):
     ({"data": ["missing.csv"]}, "eval.data[0]: file"),
     ({"data": ["t.csv"], "batchsize": 4}, "eval.batchsize: unknown key"),
     ({"data": ["t.csv"], "batch_size": 0}, "eval.batch_size"),
+    ({"data": ["t.csv"], "compare_base": "yes"}, "eval.compare_base: expected true or false, got 'yes'"),
 ])
 def test_eval_section_errors_name_the_key(llama, tmp_path, section, message):
     base, experts = llama
@@ -283,3 +286,103 @@ def test_an_interrupted_reproduction_resumes_in_its_folder(llama, tmp_path, monk
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="not empty"):
         reproduce(tmp_path / "one" / "manifest.json", tmp_path / "other")
+
+
+# ------------------------------------------------------------------ the merge against the base
+
+
+def _mc_file(path: Path, n: int, targets: list[int] | None = None) -> Path:
+    import csv
+
+    words = ["red", "green", "blue", "cold", "warm", "north", "south"]
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+        for i in range(n):
+            w.writerow([f"r{i}", f"Which word fits: {words[i % 7]} {words[(3 * i) % 7]} {i}?",
+                        0 if targets is None else targets[i], json.dumps(["a", "b", "c", "d"]),
+                        "multiple_choice"])
+    return path
+
+
+def _predictions(folder: Path, stem: str) -> list[int]:
+    return [int(json.loads(line)["prediction"]) for line in (folder / "predictions" / f"{stem}.jsonl").open()]
+
+
+def test_compare_base_flags_a_task_the_merge_leaves_below_the_base(llama, tmp_path, capsys, monkeypatch):
+    """Two labelled files: `base_wins` labelled with the base's own answers (base 1.0, the merge
+    less), `merge_wins` with the merge's. The run scores the base too, names base_wins below it in
+    the manifest, the warnings, the JSON, the terminal table and report.html, and reruns skip it."""
+    from mergelab.evaluate import EvalOptions
+    from mergelab.evaluate.runner import evaluate
+
+    monkeypatch.setenv("COLUMNS", "40")
+    base, experts = llama
+    extra = {"method": {"name": "task_arithmetic", "lambda": 40.0}}   # far from the base: other answers
+    # the answers of the base and of the merge on the same rows
+    _mc_file(tmp_path / "probe.csv", 12)
+    probe = write_recipe(tmp_path, base, experts, **extra, eval={"data": ["probe.csv"]})
+    run_recipe(probe, tmp_path / "probe-run", rules=False)
+    merge_answers = _predictions(tmp_path / "probe-run" / "eval", "probe")
+    evaluate(base, [tmp_path / "probe.csv"], tmp_path / "probe-base", EvalOptions())
+    base_answers = _predictions(tmp_path / "probe-base", "probe")
+    assert merge_answers != base_answers
+    _mc_file(tmp_path / "base_wins.csv", 12, base_answers)
+    _mc_file(tmp_path / "merge_wins.csv", 12, merge_answers)
+    agree = sum(a == b for a, b in zip(merge_answers, base_answers)) / 12
+
+    recipe = write_recipe(tmp_path, base, experts, **extra,
+                          eval={"data": ["base_wins.csv", "merge_wins.csv"], "compare_base": True})
+    result = run_recipe(recipe, tmp_path / "run", rules=False, budget="1h", hardware="cpu")
+    m = result.manifest
+    assert m["base_scores"] == {"base_wins": 1.0, "merge_wins": pytest.approx(agree)}
+    assert m["below_base"] == ["base_wins"]
+    scores = json.loads((tmp_path / "run" / "eval" / "scores.json").read_text())["files"]
+    assert scores["base_wins.csv"]["score"] == pytest.approx(agree) and scores["merge_wins.csv"]["score"] == 1.0
+    assert {s.name: s.status for s in result.stages}["base_eval"] == "ran"
+    assert "base_eval" in m["budget"]["planned"]          # the plan counts the base's evaluation
+    assert any(f"the merge scores below the base model on base_wins ({agree:.4f} < 1.0000): merging is worse "
+               "there than not merging at all" in w and "below_base_penalty" in w for w in m["warnings"])
+    assert m["recipe"]["eval"]["compare_base"] is True
+    page = (tmp_path / "run" / "report.html").read_text()
+    row = next(r for r in re.findall(r"<tr[^>]*>.*?</tr>", page) if "<td>base_wins</td>" in r)
+    assert row.startswith('<tr class="bad">')
+    assert f'<td class="num bad" title="the merge scores below the base model here">{agree - 1.0:.4f} ▼ below base' \
+        in row.replace(htmlpage.fmt_number(agree - 1.0), f"{agree - 1.0:.4f}")
+    assert f"▼ below the base model on base_wins ({agree:.4f} &lt; 1.0000)" in page
+
+    # a rerun: nothing to redo, the comparison still made
+    again = run_recipe(recipe, tmp_path / "run", rules=False)
+    assert {s.name: s.status for s in again.stages} == {"resolve": "ran", "rules": "off", "merge": "skipped",
+                                                       "eval": "skipped", "base_eval": "skipped"}
+    assert again.manifest["below_base"] == ["base_wins"] and again.manifest["base_scores"] == m["base_scores"]
+
+    # the command: the table of merge vs base and the warning on stderr, the flag in the JSON
+    capsys.readouterr()
+    assert main(["run", str(recipe), "--out", str(tmp_path / "cli"), "--no-rules", "-q", "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["below_base"] == ["base_wins"] and doc["base_scores"]["base_wins"] == 1.0
+    table = [line for line in err.splitlines() if line.strip().startswith(("│ base_wins", "│ merge_wins"))]
+    assert len(table) == 2 and "▼" in table[0] and "below base" in table[0] and "▼" not in table[1]
+    assert f"{agree:.4f}" in table[0] and f"{agree - 1.0:+.4f}" in table[0]
+    assert "WARNING: the merge scores below the base model on base_wins" in err
+
+    # without compare_base nothing is compared, and the JSON says so with null
+    plain = write_recipe(tmp_path, base, experts, **extra, eval={"data": ["base_wins.csv"]})
+    assert main(["run", str(plain), "--out", str(tmp_path / "plain"), "--no-rules", "-q", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["below_base"] is None and doc["base_scores"] is None
+    manifest = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert "below_base" not in manifest and "base_eval" not in manifest["stages"]
+    assert "compare_base: true" in (tmp_path / "plain" / "report.html").read_text()
+
+
+def test_compare_base_on_unlabelled_files_says_there_is_nothing_to_compare(llama, tmp_path):
+    base, experts = llama
+    (tmp_path / "t.csv").write_text("id,input,target,answer_choices,eval_type\n0,hi,,,generation\n")
+    recipe = write_recipe(tmp_path, base, experts, eval={"data": ["t.csv"], "max_new_tokens": 2,
+                                                         "compare_base": True})
+    result = run_recipe(recipe, tmp_path / "r", rules=False)
+    assert result.manifest["base_scores"] == {"t": None} and result.manifest["below_base"] == []
+    assert any("no evaluation file has targets" in w for w in result.warnings)

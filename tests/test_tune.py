@@ -422,6 +422,10 @@ def test_divergence_warning_names_the_threshold(zoo, tmp_path):
     ({"params": {"weight": {"low": 0, "high": 1}}, "sampler": "grid"}, r"tune\.sampler"),
     ({"params": {"weight": {"low": 0, "high": 1}}, "eval": {"batch": 3}}, r"tune\.eval\.batch: unknown key"),
     ({"params": {"weight": {"low": 0, "high": 1}}, "metric": "bleu"}, r"tune\.metric: .*exact_match"),
+    ({"params": {"weight": {"low": 0, "high": 1}}, "below_base_penalty": -1},
+     r"tune\.below_base_penalty: .*greater than or equal to 0"),
+    ({"params": {"weight": {"low": 0, "high": 1}}, "objective": "entropy", "below_base_penalty": 2},
+     r"tune\.below_base_penalty: .*works with objective: score"),
 ])
 def test_tune_section_errors_name_the_key_path(zoo, tmp_path, tune, expected):
     from mergelab.tune import run_tune
@@ -542,3 +546,143 @@ def test_objective_metric_for_generation_rows(zoo, tmp_path):
     rl = Objective("score", {"search": [path]}, opts, tok)(model, "search")[0]
     assert em == pytest.approx(0.5)
     assert rl == pytest.approx(evaluate(model, [path], None, opts, tokenizer=tok)["overall"]["score"])
+
+
+# ------------------------------------------------------------------ the base, and tasks the search cannot see
+
+
+def _scripted(calls: list[tuple[dict, dict]]):
+    """An objective that answers the n-th (search, check) pair of calls with ``calls[n]``:
+    per-task values, their mean the objective's value."""
+    seen = []
+
+    def objective(m, part):
+        search, check = calls[len(seen) // 2]
+        seen.append(part)
+        tasks = search if part == "search" else check
+        return sum(tasks.values()) / len(tasks), dict(tasks)
+
+    return objective
+
+
+def test_below_base_penalty_by_hand(zoo, tmp_path):
+    """value = mean over tasks − penalty × Σ max(0, base − merge); the base is scored first, on the
+    unmerged model; the penalty turns the winner from the trial that gains on average but drops a
+    task below the base to the one that leaves no task below it."""
+    from mergelab.recipe import read_recipe
+    from mergelab.tune import run_tune
+    from mergelab.tune.config import fingerprint
+
+    base = ({"a": 0.5, "b": 0.6}, {"a": 0.5, "b": 0.5})
+    gains_on_average = ({"a": 0.9, "b": 0.4}, {"a": 0.8, "b": 0.5})    # search mean 0.65, b 0.2 below the base
+    no_task_below = ({"a": 0.6, "b": 0.6}, {"a": 0.6, "b": 0.45})      # search mean 0.60, check b 0.05 below
+
+    plain = _quick_recipe(zoo, tmp_path, trials=2)
+    res = run_tune(plain, tmp_path / "plain", objective=_scripted([gains_on_average, no_task_below]),
+                   direction="maximize")
+    assert [t.search for t in res.trials] == pytest.approx([0.65, 0.60]) and res.best.number == 0
+    assert res.base_tasks == {} and "base (search)" not in (tmp_path / "plain/report.md").read_text()
+
+    (tmp_path / "p").mkdir()
+    path = _quick_recipe(zoo, tmp_path / "p", trials=2, below_base_penalty=2.0)
+    res = run_tune(path, tmp_path / "out", objective=_scripted([base, gains_on_average, no_task_below]),
+                   direction="maximize")
+    assert res.base_tasks == {"search": base[0], "check": base[1]} and res.below_base_penalty == 2.0
+    first, second = res.trials
+    assert first.search == pytest.approx(0.65 - 2.0 * 0.2)       # 0.25
+    assert first.check == pytest.approx(0.65 - 2.0 * 0.0)        # check: b equals the base
+    assert second.search == pytest.approx(0.60 - 2.0 * 0.0)
+    assert second.check == pytest.approx(0.525 - 2.0 * 0.05)     # 0.425
+    assert res.best.number == 1
+    assert first.search_tasks == gains_on_average[0]             # the per-task values stay the real scores
+    report = (tmp_path / "out/report.md").read_text()
+    assert "score − 2 × Σ max(0, base − merge) over tasks (below_base_penalty)" in report
+    assert "| task | search | base (search) | check | base (check) | vs base |" in report
+    assert "| b | 0.6000 | 0.6000 | 0.4500 | 0.5000 | below base (check) |" in report
+    assert "below base" in (tmp_path / "out/report.html").read_text()
+    # a study with the penalty is another study than one without (its values differ)
+    with_p, without = read_recipe(path), read_recipe(plain)
+    assert fingerprint(with_p.data, with_p.tune) != fingerprint(without.data, without.tune)
+
+
+def test_below_base_penalty_scores_the_unmerged_base_with_the_real_objective(zoo, tmp_path):
+    from mergelab.evaluate.runner import evaluate
+    from mergelab.tune import run_tune
+    from mergelab.tune.study import _eval_options
+
+    path = _quick_recipe(zoo, tmp_path, trials=2, below_base_penalty=1.5)
+    res = run_tune(path, tmp_path / "out")
+    model, tok = _load(zoo["llama"].base)
+    from mergelab.recipe import read_recipe
+
+    doc = read_recipe(path)
+    options = _eval_options(doc.tune, doc.data, doc.root, "auto")
+    for part in ("search", "check"):
+        want = evaluate(model, [tmp_path / f"out/split/{part}/val.csv"], None, options, tokenizer=tok)
+        assert res.base_tasks[part] == {"val": pytest.approx(want["files"]["val.csv"]["score"], abs=1e-12)}
+    for t in res.trials:
+        merged = t.search_tasks["val"]
+        assert t.search == pytest.approx(merged - 1.5 * max(0.0, res.base_tasks["search"]["val"] - merged))
+
+
+def test_a_task_that_scores_the_same_in_every_trial_is_named(zoo, tmp_path):
+    from mergelab.tune import run_tune
+
+    path = _quick_recipe(zoo, tmp_path, trials=3)
+    n = [0]
+
+    def objective(m, part):
+        n[0] += 1
+        tasks = {"moves": 0.1 * n[0], "stuck": 0.0, "perfect": 1.0}
+        return sum(tasks.values()) / 3, tasks
+
+    res = run_tune(path, tmp_path / "out", objective=objective, direction="maximize")
+    assert res.constant_tasks == {"stuck": 0.0, "perfect": 1.0}
+    stuck = next(w for w in res.warnings if "'stuck'" in w)
+    assert "scored 0.0000 on the search part in every one of the 3 trials" in stuck
+    assert "could not see it" in stuck and "stop" in stuck and "max_new_tokens" in stuck and "tune.metric" in stuck
+    assert any("'perfect'" in w and "already scores it perfectly" in w for w in res.warnings)
+    assert not any("'moves'" in w for w in res.warnings)
+    report = (tmp_path / "out/report.md").read_text()
+    assert "## Tasks the search could not see" in report and "| stuck | 0.0000 |" in report
+    assert "'stuck' scored 0.0000" in report
+    assert 'id="constanttasks"' in (tmp_path / "out/report.html").read_text()
+    # one trial tells nothing
+    res = run_tune(_quick_recipe(zoo, tmp_path, trials=1), tmp_path / "one", objective=_const(0.0),
+                   direction="maximize")
+    assert res.constant_tasks == {} and not any("could not see" in w for w in res.warnings)
+
+
+def test_tune_warns_about_a_generation_task_whose_outputs_never_match(zoo, tmp_path, capsys, monkeypatch):
+    """End to end on the tiny Llama: a generation task judged by exact match whose targets the
+    model never produces scores 0 in every trial; `mergelab tune` names it, on any terminal width."""
+    from mergelab.cli import main
+
+    monkeypatch.setenv("COLUMNS", "40")
+    _write_csv(tmp_path / "mc.csv", _mc_rows(6))
+    with (tmp_path / "gen.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+        for i in range(4):
+            w.writerow([f"g{i}", f"count {i} {i + 1}", "zzz qqq vvv", "", "generation"])
+    experts = [{"path": str(p), "weight": 0.5} for p in zoo["llama"].loras[:2]]
+    path = _recipe(tmp_path, zoo["llama"].base, experts, {"name": "task_arithmetic"},
+                   {"params": {"weight": {"low": 0.0, "high": 1.0}}, "data": ["mc.csv", "gen.csv"],
+                    "metric": "exact_match", "trials": 2, "eval": {"max_new_tokens": 3}})
+    assert main(["tune", str(path), "--out", str(tmp_path / "out"), "-q"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: task 'gen' scored 0.0000 on the search part in every one of the 2 trials" in err
+    assert "the search could not see it" in err and "stop strings" in err
+    assert "| gen | 0.0000 |" in (tmp_path / "out/report.md").read_text()
+
+
+def test_the_recipe_eval_section_of_run_gives_tune_its_options_without_compare_base(tmp_path):
+    """`eval.compare_base` belongs to `mergelab run`; the trials take the other options."""
+    from mergelab.recipe.sections import TuneSection
+    from mergelab.tune.study import _eval_options
+
+    _write_csv(tmp_path / "val.csv", _mc_rows(4))
+    section = TuneSection.model_validate({"params": {"weight": {"low": 0, "high": 1}}, "data": [tmp_path / "val.csv"]})
+    options = _eval_options(section, {"eval": {"data": ["x.csv"], "compare_base": True, "batch_size": 3}}, tmp_path,
+                            "auto")
+    assert options.batch_size == 3

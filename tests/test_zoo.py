@@ -458,6 +458,8 @@ def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
         assert (out / "recipes" / f"{label}.yaml").is_file()
         for task, norm in scores["summary"][label]["normalised"].items():
             assert norm == pytest.approx(r["scores"][task] / scores["expert_scores"][task])
+        assert scores["summary"][label]["below_base"] == [t for t in ("sentiment", "dates")
+                                                          if r["scores"][t] < scores["base_scores"][t]]
     report = (out / "report.md").read_text()
     assert "Not competition-legal" in report and "| **ties** |" in report
     page = (out / "report.html").read_text()   # the same figures on one static page, chart inline
@@ -467,6 +469,8 @@ def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
     assert page.count('<rect class="bar"') == 4 * len(shown) and 'data-series="regmean"' in page
     text = console.export_text()
     assert "after the competition" in text and "normalised" in text
+    assert ("No merge scores below the base model on any task." in text) == \
+        (not any(s["below_base"] for s in scores["summary"].values()))
     assert payload["summary"] == scores["summary"]
 
 

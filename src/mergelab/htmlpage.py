@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 #: Bar and point colours (the tab10 palette); the first series of a chart takes the first colour.
@@ -26,7 +27,7 @@ th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numer
 tr.best td{font-weight:bold}
 pre{background:#f7f7f7;border:1px solid #e4e4e4;padding:.7em;overflow-x:auto;font-size:.88em}
 code{font-size:.92em}
-.ok{color:#1a7f37;font-weight:bold}.bad{color:#cf222e;font-weight:bold}.warn{color:#9a6700;font-weight:bold}
+.ok{color:#1a7f37;font-weight:bold}.bad{color:#cf222e;font-weight:bold}td.bad{background:#ffebe9}.warn{color:#9a6700;font-weight:bold}
 .note{background:#fff8c5;border:1px solid #e6d96f;padding:.5em .8em}
 details{margin:.6em 0}summary{cursor:pointer;font-weight:bold}
 svg.chart{max-width:100%;height:auto;font-family:inherit}
@@ -69,9 +70,32 @@ def details(summary: str, *parts: str) -> str:
     return f"<details>\n<summary>{esc(summary)}</summary>\n" + "\n".join(parts) + "\n</details>"
 
 
+@dataclass(frozen=True)
+class Cell:
+    """A table cell marked apart: its ``value`` shown as usual, then ``mark`` (text, e.g. ``▼``), with
+    the CSS class ``cls`` (e.g. ``bad``) and a ``title`` shown on hover."""
+
+    value: Any
+    cls: str = ""
+    mark: str = ""
+    title: str = ""
+
+
+def _td(c: Any, raw: bool) -> str:
+    extra, mark, title = "", "", ""
+    if isinstance(c, Cell):
+        extra, mark, title, c = c.cls, c.mark, c.title, c.value
+    number = c is None or (isinstance(c, (int, float)) and not isinstance(c, bool))
+    classes = " ".join(filter(None, ["num" if number else "", extra]))
+    text = "–" if c is None else esc(fmt_number(c)) if number else (c if raw else esc(c))
+    attrs = (f' class="{esc(classes)}"' if classes else "") + (f' title="{esc(title)}"' if title else "")
+    return f"<td{attrs}>{text}{esc(mark)}</td>"
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, id: str = "",
           row_classes: Sequence[str] | None = None, raw: bool = False) -> str:
-    """A table; numbers (int/float) are right-aligned, ``None`` shows as ``–``.
+    """A table; numbers (int/float) are right-aligned, ``None`` shows as ``–``; a :class:`Cell`
+    adds a mark, a class and a title to its value.
 
     Cells are escaped unless ``raw`` (then they are HTML already)."""
     attr = f' id="{esc(id)}"' if id else ""
@@ -79,14 +103,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, id: str = ""
            "<tbody>"]
     for i, row in enumerate(rows):
         cls = row_classes[i] if row_classes and i < len(row_classes) and row_classes[i] else ""
-        cells = []
-        for c in row:
-            if c is None:
-                cells.append('<td class="num">–</td>')
-            elif isinstance(c, (int, float)) and not isinstance(c, bool):
-                cells.append(f'<td class="num">{esc(fmt_number(c))}</td>')
-            else:
-                cells.append(f"<td>{c if raw else esc(c)}</td>")
+        cells = [_td(c, raw) for c in row]
         out.append((f'<tr class="{esc(cls)}">' if cls else "<tr>") + "".join(cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out)

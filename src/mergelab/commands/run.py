@@ -22,6 +22,8 @@ def _summary(result, title: str) -> None:
         table.add_row(s.name, f"[{colour.get(s.status, 'white')}]{s.status}[/]", f"{s.seconds:.1f}", s.detail)
     console = make_console(stderr=True)
     console.print(table)
+    if isinstance(result.manifest.get("base_scores"), dict):
+        console.print(_base_table(result))
     budget = result.manifest.get("budget")
     if budget:
         line = (f"budget {budget['budget_s'] / 60:.1f} min on the {budget['hardware']}, "
@@ -32,6 +34,37 @@ def _summary(result, title: str) -> None:
         console.print(f"[bold red]WARNING:[/] {escape(w)}", highlight=False)
     console.print(f"manifest: {result.out_dir / 'manifest.json'}; report: {result.out_dir / 'report.html'}",
                   highlight=False)
+
+
+def _base_table(result):
+    """The merge's score per task beside the base's (``eval: {compare_base: true}``), each task the
+    merge leaves below the base marked."""
+    from rich.table import Table
+
+    from mergelab.run.report import BELOW_MARK, read_scores
+
+    base = result.manifest["base_scores"]
+    below = set(result.manifest.get("below_base") or [])
+    files = (read_scores(result.out_dir) or {}).get("files", {})
+    table = Table(title="merge vs base (eval.compare_base)", title_justify="left")
+    table.add_column("task")
+    for name in ("merge", "base", "vs base"):
+        table.add_column(name, justify="right", no_wrap=True)
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{v:.4f}"
+
+    for f, s in files.items():
+        task = Path(f).stem
+        merged, b = s.get("score"), base.get(task)
+        if merged is None or b is None:
+            verdict = "–"
+        elif task in below:
+            verdict = f"[bold red]{BELOW_MARK} {merged - b:+.4f} below base[/]"
+        else:
+            verdict = f"{merged - b:+.4f}"
+        table.add_row(task, fmt(merged), fmt(b), verdict)
+    return table
 
 
 def result_json(result) -> str:
@@ -48,6 +81,8 @@ def result_json(result) -> str:
            "scores": None if scores is None else {"overall": scores.get("overall"), "files": scores.get("files"),
                                                   "complete": scores.get("complete")},
            "outputs": len(result.manifest.get("outputs", {})),
+           # eval: {compare_base: true}: the base's score per task and the tasks the merge leaves below it
+           "base_scores": result.manifest.get("base_scores"), "below_base": result.manifest.get("below_base"),
            "budget": result.manifest.get("budget"), "warnings": result.warnings}
     return json.dumps(doc, indent=2, default=str)
 

@@ -66,6 +66,7 @@ def judged_recipe(recipe: dict, inputs: list[Path]) -> dict:
     out = dict(recipe)
     section = dict(out.get("eval") or {})
     section["data"] = [str(p) for p in inputs]
+    section.pop("compare_base", None)   # the judge scores submissions; scoring their base is not its work
     out["eval"] = section
     return out
 

@@ -285,6 +285,9 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
         w = eval_workload(base_dir, eval_section.data, options)
         workload = asdict(w)
         stages.append(estimate_eval(hw, base, w))
+        if getattr(eval_section, "compare_base", False):   # the base on the same files: the same work
+            stages.append(replace(stages[-1], name="base_eval",
+                                  detail="the base on the same files (eval.compare_base; skipped at the deadline)"))
     return Plan(hw, budget_s, stages, models, workload, probe, notes=notes)
 
 

@@ -23,12 +23,19 @@ class EvalSection(BaseModel):
 
     data: list[Path] = Field(min_length=1, description="competition CSV files to evaluate on")
     options: dict[str, Any] = Field(default_factory=dict)
+    compare_base: bool = Field(False, description="`mergelab run` also scores the base on the same files "
+                                                  "and flags each task the merge leaves below it")
 
     @classmethod
     def parse(cls, section: Mapping[str, Any], root: Path) -> "EvalSection":
-        """Split ``{data: [...], <EvalOptions fields>}``, checking each against its schema."""
+        """Split ``{data: [...], compare_base: bool, <EvalOptions fields>}``, checking each against its
+        schema."""
 
         section = dict(section)
+        compare_base = section.pop("compare_base", False)
+        if not isinstance(compare_base, bool):
+            raise RecipeError(f"eval.compare_base: expected true or false, got {clip(compare_base)}",
+                              hint="compare_base: true scores the base on the same files too (see docs/recipe.md)")
         data = section.pop("data", None)
         if isinstance(data, (str, Path)):
             data = [data]
@@ -47,7 +54,8 @@ class EvalSection(BaseModel):
             raise RecipeError(f"eval.shots: expected a CSV file of examples, got {clip(shots)}")
         options = parse_eval_options(section, "eval", root,
                                      hint="eval: takes `data` plus the options of `mergelab eval` (see docs/eval.md)")
-        return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True))
+        return cls(data=[p.resolve() for p in paths], options=options.model_dump(mode="json", exclude_defaults=True),
+                   compare_base=compare_base)
 
     def eval_options(self, device: str):
         opts = dict(self.options)
@@ -221,6 +229,7 @@ class TuneSection(BaseModel):
     params: dict[str, ParamRange] = Field(min_length=1)
     objective: Literal["score", "entropy"] = "score"
     metric: Literal["rougeL", "exact_match", "rouge1", "rouge2"] = "rougeL"
+    below_base_penalty: float = Field(0.0, ge=0.0, allow_inf_nan=False)
     data: list[Path] = Field(min_length=1)
     check_fraction: float = Field(0.5, gt=0.0, lt=1.0)
     rows_per_task: int | None = Field(None, ge=2)
@@ -239,6 +248,14 @@ class TuneSection(BaseModel):
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return None if v is None else parse_duration(v)
+
+    @field_validator("below_base_penalty")
+    @classmethod
+    def _penalty_needs_scores(cls, v: float, info) -> float:
+        if v > 0 and info.data.get("objective") == "entropy":
+            raise ValueError("a penalty below the base needs scores to compare with the base's: it works with "
+                             "objective: score (entropy is no score a merge can fall below)")
+        return v
 
     @field_validator("study")
     @classmethod

@@ -11,7 +11,9 @@ A run writes into one folder::
     DIR/timing.json     stage timings of the last invocation (volatile: not hashed)
     DIR/report.html     one static page: scores, chart, planned vs measured time, rules, hashes
                         (volatile: it holds timings; not hashed)
-    DIR/manifest.json   normalised recipe, resolved commits, input/output sha256, versions, seeds
+    DIR/manifest.json   normalised recipe, resolved commits, input/output sha256, versions, seeds;
+                        with ``eval: {compare_base: true}`` the base's scores on the same files
+                        (``base_scores``) and the tasks the merge leaves below them (``below_base``)
 
 Running again into the same folder skips a stage whose inputs (recipe section and input file
 hashes) and outputs (file hashes) still match the manifest. :func:`reproduce` runs a manifest's
@@ -35,7 +37,7 @@ from pydantic import ValidationError
 
 from mergelab import __version__
 from mergelab.errors import RecipeError, ReproducibilityError
-from mergelab.run.report import write_run_report
+from mergelab.run.report import below_base, read_scores, write_run_report
 from mergelab.run.manifest import (MANIFEST_NAME, VOLATILE_FILES, device_info, fingerprint, hash_tree, now_iso, package_versions, read_manifest, write_manifest)
 from mergelab.util import check_output_path, remove_stale_temps, sha256_file
 from mergelab.progress import ProgressBar, eval_columns
@@ -199,6 +201,7 @@ def run_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], out_dir: str 
     run.plan_budget()
     merged_dir = run.merge_stages()
     run.evaluate_stage(merged_dir)
+    run.base_eval_stage()
     run.card_stage()
     return run.finish()
 
@@ -224,6 +227,7 @@ class _Run:
         self.budget_s: float | None = None
         self.profile = self.plan = self.deadline = self.rule_report = self.data_records = None
         self.models: list[dict] = []
+        self.base_comparison: dict | None = None   # base_scores, below_base (eval.compare_base)
 
     def loud(self, msg: str) -> None:
         self.warnings.append(msg)
@@ -277,6 +281,8 @@ class _Run:
         self.normalised = self.pinned.model_dump(mode="json", exclude_none=True)
         if self.eval_section is not None:
             self.normalised["eval"] = {"data": [str(p) for p in self.eval_section.data], **self.eval_section.options}
+            if self.eval_section.compare_base:
+                self.normalised["eval"]["compare_base"] = True
         if self.finetune is not None:
             self.normalised["finetune"] = self.finetune.model_dump(mode="json")
 
@@ -314,6 +320,7 @@ class _Run:
             return None
         names = [s.name for s in self.plan.stages]
         later = names[names.index(stage) + 1:] if stage in names else []
+        later = [n for n in later if n != "base_eval"]   # optional: skipped at the deadline, never waited for
         return self.deadline - sum(self.plan.stage(n).seconds for n in later)
 
     # ------------------------------------------------------------------------------ the stages
@@ -439,8 +446,7 @@ class _Run:
         if section.options.get("shots"):
             data_hashes[str(section.options["shots"])] = sha256_file(section.options["shots"])
         lora = self.recipe.output.format == "lora"
-        key = _stage_key(self.normalised["eval"], self.final_outputs, data_hashes,
-                         self.inputs["base"] if lora else None)
+        key = _stage_key(self.eval_key_part(), self.final_outputs, data_hashes, self.inputs["base"] if lora else None)
         if self.skip_if_done("eval", key, eval_dir):
             return
         self.say(f"evaluating on {len(section.data)} file(s)")
@@ -471,6 +477,64 @@ class _Run:
         self.finished("eval", {"key": key, "outputs": hash_tree(eval_dir, skip=VOLATILE_FILES),
                                "seconds": self.timings["eval"], "data": data_hashes,
                                "complete": bool(scores.get("complete", True)), "rows_not_reached": missed})
+
+    def eval_key_part(self) -> dict:
+        """What an evaluation depends on in the eval section (``compare_base`` is not of it)."""
+        return {k: v for k, v in self.normalised["eval"].items() if k != "compare_base"}
+
+    def base_eval_stage(self) -> None:
+        """With ``eval: {compare_base: true}``: score the base on the same files (nothing written but
+        the manifest's record) and name each task the merge leaves below it (a warning, the
+        manifest's ``below_base``, the report). After the submission is complete; skipped, with a
+        warning, when the deadline has passed."""
+        section = self.eval_section
+        if section is None or not section.compare_base:
+            return
+        data_hashes = {str(p): sha256_file(p) for p in section.data}
+        key = _stage_key("base_eval", self.eval_key_part(), self.inputs["base"], data_hashes)
+        previous = (self.previous or {}).get("stages", {}).get("base_eval")
+        if previous and previous.get("key") == key and isinstance(previous.get("scores"), dict):
+            self.stages.append(StageReport("base_eval", "skipped", 0.0, "inputs match the manifest"))
+            self.records["base_eval"] = previous
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            self.stages.append(StageReport("base_eval", "off", 0.0, "DEADLINE: no time left"))
+            self.loud("the deadline passed before the base could be scored (eval.compare_base): this run cannot "
+                      "say which tasks the merge leaves below the base")
+            return
+        else:
+            self.say(f"scoring the base on the same {len(section.data)} file(s) (eval.compare_base)")
+            t0 = time.perf_counter()
+            with ProgressBar(not self.quiet, eval_columns, total=1) as bar:
+                def rows_done(done: int, total: int) -> None:
+                    bar.update(completed=done, total=total)
+                scores = evaluate(self.models[0]["local_path"], section.data, None, section.eval_options(self.device),
+                                  deadline=self.deadline, label="base", on_progress=rows_done)
+            self.timings["base_eval"] = time.perf_counter() - t0
+            if not scores.get("complete", True):
+                self.stages.append(StageReport("base_eval", "partial", self.timings["base_eval"],
+                                               "DEADLINE: not every row scored; not compared"))
+                self.loud("the deadline stopped scoring the base (eval.compare_base) before every row: this run "
+                          "cannot say which tasks the merge leaves below the base")
+                return
+            base = {Path(f).stem: s["score"] for f, s in scores["files"].items()}
+            self.stages.append(StageReport("base_eval", "ran", self.timings["base_eval"],
+                                           ", ".join(f"{t}={v:.3f}" for t, v in base.items() if v is not None)))
+            self.finished("base_eval", {"key": key, "scores": base, "seconds": self.timings["base_eval"]})
+        self.compare_with_base(self.records["base_eval"]["scores"])
+
+    def compare_with_base(self, base: dict[str, float | None]) -> None:
+        merged_scores = read_scores(self.out_dir) or {}
+        merged = {Path(f).stem: s.get("score") for f, s in merged_scores.get("files", {}).items()}
+        if not any(v is not None and base.get(t) is not None for t, v in merged.items()):
+            self.loud("eval.compare_base: no evaluation file has targets, so neither the merge nor the base has a "
+                      "score to compare; give labelled files (e.g. a validation split) to see the comparison")
+        below = below_base(merged, base)
+        self.base_comparison = {"base_scores": base, "below_base": below}
+        if below:
+            self.loud("the merge scores below the base model on " + ", ".join(
+                f"{t} ({merged[t]:.4f} < {base[t]:.4f})" for t in below) + ": merging is worse there than not "
+                "merging at all; try per-task weights, a data-aware method (regmean) or mergelab tune with "
+                "below_base_penalty")
 
     def card_stage(self) -> None:
         """Write the run's model card ``model/README.md``: pinned recipe, inputs and licences, rule
@@ -541,6 +605,8 @@ class _Run:
             manifest["finetune"] = {"when": self.finetune.when, "seed": self.finetune.seed, "data": self.data_records}
         if budget is not None:
             manifest["budget"] = budget
+        if self.base_comparison is not None:
+            manifest.update(self.base_comparison)
         if self.warnings:
             manifest["warnings"] = self.warnings
         pushed = (self.previous or {}).get("push")

@@ -2,7 +2,8 @@
 
 The recipe, the rule check, planned vs measured time per stage (planned when the run had a
 budget), the scores per evaluation file (task) with a chart — against the base and the experts
-when the caller knows their scores (a plain run knows only its own) — and the manifest's hashes,
+when the caller knows their scores (a run knows the base's with ``eval: {compare_base: true}``),
+each task the merge leaves below the base marked ``▼`` — and the manifest's hashes,
 folded away. Built from :mod:`mergelab.htmlpage`: no server, no CDN, no script. The page holds
 timings, so it is volatile (:data:`mergelab.run.manifest.VOLATILE_FILES`): never hashed.
 """
@@ -22,6 +23,16 @@ REPORT_NAME = "report.html"
 
 def _task(file_name: str) -> str:
     return file_name[:-4] if file_name.endswith(".csv") else file_name
+
+
+#: What a task scored below the base is marked with in tables (the terminal, report.md, report.html).
+BELOW_MARK = "▼"
+
+
+def below_base(merged: Mapping[str, float | None], base: Mapping[str, float | None]) -> list[str]:
+    """The tasks of ``merged`` (in its order) where the merge scores below the base: for those,
+    merging is worse than not merging at all. A task without a score on either side is left out."""
+    return [t for t, v in merged.items() if v is not None and base.get(t) is not None and v < base[t]]
 
 
 def read_scores(out_dir: Path) -> dict | None:
@@ -81,18 +92,26 @@ def scores_section(scores: Mapping[str, Any] | None,
     files = scores.get("files", {})
     tasks = [_task(f) for f in files]
     reference = {k: v for k, v in (reference or {}).items() if v}
-    headers = ["task", "rows", "score (merge)", *[f"score ({k})" for k in reference], "MC accuracy",
-               "exact match", "rows not reached"]
+    base = reference.get("base")
+    merged = {_task(f): s["score"] for f, s in files.items()}
+    below = below_base(merged, base) if base else []
+    headers = ["task", "rows", "score (merge)", *[f"score ({k})" for k in reference],
+               *(["merge − base"] if base else []), "MC accuracy", "exact match", "rows not reached"]
     rows = []
     for f, s in files.items():
         t = _task(f)
-        rows.append([t, s["rows"], s["score"], *[ref.get(t) for ref in reference.values()],
+        vs_base = []
+        if base:
+            diff = None if s["score"] is None or base.get(t) is None else s["score"] - base[t]
+            vs_base = [h.Cell(diff, "bad", f" {BELOW_MARK} below base", "the merge scores below the base model here")
+                       if t in below else diff]
+        rows.append([t, s["rows"], s["score"], *[ref.get(t) for ref in reference.values()], *vs_base,
                      s["multiple_choice"]["accuracy"], s["generation"]["exact_match"], s["not_reached"]])
     o = scores.get("overall", {})
     if o:
         rows.append(["overall", o["rows"], o["score"],
-                     *[(sum(ref.get(t, 0.0) for t in tasks) / len(tasks)) if all(t in ref for t in tasks) else None
-                       for ref in reference.values()],
+                     *[(sum(ref[t] for t in tasks) / len(tasks)) if all(ref.get(t) is not None for t in tasks)
+                       else None for ref in reference.values()], *([None] if base else []),
                      o["multiple_choice"]["accuracy"], o["generation"]["exact_match"], o["not_reached"]])
     series: dict[str, list[float | None]] = {}
     colours = {"merge": h.PALETTE[0]}
@@ -100,11 +119,19 @@ def scores_section(scores: Mapping[str, Any] | None,
         series[k] = [ref.get(t) for t in tasks]
         colours[k] = h.GREY if k == "base" else h.PALETTE[(i + 1) % len(h.PALETTE)]
     series["merge"] = [files[f]["score"] for f in files]
-    parts = [h.table(headers, rows, id="scoretable", row_classes=[""] * len(files) + ["best"]),
+    parts = [h.table(headers, rows, id="scoretable",
+                     row_classes=["bad" if t in below else "" for t in tasks] + ["best"]),
              h.bar_chart(tasks, series, title="score per task", y_label="score", colours=colours, id="scorechart")]
+    if below:
+        parts.append(h.para(f"{BELOW_MARK} below the base model on "
+                            + ", ".join(f"{t} ({merged[t]:.4f} < {base[t]:.4f})" for t in below)
+                            + ": merging is worse there than not merging at all.", "bad"))
+    elif base:
+        parts.append(h.para("No task scores below the base model.", "ok"))
     if not reference:
-        parts.append(h.para("Only the merge's own scores are known to a run; mergelab eval of the base and "
-                            "of each expert on the same files gives the figures to compare with."))
+        parts.append(h.para("Only the merge's own scores are known to this run; eval: {compare_base: true} in the "
+                            "recipe scores the base on the same files too and flags each task the merge leaves "
+                            "below it (mergelab eval of each expert gives their figures)."))
     if not scores.get("complete", True):
         parts.append(h.para("the evaluation did not finish: rows not reached got the fallback prediction.", "bad"))
     return h.section("Scores", *parts, id="scores")
@@ -147,6 +174,8 @@ def run_report_html(manifest: Mapping[str, Any], *, stages: Sequence[Mapping[str
     """The page of one run from its manifest, its stage reports (``name``, ``status``, ``seconds``,
     ``detail``), its ``eval/scores.json`` and optional reference scores ``{"base": {task: score},
     "experts": {task: score}}``."""
+    if reference is None and isinstance(manifest.get("base_scores"), Mapping):   # eval: {compare_base: true}
+        reference = {"base": manifest["base_scores"]}
     recipe = manifest.get("recipe", {})
     method = recipe.get("method", {})
     n_experts = len(recipe.get("experts", []))
@@ -174,4 +203,4 @@ def write_run_report(out_dir: str | Path, manifest: Mapping[str, Any], *,
     return path
 
 
-__all__ = ["REPORT_NAME", "run_report_html", "write_run_report", "read_scores"]
+__all__ = ["REPORT_NAME", "BELOW_MARK", "below_base", "run_report_html", "write_run_report", "read_scores"]

@@ -3,7 +3,7 @@
 * :mod:`mergelab.tune.config` — the ``tune:`` section (search space, objective, data, budget) and
   the search space's mapping back into a plain recipe;
 * :mod:`mergelab.tune.objective` — the deterministic search/check split and the objectives
-  (``score`` on labelled rows, ``entropy`` on unlabelled inputs);
+  (``score`` on labelled rows, ``entropy`` on unlabelled inputs) and the penalty below the base;
 * :mod:`mergelab.merge.inplace` — each trial's merge written into the loaded base in memory;
 * :mod:`mergelab.tune.study` — the optuna study, budgets, resuming, and the outputs
   (``recipe.tuned.yaml``, ``trials.csv``, ``report.md``, ``search.png``).

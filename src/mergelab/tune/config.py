@@ -11,6 +11,7 @@
         weight: {low: 0.0, high: 1.0, layers: 3}           # 3 anchors across the depth
       objective: score            # or entropy (unlabelled inputs)
       metric: rougeL              # generation rows in `score`: rougeL, exact_match, rouge1, rouge2
+      below_base_penalty: 1.0     # `score` − 1.0 × Σ over tasks of max(0, base's score − merge's)
       data: [val/a.csv, val/b.csv]
       check_fraction: 0.5         # share of each file's rows held out as the check part
       trials: 30
@@ -168,4 +169,6 @@ def fingerprint(recipe_data: Mapping[str, Any], section: TuneSection) -> str:
         "split": [section.check_fraction, section.rows_per_task, section.split_seed],
         "eval": section.eval,
     }
+    if section.below_base_penalty:   # only when set: studies made before the option keep their fingerprint
+        payload["below_base_penalty"] = section.below_base_penalty
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -19,6 +19,12 @@ same however many rows it has):
     over the choices' (length-normalised, if the options say so) log-probabilities, divided by
     ``log(number of choices)``; for a generation row the entropy of the next-token distribution
     after the prompt, divided by ``log(vocabulary size)``. Both lie in [0, 1].
+
+**Penalty below the base** (``below_base_penalty: p`` with ``score``): the base model is scored
+once on each part before the trials, and a trial's value becomes
+``mean over tasks − p × Σ over tasks of max(0, base's score − merge's score)``
+(:class:`BelowBasePenalty`), so a merge that leaves a task worse than not merging at all pays for
+it even when the other tasks gain more on average.
 """
 from __future__ import annotations
 
@@ -129,6 +135,29 @@ class Objective:
         else:
             per_task = {f.stem: mean_entropy(model, self.tokenizer, f, self.options) for f in files}
         return sum(per_task.values()) / len(per_task), per_task
+
+
+def below_base_shortfall(tasks: dict[str, float], base: dict[str, float]) -> float:
+    """Σ over the tasks both know of ``max(0, base[t] − tasks[t])``: how far the merge falls below
+    the base, summed over the tasks where it does."""
+    return sum(max(0.0, base[t] - v) for t, v in tasks.items() if t in base)
+
+
+class BelowBasePenalty:
+    """An objective (maximised) minus ``penalty`` × its shortfall below the base on each part.
+
+    ``base`` is ``{part: {task: the base model's value}}``; calling returns the penalised value and
+    the objective's own per-task values (unchanged, so the report shows the real scores).
+    """
+
+    def __init__(self, objective, base: dict[str, dict[str, float]], penalty: float):
+        self.objective = objective
+        self.base = base
+        self.penalty = penalty
+
+    def __call__(self, model, part: str) -> tuple[float, dict[str, float]]:
+        value, tasks = self.objective(model, part)
+        return value - self.penalty * below_base_shortfall(tasks, self.base[part]), tasks
 
 
 def mean_entropy(model, tokenizer, path: Path, options) -> float:

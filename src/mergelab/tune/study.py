@@ -29,7 +29,7 @@ from mergelab.errors import MergelabError
 from mergelab.recipe import load_recipe, read_recipe
 from mergelab.tune.config import SearchSpace, fingerprint
 from mergelab.recipe.sections import TuneError, TuneSection, parse_eval_options
-from mergelab.tune.objective import DIRECTIONS, Objective, load_splits, write_rows
+from mergelab.tune.objective import DIRECTIONS, BelowBasePenalty, Objective, load_splits, write_rows
 from mergelab.util import atomic_write, check_output_path
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inplace import InPlaceMerger
@@ -74,6 +74,9 @@ class TuneResult:
     merger: dict[str, Any] = field(default_factory=dict)
     split_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     tuned_recipe: dict = field(default_factory=dict)
+    constant_tasks: dict[str, float] = field(default_factory=dict)   # task: its one search value
+    base_tasks: dict[str, dict[str, float]] = field(default_factory=dict)   # part: {task: base's value}
+    below_base_penalty: float = 0.0
 
 
 # ------------------------------------------------------------------------------------- reading
@@ -84,7 +87,8 @@ def _eval_options(section: TuneSection, recipe_data: Mapping[str, Any], root: Pa
     if section.eval is not None:
         where, opts = "tune.eval", dict(section.eval)
     else:
-        where, opts = "eval", {k: v for k, v in (recipe_data.get("eval") or {}).items() if k != "data"}
+        where, opts = "eval", {k: v for k, v in (recipe_data.get("eval") or {}).items()
+                               if k not in ("data", "compare_base")}   # keys of `mergelab run`, not options
     if device != "auto":
         opts["device"] = device
     return parse_eval_options(opts, where, root, error=TuneError)
@@ -196,6 +200,9 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
                                                 dtype=options.dtype)
     merger = InPlaceMerger(base_recipe, model)
     score = objective or Objective(section.objective, files, options, tokenizer, metric=section.metric)
+    base_tasks: dict[str, dict[str, float]] = {}
+    if section.below_base_penalty > 0:
+        score, base_tasks = _penalise_below_base(score, model, section.below_base_penalty, direction, say)
     say(f"study {study_name} ({len(space.dims)} parameters, {section.sampler}, {direction}) in {storage_url}; "
         f"{n_before} earlier trial(s); in-place merge: {merger.describe()['mode']}, "
         f"{merger.describe()['tensors']} tensors")
@@ -222,11 +229,28 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     result = collect(st, out_dir, study_name, storage_url, direction, section, stopped_by,
                      time.monotonic() - t_start, len(st.trials) - n_before)
     result.merger = merger.describe()
+    result.base_tasks, result.below_base_penalty = base_tasks, section.below_base_penalty
     result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
     best_dict = space.recipe_dict(result.best.values)
     result.tuned_recipe = best_dict
     write_outputs(result, recipe_path, section, space)
     return result
+
+
+def _penalise_below_base(score, model, penalty: float, direction: str, say: Callable[[str], None]):
+    """Score the base (the loaded model before any trial) on both parts; return the objective
+    penalised below it (:class:`~mergelab.tune.objective.BelowBasePenalty`) and the base's values."""
+    if direction != "maximize":
+        raise TuneError("tune.below_base_penalty: a penalty below the base needs a maximised objective "
+                        f"(this one is to {direction[:-1]}e)", hint="use objective: score")
+    say("scoring the base model on both parts (below_base_penalty) …")
+    base = {part: dict(score(model, part)[1]) for part in ("search", "check")}
+    if not base["search"]:
+        raise TuneError("tune.below_base_penalty: the objective gives no per-task values to compare with "
+                        "the base's")
+    say("base: " + ", ".join(f"{t} {v:.4f}" for t, v in base["search"].items()) + " (search part); a trial "
+        f"loses {penalty:g} × the sum of its shortfalls below these")
+    return BelowBasePenalty(score, base, penalty), base
 
 
 def _write_splits(out_dir: Path, splits) -> dict[str, list[Path]]:
@@ -362,8 +386,41 @@ def collect(st, out_dir: Path, study_name: str, storage_url: str, direction: str
             f"(trial {start.number}: {start.check:.4f}): the search did not generalise beyond its rows")
     if failed:
         warnings.append(f"{failed} trial(s) failed (see trials.csv / the study storage for their errors)")
+    constant = constant_tasks(done)
+    warnings += [constant_task_warning(t, v, len(done), direction) for t, v in constant.items()]
     return TuneResult(out_dir, study_name, storage_url, direction, best, sorted(done, key=lambda r: r.number),
-                      failed, stopped_by, warnings, seconds, new_trials)
+                      failed, stopped_by, warnings, seconds, new_trials, constant_tasks=constant)
+
+
+def constant_tasks(trials: list[TrialRecord]) -> dict[str, float]:
+    """The tasks whose search-part value is the same in every trial (at least two trials): the
+    search cannot see them, whatever their parameters. ``{task: that value}``, in task order."""
+    if len(trials) < 2:
+        return {}
+    out = {}
+    for task in trials[0].search_tasks:
+        values = [t.search_tasks.get(task) for t in trials]
+        if any(v is None for v in values):
+            continue
+        if max(values) - min(values) <= 1e-12:
+            out[task] = float(values[0])
+    return out
+
+
+def constant_task_warning(task: str, value: float, n_trials: int, direction: str) -> str:
+    """What a user reads about a task that scored ``value`` in each of ``n_trials`` trials."""
+    text = (f"task {task!r} scored {value:.4f} on the search part in every one of the {n_trials} trials: "
+            "the search could not see it (no trial changed its score), so the winner was chosen by the "
+            "other tasks alone; ")
+    if direction == "maximize" and value <= 0.0:
+        return text + ("check how that task is scored: for a generation task its stop strings (eval option "
+                       "`stop`) and `max_new_tokens` (an answer followed by more text never matches), and "
+                       "tune.metric (exact_match is 0 unless the whole output matches the target; rougeL "
+                       "gives partial credit); for any task, that its targets are right")
+    if direction == "maximize" and value >= 1.0:
+        return text + "every trial already scores it perfectly, so it cannot tell the trials apart"
+    return text + ("check its rows: with few search rows a score moves in coarse steps (give more rows "
+                   "or a finer tune.metric), and see that its targets and prompts are what the task needs")
 
 
 # ------------------------------------------------------------------------------------- outputs
@@ -414,7 +471,7 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
     per_min = 60 * complete / total_s if total_s > 0 else float("nan")
     to_best = sum(t.seconds for t in r.trials if t.number <= best.number)
     lines = [f"# mergelab tune: {recipe_path.name}", "",
-             f"- study **{r.study_name}** in `{r.storage}`; objective **{section.objective}** "
+             f"- study **{r.study_name}** in `{r.storage}`; objective **{_objective_text(r, section)}** "
              f"({r.direction}), sampler {section.sampler} (seed {section.seed})",
              f"- this invocation: {r.new_trials} trial(s) in {r.seconds:.0f} s, stopped by **{r.stopped_by}** "
              f"(budget: trials {section.trials}, time limit "
@@ -430,11 +487,16 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
              f"(warning above {section.divergence:g})", "",
              "| parameter | value |", "|---|---|"]
     lines += [f"| `{n}` | {best.values.get(n)} |" for n in names]
-    tasks = sorted(set(best.search_tasks) | set(best.check_tasks))
-    if tasks:
-        lines += ["", "| task | search | check |", "|---|---|---|"]
-        lines += [f"| {t} | {best.search_tasks.get(t, float('nan')):.4f} | {best.check_tasks.get(t, float('nan')):.4f} |"
-                  for t in tasks]
+    headers, rows = _task_rows(r)
+    if rows:
+        lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join("–" if c is None else f"{c:.4f}" if isinstance(c, float) else str(c)
+                                    for c in row) + " |" for row in rows]
+    if r.constant_tasks:
+        lines += ["", "## Tasks the search could not see", "",
+                  ("Each scored the same on the search part in every trial, so no parameter moved it "
+                   "(see the warnings)."), "", "| task | value in every trial |", "|---|---|"]
+        lines += [f"| {t} | {v:.4f} |" for t, v in r.constant_tasks.items()]
     lines += ["", "The tuned recipe is `recipe.tuned.yaml`; `mergelab run recipe.tuned.yaml --out RUN` "
               "reproduces this merge.", "", "## Warnings", ""]
     lines += [f"- ⚠ {w}" for w in r.warnings] or ["none"]
@@ -446,6 +508,30 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
                      f"{t.seconds:.1f} | " + " | ".join(str(t.values.get(n, "")) for n in names) + " |")
     lines += ["", "![search](search.png)", ""]
     return "\n".join(lines)
+
+
+def _objective_text(r: TuneResult, section: TuneSection) -> str:
+    if not r.below_base_penalty:
+        return section.objective
+    return (f"{section.objective} − {r.below_base_penalty:g} × Σ max(0, base − merge) over tasks "
+            "(below_base_penalty)")
+
+
+def _task_rows(r: TuneResult) -> tuple[list[str], list[list[Any]]]:
+    """The winner's value per task on each part (None where a part lacks the task), beside the
+    base's where it was scored, with ``below base (…)`` where the winner falls under it."""
+    best = r.best
+    tasks = sorted(set(best.search_tasks) | set(best.check_tasks))
+    if not r.base_tasks:
+        return ["task", "search", "check"], [[t, best.search_tasks.get(t), best.check_tasks.get(t)] for t in tasks]
+    rows = []
+    for t in tasks:
+        s, c = best.search_tasks.get(t), best.check_tasks.get(t)
+        base_s, base_c = r.base_tasks["search"].get(t), r.base_tasks["check"].get(t)
+        below = [part for part, v, b in (("search", s, base_s), ("check", c, base_c))
+                 if v is not None and b is not None and v < b]
+        rows.append([t, s, base_s, c, base_c, f"below base ({', '.join(below)})" if below else ""])
+    return ["task", "search", "base (search)", "check", "base (check)", "vs base"], rows
 
 
 def search_curve(r: TuneResult) -> list[tuple[int, float]]:
@@ -468,26 +554,35 @@ def report_html(r: TuneResult, recipe_path: Path, section: TuneSection, names: l
         marker_label=f"winner (trial {best.number})", title=f"search curve: {r.study_name}", x_label="trial",
         y_label="objective" + (" (higher is better)" if r.direction == "maximize" else " (lower is better)"),
         id="searchchart")
-    tasks = sorted(set(best.search_tasks) | set(best.check_tasks))
     winner = [h.para(f"trial {best.number}: search {best.search:.4f}, check {best.check:.4f}, gap "
                      f"{best.gap(r.direction):+.4f} (warning above {section.divergence:g})"),
               h.table(["parameter", "value"], [[n, best.values.get(n)] for n in names], id="winner")]
-    if tasks:
-        winner.append(h.table(["task", "search", "check"],
-                              [[t, best.search_tasks.get(t), best.check_tasks.get(t)] for t in tasks]))
+    headers, rows = _task_rows(r)
+    if rows:
+        winner.append(h.table(headers, rows, id="winnertasks",
+                              row_classes=["bad" if row[-1].startswith("below") else "" for row in rows]
+                              if r.base_tasks else None))
+    unseen = []
+    if r.constant_tasks:
+        unseen = [h.section("Tasks the search could not see",
+                            h.para("Each scored the same on the search part in every trial, so no parameter "
+                                   "moved it (see the warnings).", "bad"),
+                            h.table(["task", "value in every trial"], [[t, v] for t, v in r.constant_tasks.items()],
+                                    id="constanttasks"), id="unseen")]
     trials = [[t.number, t.search, t.check, t.gap(r.direction), t.seconds, *[t.values.get(n) for n in names]]
               for t in r.trials]
     classes = ["best" if t is best else "" for t in r.trials]
     return h.page(f"mergelab tune: {recipe_path.name}", [
         *([h.section("Warnings", *[h.para(w, "bad") for w in r.warnings], id="warnings")] if r.warnings else []),
         h.section("Search", chart,
-                  h.para(f"study {r.study_name}; objective {section.objective} ({r.direction}), sampler "
+                  h.para(f"study {r.study_name}; objective {_objective_text(r, section)} ({r.direction}), sampler "
                          f"{section.sampler} (seed {section.seed}); this invocation: {r.new_trials} trial(s) in "
                          f"{r.seconds:.0f} s, stopped by {r.stopped_by}; {len(r.trials)} finished trial(s) in the "
                          f"study, {r.failed} failed"), id="search"),
         h.section(f"Winner: trial {best.number}", *winner,
                   h.para("The tuned recipe is recipe.tuned.yaml; mergelab run recipe.tuned.yaml --out RUN "
                          "reproduces this merge."), id="best"),
+        *unseen,
         h.section("Trials", h.table(["trial", "search", "check", "gap", "seconds", *names], trials, id="trials",
                                     row_classes=classes), id="alltrials"),
     ], subtitle=f"storage {r.storage}")

@@ -8,7 +8,9 @@ The demo is mergelab doing its main job end to end, offline, in minutes on a CPU
    and LoRA-merge APIs (merges happen in ΔW space; see :mod:`mergelab.merge.adapter`);
 3. the base is loaded once; the base, each expert (on its own task) and each merged adapter (on
    every task) are evaluated with :func:`mergelab.evaluate.evaluate` on the test CSVs;
-4. a table of per-task scores and normalised scores (merged ÷ expert) is printed, and
+4. a table of per-task scores and normalised scores (merged ÷ expert) is printed — a merged
+   score below the base's on its task is marked ``▼`` (merging is worse there than not merging),
+   and each merge's ``below_base`` tasks are listed in the summary — and
    ``report.md``, ``report.html`` (one static page, chart inline), ``chart.png``, ``scores.json``, the recipes and the merged adapters are written
    to the output folder (replaced as a whole at the end).
 
@@ -35,6 +37,7 @@ from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.evaluate import read_competition_csv
 from mergelab.util import atomic_write
 from mergelab.progress import make_console
+from mergelab.run.report import BELOW_MARK, below_base
 from mergelab import htmlpage as h
 
 
@@ -89,6 +92,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
              console=None) -> dict:
     """Run the whole demo; returns the results written to ``out_dir/scores.json``."""
     import yaml
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
@@ -167,8 +171,11 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
 
     print_demo_table(zoo.tasks, base_scores, expert_scores, results, summary, console)
     best = max(summary, key=lambda k: summary[k]["normalised_mean"])
+    below = summary[best]["below_base"]
     console.print(f"best method: [bold]{best}[/], keeping {summary[best]['normalised_mean']:.0%} of the "
-                  f"experts' scores on average (normalised score = merged ÷ expert, per task)")
+                  f"experts' scores on average (normalised score = merged ÷ expert, per task), "
+                  + (f"[bold red]but below the base on {escape(', '.join(below))}[/]" if below
+                     else "with no task below the base"), highlight=False)
     console.print(f"wrote {out_dir / 'report.html'}, {out_dir / 'report.md'}, {out_dir / 'chart.png'}, {out_dir / 'scores.json'} "
                   f"in {timings['total_s']:.0f} s")
     console.print(f"[yellow]note:[/] {NOT_COMPETITION_LEGAL}")
@@ -203,7 +210,8 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 def summarise(tasks: list[str], base: dict[str, float], expert: dict[str, float],
               results: dict[str, dict]) -> dict[str, dict]:
-    """Per merge: the mean score and the mean normalised score (merged ÷ expert, per task).
+    """Per merge: the mean score, the mean normalised score (merged ÷ expert, per task) and the
+    tasks it scores below the base (``below_base``: merging is worse there than not merging).
 
     A task whose expert scores 0 has no normalised score and is left out of that mean.
     """
@@ -212,8 +220,20 @@ def summarise(tasks: list[str], base: dict[str, float], expert: dict[str, float]
         norm = {t: r["scores"][t] / expert[t] for t in tasks if expert[t] > 0}
         out[label] = {"mean": sum(r["scores"][t] for t in tasks) / len(tasks),
                       "normalised": norm,
-                      "normalised_mean": sum(norm.values()) / len(norm) if norm else 0.0}
+                      "normalised_mean": sum(norm.values()) / len(norm) if norm else 0.0,
+                      "below_base": below_base({t: r["scores"][t] for t in tasks}, base)}
     return out
+
+
+def below_base_text(summary: dict[str, dict], base: dict[str, float], results: dict[str, dict]) -> str:
+    """One line naming each merge that scores below the base on a task, with both scores."""
+    parts = [f"{k} on " + ", ".join(f"{t} ({results[k]['scores'][t]:.2f} < {base[t]:.2f})"
+                                     for t in s.get("below_base", []))
+             for k, s in summary.items() if s.get("below_base")]
+    if not parts:
+        return "No merge scores below the base model on any task."
+    return (f"{BELOW_MARK} below the base model (merging is worse there than not merging): "
+            + "; ".join(parts) + ".")
 
 
 def task_abbreviations(tasks: list[str], length: int = 4) -> dict[str, str]:
@@ -234,6 +254,7 @@ def demo_table(tasks, base, expert, results, summary, *, short: bool = False, pe
     ``per_task`` only the mean and the normalised score (the narrowest form)."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     shown = tasks if per_task else []
     abbrev = task_abbreviations(shown) if short else {t: t for t in shown}
@@ -245,11 +266,16 @@ def demo_table(tasks, base, expert, results, summary, *, short: bool = False, pe
     table.add_column("norm." if short else "normalised", justify="right", no_wrap=True)
     best = max(summary, key=lambda k: summary[k]["normalised_mean"]) if summary else None
     norm_base = _mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0})
-    table.add_row("base", *[f"{base[t]:.2f}" for t in shown], f"{_mean(base, tasks):.2f}", f"{norm_base:.0%}")
-    table.add_row("experts" if short else "expert (own task)", *[f"{expert[t]:.2f}" for t in shown],
+
+    def cell(value: float, below: bool = False) -> Text:   # the mark goes first: the figures stay aligned
+        return Text(f"{BELOW_MARK}{value:.2f}", style="red") if below else Text(f"{value:.2f}")
+
+    table.add_row("base", *[cell(base[t]) for t in shown], f"{_mean(base, tasks):.2f}", f"{norm_base:.0%}")
+    table.add_row("experts" if short else "expert (own task)", *[cell(expert[t]) for t in shown],
                   f"{_mean(expert, tasks):.2f}", "100%", end_section=True)
     for k, r in results.items():
-        table.add_row(k, *[f"{r['scores'][t]:.2f}" for t in shown], f"{summary[k]['mean']:.2f}",
+        below = summary[k].get("below_base", [])
+        table.add_row(k, *[cell(r["scores"][t], t in below) for t in shown], f"{summary[k]['mean']:.2f}",
                       f"{summary[k]['normalised_mean']:.0%}", style="bold" if k == best else None)
     return table, {t: a for t, a in abbrev.items() if a != t}
 
@@ -278,6 +304,9 @@ def print_demo_table(tasks, base, expert, results, summary, console) -> None:
     if legend or note:
         console.print("; ".join(filter(None, [", ".join(f"{a} = {escape(t)}" for t, a in legend.items()), note])),
                       highlight=False)
+    below = any(s.get("below_base") for s in summary.values())
+    console.print(("[bold red]" if below else "") + escape(below_base_text(summary, base, results))
+                  + ("[/]" if below else ""), highlight=False)
 
 
 def _mean(d: dict[str, float], keys=None) -> float:
@@ -324,8 +353,9 @@ def demo_report_html(p: dict) -> str:
     norm_base = _mean({t: base[t] / expert[t] for t in tasks if expert[t] > 0})
     rows = [["base", *[base[t] for t in tasks], _mean(base, tasks), f"{norm_base:.0%}"],
             ["experts (own task)", *[expert[t] for t in tasks], _mean(expert, tasks), "100%"]]
-    rows += [[k, *[r["scores"][t] for t in tasks], summary[k]["mean"], f"{summary[k]['normalised_mean']:.0%}"]
-             for k, r in merges.items()]
+    rows += [[k, *[_score_cell(r["scores"][t], base[t]) for t in tasks], summary[k]["mean"],
+              f"{summary[k]['normalised_mean']:.0%}"] for k, r in merges.items()]
+    below = any(summary[k].get("below_base") for k in merges)
     classes = ["", ""] + ["best" if k == best else "" for k in merges]
     norm = {"base": [base[t] / expert[t] if expert[t] > 0 else None for t in tasks]}
     norm |= {k: [r["scores"][t] / expert[t] if expert[t] > 0 else None for t in tasks] for k, r in merges.items()}
@@ -339,11 +369,11 @@ def demo_report_html(p: dict) -> str:
                                    "adapter and is evaluated on every task's test file; normalised = merged ÷ the "
                                    "expert's score on its own task, averaged over the tasks."),
                   h.table(["model", *tasks, "mean", "normalised"], rows, id="scoretable", row_classes=classes),
+                  h.para(below_base_text(summary, base, merges), "bad" if below else "ok"),
                   h.bar_chart(labels, norm, title="normalised score per task (merged ÷ expert)",
                               y_label="normalised score", reference=1.0, reference_label="expert (= 100%)",
                               colours={"base": h.GREY}, id="scorechart"),
-                  h.para(f"Best: {best}, {summary[best]['normalised_mean']:.0%} normalised score on average."
-                         if best else "no merge ran."), id="scores"),
+                  h.para(_best_text(best, summary) if best else "no merge ran."), id="scores"),
         h.section("Methods", h.table(["merge", "recipe method", "output", "what it does", "merge time", "eval time"],
                                      methods), id="methods"),
         h.section("Timings", h.table(["part", "time"], [
@@ -354,6 +384,20 @@ def demo_report_html(p: dict) -> str:
                                    [[k, v["eval_type"].replace("_", " "), v["skill"], v["test_rows"]]
                                     for k, v in p["tasks"].items()]), id="tasks"),
     ], subtitle=f"base {p['base']} · zoo {p['zoo']}")
+
+
+def _best_text(best: str, summary: dict[str, dict], bold: bool = False) -> str:
+    below = summary[best].get("below_base", [])
+    name = f"**{best}**" if bold else best
+    return (f"Best: {name}, {summary[best]['normalised_mean']:.0%} normalised score on average, "
+            + (f"but below the base on {', '.join(below)}." if below else "with no task below the base."))
+
+
+def _score_cell(score: float, base: float):
+    """A merge's score in the page's table, marked when it lies below the base's."""
+    if score < base:
+        return h.Cell(score, "bad", f" {BELOW_MARK}", f"below the base model ({base:.4f})")
+    return score
 
 
 def json_text(obj) -> str:
@@ -387,11 +431,14 @@ def report_markdown(p: dict) -> str:
                  + f" | {_mean(expert, tasks):.2f} | 100% |")
     for label, r in merges.items():
         norm = summary[label]["normalised"]
-        cells = [f"{r['scores'][t]:.2f} ({norm[t]:.0%})" if t in norm else f"{r['scores'][t]:.2f}" for t in tasks]
+        mark = {t: f" {BELOW_MARK}" if t in summary[label].get("below_base", []) else "" for t in tasks}
+        cells = [f"{r['scores'][t]:.2f} ({norm[t]:.0%}){mark[t]}" if t in norm else f"{r['scores'][t]:.2f}{mark[t]}"
+                 for t in tasks]
         lines.append(f"| **{label}** | " + " | ".join(cells)
                      + f" | {summary[label]['mean']:.2f} | **{summary[label]['normalised_mean']:.0%}** |")
     best = max(summary, key=lambda k: summary[k]["normalised_mean"])
-    lines += ["", f"Best: **{best}**, {summary[best]['normalised_mean']:.0%} normalised score on average.",
+    lines += ["", below_base_text(summary, base, merges),
+              "", _best_text(best, summary, bold=True),
               "", "![normalised score per task and method](chart.png)", "",
               "## Methods", "", "| merge | recipe `method` | `output` | what it does | merge time | eval time |",
               "|---|---|---|---|---:|---:|"]
