@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--workdir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "mergelab-real-scale")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--device", default="cpu", help="mergelab's device (cpu, cuda); mergekit runs on the CPU")
     ap.add_argument("--compare", action="store_true", help="compare the two tools' outputs (TIES, SLERP, model stock)")
     ap.add_argument("--rss-cap-gb", type=float, default=20.0, help="stop mergekit past this peak RSS")
     ap.add_argument("--cleanup", action="store_true", help="delete the inputs afterwards")
@@ -207,7 +208,7 @@ def main() -> None:
             out_ml, out_mk = wd / "out-mergelab", wd / "out-mergekit"
             for tool, cmd, out in (
                 ("mergelab", [sys.executable, "-m", "mergelab", "merge", str(cfg_file), "--out", str(out_ml),
-                              "--force", "--quiet", "--device", "cpu"], out_ml),
+                              "--force", "--quiet", "--device", args.device], out_ml),
                 ("mergekit", [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfg_file), str(out_mk),
                               "--no-copy-tokenizer", "--no-write-model-card", "--quiet"], out_mk),
             ):

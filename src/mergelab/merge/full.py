@@ -166,16 +166,17 @@ class _BufferPool:
     tensors do not pin the large buffers.
     """
 
-    def __init__(self):
+    def __init__(self, pinned: bool = False):
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
+        self.pinned = pinned  # page-locked buffers: host → GPU copies run asynchronously
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 4 * max(nbytes, 1 << 20)]
             if fits:
                 return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
 
     def give(self, *bufs: torch.Tensor) -> None:
         with self._lock:
@@ -185,6 +186,26 @@ class _BufferPool:
 def _view(buf: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     n = math.prod(shape) * dtype.itemsize
     return buf[:n].view(dtype).view(shape) if n else torch.empty(shape, dtype=dtype)
+
+
+def _to_device(native: torch.Tensor, raw: torch.Tensor, dev: torch.device, pool: _BufferPool) -> torch.Tensor:
+    """Copy a host tensor read into the pooled buffer ``raw`` to ``dev`` as float32.
+
+    From a pinned buffer the copy is asynchronous; the buffer goes back to the pool once the
+    copy (not the work queued after it) is done, so another worker's read overlaps this one's
+    compute.
+    """
+    if not pool.pinned:
+        out = native.to(dev, torch.float32)
+        pool.give(raw)
+        return out
+    moved = native.to(dev, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    out = moved.float() if moved.dtype != torch.float32 else moved
+    done.synchronize()
+    pool.give(raw)
+    return out
 
 
 def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _BufferPool,
@@ -199,9 +220,7 @@ def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _Buffer
         held.append(raw)
         return native
     if dev.type != "cpu":
-        out = native.to(dev, torch.float32)
-        pool.give(raw)
-        return out
+        return _to_device(native, raw, dev, pool)
     f32 = pool.take(math.prod(shape) * 4)
     held.append(f32)
     out = _view(f32, shape, torch.float32)
@@ -248,9 +267,7 @@ def _read_rows_float32(src: TensorSource, name: str, r0: int, r1: int, dev: torc
         held.append(raw)
         return native
     if dev.type != "cpu":
-        out = native.to(dev, torch.float32, non_blocking=False)
-        pool.give(raw)
-        return out
+        return _to_device(native, raw, dev, pool)
     f32 = pool.take(n * 4)
     held.append(f32)
     out = _view(f32, tuple(native.shape), torch.float32)
@@ -383,7 +400,7 @@ _IDENTITY = MethodSpec("base", lambda base, experts, p: base, elementwise=True)
 def _run(tasks: list[TensorTask], recipe: Recipe, spec: MethodSpec, dev: torch.device,
          writer: ShardedWriter, n_workers: int, budget: int, show: bool, grams: list | None = None) -> None:
     """Merge every task with ``n_workers`` threads, keeping the work in flight under ``budget``."""
-    pool = _BufferPool()
+    pool = _BufferPool(pinned=dev.type == "cuda")
 
     def work(task: TensorTask) -> None:
         _merge_one(task, recipe, spec, dev, writer, pool, grams)

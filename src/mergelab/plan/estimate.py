@@ -30,7 +30,10 @@ evaluation     load the model; prefill ``2·P·T`` FLOPs at the achievable fract
 Peak memory per stage: weights + KV cache + activations of the largest batch (evaluation);
 weights + LoRA parameters with gradients and AdamW states + activations ≈ 34·s·b·h bytes per
 layer for 16-bit activations (Korthikanti et al. 2022, "Reducing Activation Recomputation in
-Large Transformer Models") for fine-tuning; (inputs + 2) × largest float32 tensor for the merge.
+Large Transformer Models") for fine-tuning; for the merge, two workers' row blocks
+(``BLOCK_MEMORY`` × the engine's block budget each) for a method with a block form, whatever the
+model, the vocabulary or the number of experts, and (inputs + 3) × the largest float32 tensor for
+a method merged whole (SVD-based, RegMean: its Gram matrices, ``in²`` per expert, come on top).
 
 What it does not know: download time (models must be in the local cache before the clock
 starts), early stops of generation at the end-of-sequence token (the estimate is for the full
@@ -47,6 +50,7 @@ from typing import Any, Callable, Mapping
 
 from mergelab.errors import BudgetError, SourceError
 from mergelab.evaluate import EvalOptions
+from mergelab.merge.full import BLOCK_BYTES
 from mergelab.methods import get_method
 from mergelab.plan.calibrate import calibrate, calibrated_profile
 from mergelab.plan.profiles import Profile, get_profile
@@ -145,6 +149,26 @@ def _load_seconds(hw: Profile, nbytes: float) -> float:
     return hw.load_overhead + nbytes / hw.disk_read + (nbytes / hw.host_to_device if hw.kind == "cuda" else 0.0)
 
 
+#: a row block's working set (inputs in float32, the raw reads, masks and the result) per byte of
+#: its float32 inputs, as measured on the real-scale TIES merges (bench/real_scale.py)
+BLOCK_MEMORY = 2.5
+MERGE_WORKERS = 2
+
+
+def merge_peak_memory(base: ModelInfo, n_experts: int, method: str) -> float:
+    """Peak bytes of the merge's working set (the engine's, not the process' fixed overhead)."""
+    whole = (n_experts + 3) * base.largest * 4.0
+    try:
+        spec = get_method(method)
+    except Exception:  # an unknown method is reported by the recipe check, not here
+        return whole
+    if spec.blocks:
+        return min(whole, MERGE_WORKERS * BLOCK_MEMORY * BLOCK_BYTES)
+    if spec.needs_gram:   # RegMean: one in × in Gram matrix per expert for the layer being solved
+        return whole + n_experts * float(base.hidden) ** 2 * 4.0 * 2
+    return whole
+
+
 def estimate_merge(hw: Profile, base: ModelInfo, experts: list[ModelInfo], method: str,
                    out_dtype_bytes: float | None) -> StageEstimate:
     """The merge: bandwidth bound on the bytes read, moved, touched and written."""
@@ -159,7 +183,7 @@ def estimate_merge(hw: Profile, base: ModelInfo, experts: list[ModelInfo], metho
         "compute": touched / hw.bandwidth,
         "per_tensor": base.tensors * hw.tensor_overhead,
     }
-    peak = (len(experts) + 3) * base.largest * 4.0
+    peak = merge_peak_memory(base, len(experts), method)
     return StageEstimate("merge", sum(parts.values()), peak,
                          f"{len(experts)} expert(s), {fmt_bytes(bytes_in)} read, {fmt_bytes(bytes_out)} written, "
                          f"{passes} passes ({method})", parts)
