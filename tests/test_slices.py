@@ -1,5 +1,5 @@
-"""Layer stacking (``slices`` + ``method: passthrough``): the stacked model, the mergekit form, and
-the errors — on tiny random Llama models built here."""
+"""Layer stacking (``slices`` + ``method: passthrough``): the stacked model, the mergekit form, the
+errors, and the rule check on the result — on tiny random Llama models built here."""
 from __future__ import annotations
 
 import json
@@ -13,11 +13,13 @@ import yaml
 
 from mergelab.cli import main
 from mergelab.errors import ModelMismatchError, RecipeError, ShapeMismatchError
+from mergelab.hub.rules import VIOLATION, WARN, check_models, recipe_refs, recipe_stack
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.io.layers import plan_stack
 from mergelab.merge import merge
 from mergelab.recipe import load_recipe
 from mergelab.testing import load_model, make_base, make_expert
+from mergelab.testing.hubsim import Commit, HubSim, Repo, safetensors_header
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +292,130 @@ def test_finetune_before_merge_and_tune_have_nothing_to_work_on_in_a_stack(deep,
     with pytest.raises(RecipeError, match="tune: a layer stack"):
         load_recipe({**stack, "tune": {"params": {"scale": {"low": 0, "high": 1}}, "data": ["d.csv"]}},
                     base_dir=tmp_path)
+
+
+# ------------------------------------------------------------------- the rule check of the result
+
+# Llama-3-8B's shapes: 32 layers, hidden 4096, MLP 14336, 8 key-value heads of 128, vocabulary 128256
+HIDDEN, MLP, KV, VOCAB, LAYERS = 4096, 14336, 1024, 128256, 32
+
+
+def _llama8b_headers() -> dict[str, bytes]:
+    """Llama-3-8B as header-only safetensors shards (a few KB each; 8,030,261,248 parameters)."""
+    shards, weight_map = {}, {}
+    for k in range(LAYERS):
+        layer = {f"model.layers.{k}.self_attn.q_proj.weight": ("BF16", [HIDDEN, HIDDEN]),
+                 f"model.layers.{k}.self_attn.k_proj.weight": ("BF16", [KV, HIDDEN]),
+                 f"model.layers.{k}.self_attn.v_proj.weight": ("BF16", [KV, HIDDEN]),
+                 f"model.layers.{k}.self_attn.o_proj.weight": ("BF16", [HIDDEN, HIDDEN]),
+                 f"model.layers.{k}.mlp.gate_proj.weight": ("BF16", [MLP, HIDDEN]),
+                 f"model.layers.{k}.mlp.up_proj.weight": ("BF16", [MLP, HIDDEN]),
+                 f"model.layers.{k}.mlp.down_proj.weight": ("BF16", [HIDDEN, MLP]),
+                 f"model.layers.{k}.input_layernorm.weight": ("BF16", [HIDDEN]),
+                 f"model.layers.{k}.post_attention_layernorm.weight": ("BF16", [HIDDEN])}
+        shards[f"model-{k:05d}.safetensors"] = layer
+    shards["model-outer.safetensors"] = {"model.embed_tokens.weight": ("BF16", [VOCAB, HIDDEN]),
+                                         "model.norm.weight": ("BF16", [HIDDEN]),
+                                         "lm_head.weight": ("BF16", [VOCAB, HIDDEN])}
+    files = {}
+    for fname, tensors in shards.items():
+        files[fname] = safetensors_header(tensors)
+        weight_map.update({n: fname for n in tensors})
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {"total_size": 0},
+                                                        "weight_map": weight_map}).encode()
+    files["config.json"] = json.dumps({"model_type": "llama", "num_hidden_layers": LAYERS, "hidden_size": HIDDEN,
+                                       "intermediate_size": MLP, "vocab_size": VOCAB,
+                                       "num_attention_heads": 32, "num_key_value_heads": 8}).encode()
+    return files
+
+
+PER_LAYER = 2 * HIDDEN * HIDDEN + 2 * KV * HIDDEN + 3 * MLP * HIDDEN + 2 * HIDDEN
+OUTER = 2 * VOCAB * HIDDEN + HIDDEN
+
+
+REPOS = [Repo("meta-llama/Meta-Llama-3-8B", [Commit(_llama8b_headers(), date="2024-04-18")],
+              card_data={"license": "apache-2.0"}),
+         Repo("nous/Hermes-2-Pro-Llama-3-8B", [Commit(_llama8b_headers(), date="2024-05-01")],
+              card_data={"license": "apache-2.0"})]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    with HubSim(REPOS) as sim, sim.environ(cache_dir=tmp_path_factory.mktemp("hub-cache")):
+        yield sim
+
+
+def _stack_recipe(tmp_path, ranges, name="stack.yaml"):
+    repos = ["meta-llama/Meta-Llama-3-8B", "nous/Hermes-2-Pro-Llama-3-8B"]
+    return _write(tmp_path / name, {"method": "passthrough", "slices": [
+        {"model": repos[i % 2], "revision": "cutoff", "layer_range": list(r)} for i, r in enumerate(ranges)]})
+
+
+def test_rule_check_counts_the_stacked_model_not_only_its_inputs(hub, tmp_path, capsys):
+    recipe = load_recipe(_stack_recipe(tmp_path, [(0, 32), (0, 32)]))
+    report = check_models(recipe_refs(recipe), stack=recipe_stack(recipe))
+    inputs = [f for f in report.findings if f.rule == "params" and f.role != "result"]
+    assert len(inputs) == 2 and all(f.status == WARN for f in inputs)   # each input is 8.03B: allowed (tolerance)
+    (result,) = [f for f in report.findings if f.role == "result"]
+    n = 64 * PER_LAYER + OUTER
+    assert result.status == VIOLATION and f"{n:,}" in result.reason and "more than 8B" in result.reason
+    assert result.model == "the stacked model (64 layers from 2 slices)"
+    assert report.models[-1] == {"model": result.model, "role": "result", "source": "slices", "parameters": n,
+                                 "layers": 64}
+    assert not report.ok
+    # no weights were downloaded: the Hub was asked for headers only
+    assert not any(r.method == "GET" and r.path.endswith(".safetensors") and r.range is None for r in hub.requests)
+
+    # the command says it too, before any merge: exit 1, the result's row in the table
+    code = main(["check", str(tmp_path / "stack.yaml")])
+    text = " ".join(capsys.readouterr().out.split())
+    assert code == 1 and "the stacked model (64 layers from 2 slices)" in text and "more than 8B" in text
+
+    # the same depth as the inputs (16 + 16 layers) keeps Llama-3-8B's size: within the tolerance
+    fine = load_recipe(_stack_recipe(tmp_path, [(0, 16), (16, 32)], "fine.yaml"))
+    report = check_models(recipe_refs(fine), stack=recipe_stack(fine))
+    (result,) = [f for f in report.findings if f.role == "result"]
+    assert result.status == WARN and f"{32 * PER_LAYER + OUTER:,}" in result.reason and report.ok
+
+
+def test_the_judge_refuses_a_stack_over_the_limit_at_intake(hub, tmp_path, monkeypatch):
+    from mergelab.judge.home import init_home
+    from mergelab.judge.intake import submit
+    from mergelab.testing.judge_season import write_tasks
+
+    monkeypatch.setenv("MERGELAB_HUB_TIMEOUT", "5")
+    home = init_home(tmp_path / "home", write_tasks(tmp_path / "hidden", n_mc=2, n_gen=2))
+    pinned = [{"model": r.repo_id, "revision": r.commits[-1].sha} for r in REPOS]
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    _write(folder / "recipe.yaml", {"method": "passthrough", "slices": [{**pinned[0], "layer_range": [0, 32]},
+                                                                        {**pinned[1], "layer_range": [0, 32]}]})
+    receipt = submit(home.root, folder, "blue")
+    assert receipt.status == "rejected"
+    assert any("the stacked model (64 layers from 2 slices) (result) params" in r and "more than 8B" in r
+               for r in receipt.reasons), receipt.reasons
+    _write(folder / "recipe.yaml", {"method": "passthrough", "slices": [{**pinned[0], "layer_range": [0, 30]},
+                                                                        {**pinned[1], "layer_range": [20, 40]}]})
+    receipt = submit(home.root, folder, "blue")
+    assert receipt.status == "rejected"
+    assert any("layer_range: [20, 40] is not a range of the model's 32 layers" in r for r in receipt.reasons)
+
+
+def test_rule_check_of_a_layer_range_past_the_model_is_a_recipe_error(hub, tmp_path):
+    _stack_recipe(tmp_path, [(0, 24), (8, 40)])
+    r = subprocess.run([sys.executable, "-m", "mergelab", "check", str(tmp_path / "stack.yaml")],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"}, check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "layer_range: [8, 40] is not a range of the model's 32 layers" in " ".join(r.stderr.split())
+
+
+def test_rule_check_of_local_slices_counts_from_headers(deep, tmp_path):
+    base, expert = deep
+    r = load_recipe({"method": "passthrough", "slices": [{"path": str(base), "layer_range": [0, 4]},
+                                                         {"path": str(expert), "layer_range": [0, 4]}]})
+    report = check_models(recipe_refs(r), stack=recipe_stack(r))
+    assert [f.role for f in report.findings if f.rule == "params"] == ["base", "slice 2", "result"]
+    merged = merge(r, tmp_path / "out", progress=False)
+    assert merged.tensors == len(CheckpointReader(tmp_path / "out").keys())
+    out = CheckpointReader(tmp_path / "out")
+    assert report.models[-1]["parameters"] == _parameters(out)
