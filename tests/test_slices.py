@@ -1,5 +1,5 @@
 """Layer stacking (``slices`` + ``method: passthrough``): the stacked model, the mergekit form, the
-errors, and the rule check on the result — on tiny random Llama models built here."""
+rule check on the result, the plan, and the errors — on tiny random Llama models built here."""
 from __future__ import annotations
 
 import json
@@ -419,3 +419,50 @@ def test_rule_check_of_local_slices_counts_from_headers(deep, tmp_path):
     assert merged.tensors == len(CheckpointReader(tmp_path / "out").keys())
     out = CheckpointReader(tmp_path / "out")
     assert report.models[-1]["parameters"] == _parameters(out)
+
+
+# -------------------------------------------------------------------------------------- the plan
+
+
+def test_plan_sizes_the_stacked_model(deep, tmp_path):
+    from mergelab.plan import plan_recipe
+
+    base, expert = deep
+    recipe = _write(tmp_path / "r.yaml", {"method": "passthrough",
+                                          "slices": [{"path": str(base), "layer_range": [0, 4]},
+                                                     {"path": str(expert), "layer_range": [1, 4]}]})
+    plan = plan_recipe(recipe, hardware="a6000")
+    merge(recipe, tmp_path / "out", progress=False)
+    out = CheckpointReader(tmp_path / "out")
+    stacked = plan.models["result"]
+    assert stacked["layers"] == 7 and stacked["params"] == _parameters(out)
+    assert stacked["tensors"] == len(out.keys())
+    assert plan.stage("merge") is not None and "passthrough" in plan.stage("merge").detail
+
+
+
+
+# ------------------------------------------------------------------------------ mergelab run
+
+
+def test_run_and_reproduce_a_stack(deep, tmp_path):
+    from mergelab.run.pipeline import reproduce, run_recipe
+    from mergelab.testing import tree_bytes, write_mixed_csv
+
+    base, expert = deep
+    write_mixed_csv(tmp_path / "val.csv", 4, choice_input="Is {i} even?", choices=["yes", "no"],
+                    gen_input="Count to {i}:", gen_target="{i}")
+    recipe = _write(tmp_path / "r.yaml", {"method": "passthrough",
+                                          "slices": [{"path": str(base), "layer_range": [0, 4]},
+                                                     {"path": str(expert), "layer_range": [2, 4]}],
+                                          "eval": {"data": ["val.csv"], "max_new_tokens": 2}})
+    res = run_recipe(recipe, tmp_path / "run", rules=False, budget="60m")
+    m = res.manifest
+    assert [r["role"] for r in m["models"]] == ["base", "slice 1", "slice 2"]   # the base is slice 1's model
+    assert m["models"][0]["files"] == m["models"][1]["files"] and m["models"][2]["files"]
+    assert json.loads((tmp_path / "run/model/config.json").read_text())["num_hidden_layers"] == 6
+    assert res.plan.models["result"]["layers"] == 6
+    assert (tmp_path / "run/eval/val.csv").is_file()
+    again = reproduce(tmp_path / "run/manifest.json", tmp_path / "again")
+    assert tree_bytes(tmp_path / "run/model") == tree_bytes(tmp_path / "again/model")
+    assert again.manifest["outputs"] == m["outputs"]
