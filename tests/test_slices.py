@@ -242,6 +242,9 @@ def test_a_slice_of_another_width_is_refused_before_writing(deep, zoo, tmp_path)
         merge({"method": "passthrough", "base": {"path": str(base)},
                "slices": [{"path": str(zoo["llama"].loras[0]), "layer_range": [0, 2]}]}, tmp_path / "out",
               progress=False)
+    with pytest.raises(RecipeError, match=r"base \(.*\): is a LoRA adapter"):
+        merge({"method": "passthrough", "base": {"path": str(zoo["llama"].loras[0])},
+               "slices": [{"path": str(base), "layer_range": [0, 2]}]}, tmp_path / "out", progress=False)
     with pytest.raises(RecipeError, match="2 layer stacks"):
         merge({"method": "passthrough", "slices": [{"path": str(zoo["t5"].base), "layer_range": [0, 1]}]},
               tmp_path / "out", progress=False)

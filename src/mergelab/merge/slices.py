@@ -18,7 +18,6 @@ are copied, in order, from layer ranges of one or more models.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -152,6 +151,10 @@ def merge_slices(recipe: Recipe, out_dir: str | os.PathLike, *, force: bool = Fa
     base_path = Path(recipe.base.resolve())
     paths = {_key(ref): Path(ref.resolve()) for _, ref in recipe.stack_models()}
     check_output_path(out_dir, [base_path, *paths.values()])
+    if is_adapter_dir(base_path):
+        raise RecipeError(f"base ({recipe.base}): is a LoRA adapter; a layer stack takes its config and tokenizer "
+                          "from a full model", hint="name a full model as `base`, or leave `base` out (the first "
+                                                    "slice's model is used)")
     for i, s in enumerate(recipe.slices):
         if is_adapter_dir(paths[_key(s)]):
             raise RecipeError(f"{_label(i, s)}: is a LoRA adapter; a slice copies the layers of a full model",
@@ -215,6 +218,4 @@ def _copy_one(recipe: Recipe, spec, t: StackedTensor, src: CheckpointReader, dty
         x = x.to(dtype)
         if finite:
             check_finite(x, t.name, RESULT)
-    if math.prod(x.shape) and not x.is_contiguous():
-        x = x.contiguous()
     writer.add(t.name, x)
