@@ -420,7 +420,7 @@ def test_recipe_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("cfg, message", [
-    ({"merge_method": "passthrough", "models": [{"model": "a/b"}]}, "'passthrough' is not supported"),
+    ({"merge_method": "arcee_fusion", "models": [{"model": "a/b"}]}, "'arcee_fusion' is not supported"),
     ({"merge_method": "ties", "modules": {}, "base_model": "a/b"}, "modules: is not supported"),
     ({"merge_method": "ties", "models": [{"model": "a/b+c/lora"}], "base_model": "a/b"}, "model+lora"),
     ({"merge_method": "ties", "models": [{"model": "a/b"}]}, "ties needs a base_model"),

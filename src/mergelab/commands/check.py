@@ -13,12 +13,14 @@ from pathlib import Path
 import typer
 
 
-def _recipe_refs(path: Path) -> list:
-    """``[(role, ref), ...]`` of the recipe's base and experts (validated by the recipe loader)."""
+def _recipe_models(path: Path) -> tuple[list, list | None]:
+    """``[(role, ref), ...]`` of the recipe's base and experts (or slices), and a layer stack's
+    slices (None without), validated by the recipe loader."""
+    from mergelab.hub.rules import recipe_refs, recipe_stack
     from mergelab.recipe import load_recipe
-    from mergelab.hub.rules import recipe_refs
 
-    return recipe_refs(load_recipe(path))
+    recipe = load_recipe(path)
+    return recipe_refs(recipe), recipe_stack(recipe)
 
 
 def register(app: typer.Typer) -> None:
@@ -42,12 +44,12 @@ def register(app: typer.Typer) -> None:
 
         Exit status 0: all rules pass; 1: a rule fails; 2: the check could not run.
         """
+        from mergelab.hub.rules import RulesNotMetError, check_models, report_table
         from mergelab.progress import make_console
 
-        from mergelab.hub.rules import RulesNotMetError, check_models, report_table
-
-        report = check_models(_recipe_refs(recipe), cutoff=cutoff, max_params=max_params,
-                              params_tolerance=params_tolerance)
+        refs, stack = _recipe_models(recipe)
+        report = check_models(refs, cutoff=cutoff, max_params=max_params, params_tolerance=params_tolerance,
+                              stack=stack)
         counts = {s: sum(f.status == s for f in report.findings) for s in ("ok", "warn", "violation", "unverifiable")}
         summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
         if as_json:

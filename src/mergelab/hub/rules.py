@@ -16,7 +16,10 @@ rule            what is checked
                 before the cut-off
 ``params``      parameters counted from the safetensors headers (HTTP range requests) are at
                 most ``max_params``; up to ``params_tolerance`` above it is a warning (the
-                competition names Llama-3-8B, 8.03B, and Gemma-7B, 8.54B, as allowed families)
+                competition names Llama-3-8B, 8.03B, and Gemma-7B, 8.54B, as allowed families).
+                For a layer stack (``slices``) the *result* is counted too, tensor by tensor from
+                the slices' headers (:func:`~mergelab.io.layers.plan_stack`): 2 × 32 layers of an
+                8B model make a 15B model, which breaks the rule although each input keeps it
 ``licence``     the model card's licence is on the open allow-list (ok), a custom open-weight
                 licence such as llama3 or gemma (ok, with a note), or missing/unknown (warn)
 ==============  ================================================================================
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from mergelab.errors import RuleCheckError, SourceError
+from mergelab.io.layers import plan_stack
 from mergelab.hub.sources import (CUTOFF_REVISION, HubAccessError, HubClient, HubModel, HubNotFoundError, HubResponseError, HubUnreachableError, NoCommitBeforeCutoffError, PickleOnlyError, ref_fields, describe_ref, parse_cutoff)
 
 OK, WARN, VIOLATION, UNVERIFIABLE = "ok", "warn", "violation", "unverifiable"
@@ -337,6 +341,43 @@ class _Checker:
                  "or before the cut-off (an adapter does not pin its base's revision)")
         self.pending.append((f"base named by {role}", base))
 
+    # -- a layer stack's result --------------------------------------------------------------------
+    def stack(self, parts: list[tuple[Any, int, int]]) -> None:
+        """The model stacked from ``parts`` (``(model ref, start, end)`` per slice), counted from the
+        slices' headers: one ``params`` finding with the role ``result``."""
+        layers = sum(end - start for _, start, end in parts)
+        label = f"the stacked model ({layers} layers from {len(parts)} slice{'s' if len(parts) > 1 else ''})"
+        shapes: dict[tuple, dict] = {}
+        for i, (ref, _, _) in enumerate(parts, 1):
+            key = ref_fields(ref)
+            if key in shapes:
+                continue
+            try:
+                shapes[key] = self._tensor_shapes(*key)
+            except (HubUnreachableError, HubResponseError):
+                raise  # the check cannot run (see check_models)
+            except SourceError as exc:
+                self.add(label, "result", "params", UNVERIFIABLE,
+                         f"slice {i}'s model {describe_ref(ref)} cannot be counted layer by layer: {exc.message}")
+                return
+        layout = plan_stack([(shapes[ref_fields(ref)], start, end) for ref, start, end in parts],
+                            [f"slices[{i}] ({describe_ref(ref)})" for i, (ref, _, _) in enumerate(parts)])
+        n = layout.parameters
+        self.add(label, "result", "params", *self.judge_params(n, "(the slices' layers, from safetensors headers)"))
+        self.report.models.append({"model": label, "role": "result", "source": "slices", "parameters": n,
+                                   "layers": len(layout.layers)})
+
+    def _tensor_shapes(self, path: str | None, model: str | None, revision: str | None) -> dict:
+        if path is not None:
+            shapes = _local_tensor_shapes(Path(path).expanduser().resolve())
+            if shapes is None:
+                raise SourceError(f"{path} has no safetensors weights")
+            return shapes
+        hub_model = self.client.model(model, revision, cutoff=self.cutoff)
+        if "adapter_config.json" in hub_model.files:
+            raise SourceError("it is a LoRA adapter; a slice copies the layers of a full model")
+        return self.client.tensor_shapes(hub_model)
+
     # -- local folders -----------------------------------------------------------------------------
     def local(self, role: str, path: str) -> None:
         folder = Path(path).expanduser().resolve()
@@ -404,25 +445,46 @@ def _named_repo(folder: Path) -> str | None:
     return next((c for c in candidates if isinstance(c, str) and _HUB_ID.fullmatch(c)), None)
 
 
+def _local_weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if any(not f.name.startswith("consolidated") for f in files):
+        files = [f for f in files if not f.name.startswith("consolidated")]
+    return files
+
+
 def _local_parameters(folder: Path) -> int | None:
     """Parameters declared by the safetensors headers of a local folder (None without any)."""
     from huggingface_hub import parse_local_safetensors_file_metadata
 
-    files = sorted(folder.glob("*.safetensors"))
-    if any(not f.name.startswith("consolidated") for f in files):
-        files = [f for f in files if not f.name.startswith("consolidated")]
+    files = _local_weight_files(folder)
     if not files:
         return None
     return sum(sum(parse_local_safetensors_file_metadata(f).parameter_count.values()) for f in files)
 
 
+def _local_tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """``{tensor name: shape}`` from the safetensors headers of a local folder (None without any)."""
+    from huggingface_hub import parse_local_safetensors_file_metadata
+
+    if (folder / "adapter_config.json").is_file():
+        raise SourceError("it is a LoRA adapter; a slice copies the layers of a full model")
+    files = _local_weight_files(folder)
+    if not files:
+        return None
+    return {name: tuple(int(d) for d in info.shape)
+            for f in files for name, info in parse_local_safetensors_file_metadata(f).tensors.items()}
+
+
 def check_models(refs: Iterable, *, cutoff: str | datetime | None = None, max_params: float = DEFAULT_MAX_PARAMS,
-                 params_tolerance: float = DEFAULT_PARAMS_TOLERANCE, client: HubClient | None = None) -> Report:
+                 params_tolerance: float = DEFAULT_PARAMS_TOLERANCE, client: HubClient | None = None,
+                 stack: list[tuple[Any, int, int]] | None = None) -> Report:
     """Check model references against the competition rules.
 
     ``refs`` holds model references (objects or dicts with ``path`` / ``model`` / ``revision``) or
-    ``(role, ref)`` pairs; roles name the rows of the report ("base", "expert 1"...). Raises
-    :class:`RuleCheckError` when the check cannot run.
+    ``(role, ref)`` pairs; roles name the rows of the report ("base", "expert 1"...). ``stack``
+    (:func:`recipe_stack`): the slices of a layer stack, whose result is counted too (role
+    ``result``). Raises :class:`RuleCheckError` when the check cannot run, and the recipe error
+    of a layer range that its model does not have.
     """
     pairs = [r if isinstance(r, tuple) else (f"model {i}", r) for i, r in enumerate(refs, 1)]
     checker = _Checker(client or HubClient(), parse_cutoff(cutoff), int(max_params), params_tolerance)
@@ -439,6 +501,8 @@ def check_models(refs: Iterable, *, cutoff: str | datetime | None = None, max_pa
             while checker.pending:  # the bases that adapters name, right after their adapter
                 base_role, base = checker.pending.pop(0)
                 checker.hub(base_role, base, CUTOFF_REVISION)
+        if stack:
+            checker.stack(list(stack))
     except (HubUnreachableError, HubResponseError, HubAccessError) as exc:
         # the Hub cannot answer (or refuses our token): no verdict is possible
         raise RuleCheckError(f"the rule check could not run: {exc.message}", hint=exc.hint) from None
@@ -450,7 +514,21 @@ def recipe_refs(recipe) -> list[tuple[str, Any]]:
     get = (lambda k: recipe.get(k)) if isinstance(recipe, dict) else (lambda k: getattr(recipe, k, None))
     pairs = [("base", get("base"))] if get("base") is not None else []
     pairs += [(f"expert {i}", e) for i, e in enumerate(get("experts") or [], 1)]
+    pairs += [(f"slice {i}", s) for i, s in enumerate(get("slices") or [], 1)]
     return pairs
+
+
+def recipe_stack(recipe) -> list[tuple[Any, int, int]] | None:
+    """``[(model ref, start, end), ...]`` of a layer stack's slices (None for a recipe without
+    ``slices``): what :func:`check_models` counts the result from."""
+    slices = recipe.get("slices") if isinstance(recipe, dict) else getattr(recipe, "slices", None)
+    if not slices:
+        return None
+    out = []
+    for s in slices:
+        start, end = s["layer_range"] if isinstance(s, dict) else s.layer_range
+        out.append((s, int(start), int(end)))
+    return out
 
 
 def report_table(report: Report):

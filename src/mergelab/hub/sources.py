@@ -466,6 +466,22 @@ class HubClient:
                 model.repo, name, revision=model.sha, timeout=self.timeout).parameter_count.values())
                 for name in weights)
 
+    def tensor_shapes(self, model: HubModel) -> dict[str, tuple[int, ...]]:
+        """``{tensor name: shape}`` of ``model``'s safetensors weights, from their headers over HTTP
+        range requests (as :meth:`parameter_count`; no weights are downloaded)."""
+        weights = [f for f in select_files(model.files) if f.endswith(".safetensors")]
+        if not weights:
+            raise _pickle_or_empty(model)
+        with self.operation(doing="reading the safetensors headers of"), self.errors(model.repo, model.sha), \
+                _quiet_progress():
+            if "model.safetensors" in model.files or "model.safetensors.index.json" in model.files:
+                files = self.api.get_safetensors_metadata(model.repo, revision=model.sha,
+                                                          timeout=self.timeout).files_metadata.values()
+            else:
+                files = [self.api.parse_safetensors_file_metadata(model.repo, name, revision=model.sha,
+                                                                  timeout=self.timeout) for name in weights]
+            return {name: tuple(int(d) for d in info.shape) for f in files for name, info in f.tensors.items()}
+
     def read_json(self, model: HubModel, filename: str, cache_dir: str | Path | None = None) -> dict:
         """A small JSON file of ``model`` at its pinned commit (e.g. ``adapter_config.json``)."""
         from huggingface_hub import hf_hub_download

@@ -23,14 +23,14 @@ from typing import Any
 
 import yaml
 
-from mergelab.errors import MergelabError
+from mergelab.errors import MergelabError, RecipeError, ShapeMismatchError
 from mergelab.finetune.train import check_data_licences
 from mergelab.judge.archive import Caps, UnsafeSubmissionError, unpack
 from mergelab.judge.db import connect, transaction
 from mergelab.judge.home import Competition, Home, JudgeError
 from mergelab.run.manifest import fingerprint, hash_tree, now_iso
 from mergelab.util import sha256_file
-from mergelab.hub.rules import check_models
+from mergelab.hub.rules import check_models, recipe_stack
 from mergelab.recipe import read_recipe
 from mergelab.hub.sources import resolve_ref
 
@@ -73,7 +73,9 @@ def judged_recipe(recipe: dict, inputs: list[Path]) -> dict:
 
 def model_entries(recipe: dict) -> list[tuple[str, Any]]:
     entries = [("base", recipe.get("base"))] if recipe.get("base") is not None else []
-    return entries + [(f"expert {i}", e) for i, e in enumerate(recipe.get("experts") or [], 1)]
+    entries += [(f"expert {i}", e) for i, e in enumerate(recipe.get("experts") or [], 1)]
+    slices = recipe.get("slices")   # a layer stack names its models in its slices
+    return entries + [(f"slice {i}", e) for i, e in enumerate(slices if isinstance(slices, list) else [], 1)]
 
 
 def check_submission(folder: Path, comp: Competition, home: Home) -> tuple[list[str], dict, dict]:
@@ -113,8 +115,10 @@ def check_submission(folder: Path, comp: Competition, home: Home) -> tuple[list[
         else:
             reasons.append(f"{role}: names neither `model` (with a pinned revision) nor `path`")
     inputs = [home.inputs / f"{t}.csv" for t in comp.tasks]
+    stack = None   # a layer stack's slices: the stacked result must keep the size limit too
     try:
-        finetune = read_recipe(judged_recipe(recipe, inputs), base_dir=folder).finetune
+        doc = read_recipe(judged_recipe(recipe, inputs), base_dir=folder)
+        finetune, stack = doc.finetune, recipe_stack(doc.recipe)
     except MergelabError as exc:
         reasons.append(f"the recipe does not parse: {exc.message}")
         finetune = None
@@ -129,11 +133,15 @@ def check_submission(folder: Path, comp: Competition, home: Home) -> tuple[list[
                     reasons.append(f"fine-tuning data {r['path']} is not a file inside the submission")
         except MergelabError as exc:
             reasons.append(exc.message)
-    if hub_refs and not reasons:
-        report = check_models(hub_refs, cutoff=comp.cutoff, max_params=comp.max_params)
-        for f in report.failures:
+    if (hub_refs or stack) and not reasons:
+        try:
+            report = check_models(hub_refs, cutoff=comp.cutoff, max_params=comp.max_params, stack=stack)
+        except (RecipeError, ShapeMismatchError) as exc:   # a layer range or a layer its model does not have
+            reasons.append(f"the layer stack: {exc.message}")
+            report = None
+        for f in report.failures if report is not None else []:
             reasons.append(f"{f.model} ({f.role}) {f.rule}: {f.reason}")
-        for m in report.models:
+        for m in report.models if report is not None else []:
             lic = m.get("licence")
             lic = lic[0] if isinstance(lic, list) and len(lic) == 1 else lic
             if m.get("source") == "hub" and str(lic).lower() not in comp.licences:

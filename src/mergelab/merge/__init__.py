@@ -1,8 +1,10 @@
-"""L3 — merging: opening inputs, data statistics, the streaming full-model path, the adapter path, the in-place merger.
+"""L3 — merging: opening inputs, data statistics, the streaming full-model path, the adapter path,
+layer stacking, the in-place merger.
 
 :func:`merge` is the one public entry: it reads the recipe and hands it to the path its output
-format needs — :func:`mergelab.merge.full.merge_full` (a model folder, streamed tensor by tensor)
-or :func:`mergelab.merge.adapter.merge_to_adapter` (one PEFT adapter, merged in ΔW space).
+format needs — :func:`mergelab.merge.full.merge_full` (a model folder, streamed tensor by tensor),
+:func:`mergelab.merge.adapter.merge_to_adapter` (one PEFT adapter, merged in ΔW space) or, for a
+recipe with ``slices``, :func:`mergelab.merge.slices.merge_slices` (layer ranges stacked).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 from mergelab.merge.adapter import LoraMergeResult, merge_to_adapter
 from mergelab.merge.full import BLOCK_BYTES, MergeResult, merge_full
+from mergelab.merge.slices import merge_slices
 from mergelab.recipe import Recipe, load_recipe
 from mergelab.util import check_output_path
 
@@ -40,6 +43,8 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
         check_output_path(out_dir, [recipe])
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
+    if recipe.slices is not None:   # layer stacking (method passthrough)
+        return merge_slices(recipe, out_dir, force=force, progress=progress, warn=warn, card=card)
     if recipe.output.format == "lora":
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
                                 workers=workers, exact_ties=exact_ties, warn=warn, card=card)

@@ -100,17 +100,25 @@ def hub_licence(client_factory: Callable[[], HubClient] = HubClient) -> Callable
     return look_up
 
 
+def _input_models(recipe) -> list[tuple[str, Any]]:
+    """``[(role, model)]`` after the base: the experts, or a layer stack's models (each once)."""
+    if getattr(recipe, "slices", None) is not None:
+        return recipe.stack_models()
+    return [(f"expert {i}", ref) for i, ref in enumerate(recipe.experts, 1)]
+
+
 def card_inputs(recipe, base_path: str | Path, expert_paths: Sequence[str | Path], *,
                 licence: Callable[[str, str], str | None] | None = None,
                 known: Mapping[str, str | None] | None = None) -> list[CardInput]:
-    """The card's view of a recipe's inputs (``base_path``/``expert_paths``: their local folders).
+    """The card's view of a recipe's inputs (``base_path``/``expert_paths``: their local folders;
+    for a layer stack, those of :meth:`~mergelab.recipe.Recipe.stack_models`).
 
     ``licence(repo, commit)`` is asked for Hub inputs whose folder has no ``README.md`` licence
     (the Hub cache keeps no README); ``known`` maps a repo id to a licence already known (e.g. from
     the rule check), which is used first.
     """
     refs = [("base", recipe.base, base_path)] + [
-        (f"expert {i}", ref, path) for i, (ref, path) in enumerate(zip(recipe.experts, expert_paths), 1)]
+        (role, ref, path) for (role, ref), path in zip(_input_models(recipe), expert_paths)]
     out = []
     for role, ref, folder in refs:
         snapshot = hub_snapshot(folder)
@@ -285,6 +293,13 @@ def pinned_recipe(recipe, inputs: Sequence[CardInput]) -> dict:
     for entry, i in zip([data.get("base", {}), *data.get("experts", [])], inputs):
         if entry.get("model") and i.revision:
             entry["revision"] = i.revision
+    if data.get("slices"):   # a layer stack: each slice of a Hub model names the commit its model resolved to
+        if not data.get("experts"):
+            data.pop("experts", None)
+        pinned = {(ref.model, ref.revision): i.revision for (_, ref), i in zip(_input_models(recipe), inputs[1:])}
+        for entry, ref in zip(data["slices"], recipe.slices):
+            if ref.model and pinned.get((ref.model, ref.revision)):
+                entry["revision"] = pinned[(ref.model, ref.revision)]
     return data
 
 
@@ -295,7 +310,7 @@ def write_merge_card(folder: str | Path, recipe, base_path: str | Path, expert_p
     The licence of a Hub input (``model:`` in the recipe, or a Hub-cache snapshot) is asked of the
     Hub when its folder has no README licence. Returns the licence warnings (also sent to ``warn``).
     """
-    asks_hub = any(getattr(r, "model", None) for r in [recipe.base, *recipe.experts])
+    asks_hub = any(getattr(r, "model", None) for r in [recipe.base, *recipe.experts, *(recipe.slices or [])])
     inputs = card_inputs(recipe, base_path, expert_paths, licence=hub_licence() if asks_hub else None)
     text, warnings = render_card(inputs, pinned_recipe(recipe, inputs), method=recipe.method.name,
                                  output_format=recipe.output.format)

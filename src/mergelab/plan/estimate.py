@@ -54,14 +54,15 @@ from mergelab.merge.full import BLOCK_BYTES
 from mergelab.methods import get_method
 from mergelab.plan.calibrate import calibrate, calibrated_profile
 from mergelab.plan.profiles import Profile, get_profile
-from mergelab.plan.sizes import ModelInfo, inspect_model
+from mergelab.plan.sizes import ModelInfo, inspect_model, inspect_stack
 from mergelab.plan.workload import EvalWorkload, eval_workload, mean_example_tokens, statistics_workload
 from mergelab.recipe.sections import parse_duration
 from mergelab.recipe import read_recipe
 
 # Elementwise passes over each input tensor, per merge method family (reads + writes of float32
 # copies: subtract the base, draw/apply masks, elect signs, sum, rescale).
-METHOD_PASSES = {"linear": 2, "task_arithmetic": 3, "slerp": 6, "model_stock": 6, "geometric_median": 20}
+METHOD_PASSES = {"linear": 2, "task_arithmetic": 3, "slerp": 6, "model_stock": 6, "geometric_median": 20,
+                 "passthrough": 1}
 DEFAULT_PASSES = 8   # ties, dare_*, breadcrumbs, della: masks, sign election, disjoint mean
 
 
@@ -272,13 +273,23 @@ def _dtype_bytes(name: str | None) -> float | None:
 
 def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[Path], hw: Profile,
              budget_s: float, *, probe: dict | None = None) -> Plan:
-    """The plan of a loaded recipe whose models are local folders (see :func:`plan_recipe`)."""
+    """The plan of a loaded recipe whose models are local folders (see :func:`plan_recipe`; for a
+    layer stack, ``expert_dirs`` are the folders of ``recipe.stack_models()``)."""
     base = inspect_model(base_dir)
     experts = [inspect_model(p) for p in expert_dirs]
     out_bytes = _dtype_bytes(recipe.output.dtype)
     stages: list[StageEstimate] = []
-    models = {"base": asdict(base), **{f"expert {i}": asdict(e) for i, e in enumerate(experts, 1)}}
     notes = []
+    if recipe.slices is not None:   # a layer stack: what is copied, fine-tuned and evaluated is the stacked model
+        roles = [role for role, _ in recipe.stack_models()]
+        models = {"base": asdict(base), **{role: asdict(e) for role, e in zip(roles, experts)}}
+        folders = {(ref.path, ref.model, ref.revision): d for (_, ref), d in zip(recipe.stack_models(), expert_dirs)}
+        base = inspect_stack([(folders[(s.path, s.model, s.revision)], *s.layer_range) for s in recipe.slices],
+                             base_dir)
+        models["result"] = asdict(base)
+        experts = []
+    else:
+        models = {"base": asdict(base), **{f"expert {i}": asdict(e) for i, e in enumerate(experts, 1)}}
 
     ft_stage = None
     if finetune is not None:
@@ -295,7 +306,12 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
         tokens, batches = statistics_workload(base_dir, recipe, options)
         stages.append(estimate_statistics(hw, base, experts[:len(recipe.experts)], tokens, batches))
         notes.append("statistics are cached (~/.cache/mergelab/gram): a repeated merge skips that stage")
-    stages.append(estimate_merge(hw, base, experts, recipe.method.name, out_bytes))
+    merge_stage = estimate_merge(hw, base, experts, recipe.method.name, out_bytes)
+    if recipe.slices is not None:
+        size = f"{base.params / 1e9:.2f}B" if base.params >= 1e8 else f"{base.params:,}"
+        merge_stage.detail = (f"{len(recipe.slices)} slice(s) stacked into {base.layers} layers ({size} parameters), "
+                              f"{fmt_bytes(base.bytes)} copied (passthrough)")
+    stages.append(merge_stage)
     if recipe.output.format == "lora":
         notes.append("format: lora: the merge re-factors ΔW by SVD; its cost is estimated as a dense merge")
     if ft_stage is not None and finetune.when == "after_merge":
@@ -330,7 +346,7 @@ def plan_recipe(recipe_path: str | os.PathLike | Mapping[str, Any], *, hardware:
     budget_s = parse_budget(budget)
     hw = get_profile(hardware) if isinstance(hardware, str) else hardware
     paths = []
-    for ref in [recipe.base, *recipe.experts]:
+    for ref in [recipe.base, *recipe.experts, *(ref for _, ref in recipe.stack_models())]:
         say(f"locating {ref}")
         paths.append(_local_folder(ref))
     probe = None

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from mergelab.errors import CheckpointError
 from mergelab.io.checkpoint import read_safetensors_header
+from mergelab.io.layers import plan_stack
 
 
 @dataclass
@@ -34,29 +35,60 @@ class ModelInfo:
         return self.params - self.embedding_params
 
 
-def inspect_model(folder: str | os.PathLike) -> ModelInfo:
-    """Parameter count, bytes and shapes of a model or adapter folder, from headers only."""
-    folder = Path(folder)
+def _headers(folder: Path) -> list:
+    """``[(tensor name, header info)]`` of a folder's safetensors files (in file order)."""
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{folder}: no .safetensors files to size the model from",
                               hint="the planner reads safetensors headers; convert pickled weights first")
-    params = nbytes = tensors = largest = embed = 0
-    lm_head = False
+    out = []
     for f in files:
-        infos, _ = read_safetensors_header(f)
-        for name, info in infos.items():
-            n = math.prod(info.shape)
-            params += n
-            nbytes += info.nbytes
-            tensors += 1
-            largest = max(largest, n)
-            if name.endswith("embed_tokens.weight") or name.endswith("shared.weight"):
-                embed = max(embed, n)
-            if name.endswith("lm_head.weight"):
-                lm_head = True
-    info = ModelInfo(str(folder), params, nbytes, tensors, largest, embed if lm_head else 0,
-                     adapter=(folder / "adapter_config.json").is_file())
+        out += read_safetensors_header(f)[0].items()
+    return out
+
+
+def _sized(path: str, tensors: list[tuple[str, tuple[int, ...], int]], adapter: bool = False) -> ModelInfo:
+    """A :class:`ModelInfo` (sizes only) from ``(name, shape, bytes)`` of each tensor."""
+    params = nbytes = largest = embed = 0
+    lm_head = False
+    for name, shape, size in tensors:
+        n = math.prod(shape)
+        params += n
+        nbytes += size
+        largest = max(largest, n)
+        if name.endswith("embed_tokens.weight") or name.endswith("shared.weight"):
+            embed = max(embed, n)
+        if name.endswith("lm_head.weight"):
+            lm_head = True
+    return ModelInfo(path, params, nbytes, len(tensors), largest, embed if lm_head else 0, adapter=adapter)
+
+
+def inspect_model(folder: str | os.PathLike) -> ModelInfo:
+    """Parameter count, bytes and shapes of a model or adapter folder, from headers only."""
+    folder = Path(folder)
+    info = _sized(str(folder), [(name, tuple(i.shape), i.nbytes) for name, i in _headers(folder)],
+                  adapter=(folder / "adapter_config.json").is_file())
+    _read_config(info, folder)
+    return info
+
+
+def inspect_stack(parts: list[tuple[str | os.PathLike, int, int]], config_folder: str | os.PathLike) -> ModelInfo:
+    """Sizes of the model stacked from ``parts`` (``(model folder, start, end)`` per slice, see
+    :func:`~mergelab.io.layers.plan_stack`), from headers only; widths from ``config_folder``'s
+    config.json, the layer count the stack's."""
+    headers: dict[str, dict] = {}
+    for folder, _, _ in parts:
+        headers.setdefault(str(folder), dict(_headers(Path(folder))))
+    layout = plan_stack([({n: i.shape for n, i in headers[str(f)].items()}, start, end) for f, start, end in parts],
+                        [f"slices[{i}] ({f})" for i, (f, _, _) in enumerate(parts)])
+    info = _sized("(the stacked model)", [(t.name, t.shape, headers[str(parts[t.part][0])][t.source].nbytes)
+                                          for t in layout.tensors])
+    _read_config(info, Path(config_folder))
+    info.layers = len(layout.layers)
+    return info
+
+
+def _read_config(info: ModelInfo, folder: Path) -> None:
     cfg_file = folder / "config.json"
     if cfg_file.is_file():
         cfg = json.loads(cfg_file.read_text())
@@ -70,7 +102,6 @@ def inspect_model(folder: str | os.PathLike) -> ModelInfo:
         heads = int(cfg.get("num_attention_heads") or cfg.get("num_heads") or 1)
         head_dim = int(cfg.get("head_dim") or cfg.get("d_kv") or (info.hidden // max(heads, 1)))
         info.kv_dim = int(cfg.get("num_key_value_heads") or heads) * head_dim
-    return info
 
 
 def model_info_from_config(cfg: Mapping[str, Any], dtype_bytes: int = 2, name: str = "(from config)") -> ModelInfo:

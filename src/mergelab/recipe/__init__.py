@@ -18,7 +18,8 @@ A recipe is YAML (or JSON)::
 part (:class:`Recipe`). See ``docs/recipe.md``.
 """
 from mergelab.recipe.loader import RecipeFile, absolute_paths, load_recipe, read_recipe
-from mergelab.recipe.params import layer_depths, layer_of, layer_position, resolve_params, tensor_seed
+from mergelab.io.layers import layer_depths, layer_of
+from mergelab.recipe.params import layer_position, resolve_params, tensor_seed
 from mergelab.recipe.schema import ExpertRef, MethodConfig, ModelRef, OutputConfig, Recipe, check_param
 
 __all__ = ["Recipe", "RecipeFile", "ModelRef", "ExpertRef", "MethodConfig", "OutputConfig", "read_recipe",

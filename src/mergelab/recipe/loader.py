@@ -78,6 +78,14 @@ def read_recipe(source: str | os.PathLike | Mapping[str, Any], *,
         raise RecipeError(f"{label}: finetune.when: after_merge trains on the merged model, which needs "
                           "output.format: full (got lora)",
                           hint="use when: before_merge (the adapter joins the merge as an expert), or format: full")
+    if tune is not None and recipe.slices is not None:
+        raise RecipeError(f"{label}: tune: a layer stack (slices) has no merge of experts whose parameters "
+                          "could be searched", hint="remove the tune: section; mergelab tune searches the weights, "
+                                                    "densities and λ of a merge of experts")
+    if finetune is not None and finetune.when == "before_merge" and recipe.slices is not None:
+        raise RecipeError(f"{label}: finetune.when: before_merge adds the trained adapter to the merge as an "
+                          "expert, and a layer stack (slices) has no experts",
+                          hint="use when: after_merge (the adapter is trained on the stacked model)")
     return RecipeFile(recipe=recipe, data=data, root=root, label=label, eval=eval_section,
                       finetune=finetune, tune=tune)
 
@@ -195,7 +203,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
     """The one path resolver: every file or folder a recipe names, made absolute against ``root``
-    (``~`` expanded): ``base.path``, ``experts[].path``, ``experts[].data``, ``eval.data``,
+    (``~`` expanded): ``base.path``, ``experts[].path``, ``experts[].data``, ``slices[].path``, ``eval.data``,
     ``eval.shots``, ``finetune.data[]`` (a path or ``{path, licence}``) and ``tune.data``."""
     def fix(p: Any) -> Any:
         if not isinstance(p, (str, os.PathLike)):
@@ -218,6 +226,8 @@ def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
         del data["base"]
     if isinstance(data.get("experts"), list):
         data["experts"] = [fix_key(fix_key(e, "path"), "data") for e in data["experts"]]
+    if isinstance(data.get("slices"), list):
+        data["slices"] = [fix_key(s, "path") for s in data["slices"]]
     if isinstance(data.get("eval"), Mapping):
         data["eval"] = fix_key(fix_key(data["eval"], "data"), "shots")
     if isinstance(data.get("tune"), Mapping):

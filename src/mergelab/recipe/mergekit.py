@@ -11,7 +11,7 @@ from mergelab.io.jsonfile import clip, read_json
 
 MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
                     "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp",
-                    "karcher", "nuslerp", "multislerp", "sce", "nearswap")
+                    "karcher", "nuslerp", "multislerp", "sce", "nearswap", "passthrough")
 
 
 _MERGEKIT_IGNORED = {"int8_mask"}
@@ -28,7 +28,8 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     """Translate a mergekit YAML config (0.1.x) into a mergelab recipe dict.
 
     Supported: ``merge_method`` (the methods above), ``base_model``, ``models`` (each with
-    ``parameters``), one full-depth ``slices`` entry (the usual SLERP form), global
+    ``parameters``), one full-depth ``slices`` entry (the usual SLERP form), layer stacking
+    (``passthrough`` with one source per slice: :func:`_mergekit_stack`), global
     ``parameters`` (scalars, layer lists, filters), ``dtype``/``out_dtype`` (the output dtype;
     mergelab always computes in float32), ``tokenizer_source: base``. Anything else is refused
     with a RecipeError that says what is not supported.
@@ -52,6 +53,8 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     if cfg.get("chat_template") is not None:
         fail("chat_template", "is not supported; the base model's chat template is copied")
 
+    if method == "passthrough":
+        return _mergekit_stack(cfg, root)
     models = cfg.get("models")
     if cfg.get("slices") is not None:
         if models is not None:
@@ -103,6 +106,57 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     return out
 
 
+def _mergekit_stack(cfg: Mapping[str, Any], root: Path) -> dict:
+    """``merge_method: passthrough``: each slice's one source becomes a slice of the recipe, its
+    ``parameters`` (over the slice's) the slice's own; ``base_model`` (else the first slice's
+    model, as in mergekit) gives config and tokenizer."""
+    def fail(where: str, why: str, hint: str | None = None):
+        raise RecipeError(f"mergekit config: {where}: {why}", hint=hint or _HINT)
+
+    if cfg.get("models") is not None:
+        fail("models", "passthrough stacks layer ranges listed under `slices`, not `models`",
+             hint="write slices: [{sources: [{model: ..., layer_range: [start, end]}]}, ...] (docs/recipe.md)")
+    slices = cfg.get("slices")
+    if not isinstance(slices, list) or not slices:
+        fail("slices", f"expected a list of {{sources: [{{model: ..., layer_range: [start, end]}}]}}, got {clip(slices)}")
+    out = []
+    for i, s in enumerate(slices):
+        if not isinstance(s, Mapping) or not isinstance(s.get("sources"), list) or not s["sources"]:
+            fail(f"slices[{i}]", f"expected {{sources: [{{model: ..., layer_range: [start, end]}}]}}, got {clip(s)}")
+        extra = set(s) - {"sources", "parameters"}
+        if extra:
+            fail(f"slices[{i}]", f"unsupported key(s) {clip(sorted(map(str, extra)))}")
+        if len(s["sources"]) != 1:
+            fail(f"slices[{i}].sources", f"passthrough copies the layers of one model per slice, got "
+                 f"{len(s['sources'])} sources",
+                 hint="give each slice one source (mergekit refuses several too); mergelab does not merge models "
+                      "inside a slice")
+        src = s["sources"][0]
+        where = f"slices[{i}].sources[0]"
+        if not isinstance(src, Mapping) or "model" not in src:
+            fail(where, f"expected {{model: ..., layer_range: [start, end]}}, got {clip(src)}")
+        extra = set(src) - {"model", "layer_range", "parameters"}
+        if extra:
+            fail(where, f"unsupported key(s) {clip(sorted(map(str, extra)))}")
+        rng = src.get("layer_range")
+        if not isinstance(rng, list) or len(rng) != 2 or not all(type(x) is int for x in rng):
+            fail(f"{where}.layer_range", f"expected [start, end], two whole numbers, got {clip(rng)}")
+        params = {**_params(s.get("parameters"), f"slices[{i}].parameters"),
+                  **_params(src.get("parameters"), f"{where}.parameters")}
+        out.append({**_mergekit_ref(src["model"], root, f"{where}.model"), "layer_range": list(rng), **params})
+    global_params = {k: v for k, v in _params(cfg.get("parameters"), "parameters").items()
+                     if k not in _MERGEKIT_IGNORED}
+    recipe: dict[str, Any] = {"method": {"name": "passthrough", **global_params}, "slices": out}
+    if cfg.get("base_model"):
+        recipe["base"] = _mergekit_ref(cfg["base_model"], root, "base_model")
+    dtype = cfg.get("out_dtype") or cfg.get("dtype")
+    if dtype is not None:
+        recipe["output"] = {"dtype": dtype}
+    if cfg.get("seed") is not None:
+        recipe["seed"] = cfg["seed"]
+    return recipe
+
+
 def _params(value: Any, where: str) -> dict:
     """A ``parameters:`` mapping of parameter names (text) to values; nothing given is {}."""
     if value is None:
@@ -149,8 +203,9 @@ def _mergekit_ref(value: Any, root: Path, where: str) -> dict:
 
 def _mergekit_slices(slices: Any, root: Path) -> list:
     if not isinstance(slices, list) or len(slices) != 1:
-        raise RecipeError("mergekit config: slices: only one slice spanning all layers is supported",
-                          hint="layer stacking (frankenmerges) is not a merge mergelab does")
+        raise RecipeError("mergekit config: slices: only one slice spanning all layers is supported (mergelab "
+                          "does not merge models slice by slice)",
+                          hint="layer stacking is merge_method: passthrough with one source per slice")
     s = slices[0]
     if not isinstance(s, Mapping) or set(s) - {"sources"} or not isinstance(s.get("sources"), list) \
             or not s["sources"]:

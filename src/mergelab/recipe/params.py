@@ -3,8 +3,9 @@ evaluated for one tensor's layer and module, and the tensor's own random seed.""
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import Any, Mapping
+
+from mergelab.io.layers import layer_of
 from mergelab.methods import MethodParams
 from mergelab.recipe.schema import Recipe, as_number
 
@@ -34,31 +35,6 @@ def evaluate_param(value: Any, tensor_name: str, t: float) -> Any:
     if isinstance(value, str) and as_number(value) is not None:
         return as_number(value)
     return value
-
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
-
-
-def layer_of(tensor_name: str) -> tuple[str, int] | None:
-    """``("model", 3)`` for ``model.layers.3.mlp.up_proj.weight``; None for a non-layer tensor.
-
-    The first part is the layer stack's prefix (``encoder``/``decoder`` for T5), so stacks of
-    different depth are told apart.
-    """
-    m = _LAYER_RE.search(tensor_name)
-    if m is None:
-        return None
-    return tensor_name[: m.start()], int(m.group(1))
-
-
-def layer_depths(names) -> dict[str, int]:
-    """``{layer-stack prefix: number of layers}`` over tensor names (see :func:`layer_of`)."""
-    depth: dict[str, int] = {}
-    for n in names:
-        loc = layer_of(n)
-        if loc is not None:
-            depth[loc[0]] = max(depth.get(loc[0], 0), loc[1] + 1)
-    return depth
 
 
 def layer_position(tensor_name: str, num_layers: int) -> float:

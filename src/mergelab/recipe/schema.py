@@ -39,7 +39,7 @@ PARAM_RULES: dict[str, tuple[str, float | None, float | None]] = {
     "steps": (_INT, 0, None), "lr": (_NUMBER, 0.0, None), "select_topk": (_NUMBER, 0.0, 1.0),
     "common_space_fraction": (_NUMBER, 0.0, 1.0), "use_base": (_BOOL, None, None),
     "normalize_weights": (_BOOL, None, None), "nuslerp_flatten": (_BOOL, None, None),
-    "nuslerp_row_wise": (_BOOL, None, None),
+    "nuslerp_row_wise": (_BOOL, None, None), "scale": (_NUMBER, None, None),
 }
 _MODEL_KEYS = ("path", "model", "revision")
 
@@ -115,6 +115,35 @@ class ExpertRef(ModelRef):
     @property
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class SliceRef(ModelRef):
+    """One slice of a layer stack (``method: passthrough``): layers ``start … end − 1`` of one model.
+
+    ``layer_range: [start, end]`` counts from 0 and leaves out ``end``, as mergekit does
+    (``[0, 16]`` is the first 16 layers). Other keys are the slice's parameters (``scale``).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    layer_range: tuple[int, int]
+
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _range(cls, v: Any) -> Any:
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(type(x) is int for x in v)):
+            raise ValueError("expected [start, end], two whole numbers")
+        if not 0 <= v[0] < v[1]:
+            raise ValueError("expected [start, end] with 0 ≤ start < end (the end is not included, as in "
+                             "mergekit: [0, 16] is the first 16 layers)")
+        return tuple(v)
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+PASSTHROUGH = "passthrough"
 
 
 class MethodConfig(BaseModel):
@@ -196,11 +225,25 @@ class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     base: ModelRef
-    experts: list[ExpertRef] = Field(min_length=1)
+    experts: list[ExpertRef] = Field(default_factory=list)
     method: MethodConfig
     output: OutputConfig = OutputConfig()
     seed: int = 0
     eval: dict | None = None
+    slices: list[SliceRef] | None = None   # layer stacking (method passthrough) instead of experts
+
+    @model_validator(mode="before")
+    @classmethod
+    def _base_of_a_stack(cls, data: Any) -> Any:
+        """A layer stack without ``base`` takes config and tokenizer from its first slice's model."""
+        if isinstance(data, Mapping) and data.get("slices") == []:
+            raise RecipeError("slices: an empty list stacks nothing")
+        if isinstance(data, Mapping) and data.get("base") is None and isinstance(data.get("slices"), list) \
+                and data["slices"] and isinstance(data["slices"][0], Mapping):
+            first = data["slices"][0]
+            keys = ("path",) if first.get("path") is not None else ("model", "revision")
+            data = {**data, "base": {k: first[k] for k in keys if first.get(k) is not None}}
+        return data
 
     @model_validator(mode="after")
     def _check_method(self):
@@ -208,6 +251,8 @@ class Recipe(BaseModel):
             spec = get_method(self.method.name)
         except RecipeError as exc:
             raise RecipeError(f"method.name: {exc.message}", hint=exc.hint) from None
+        if spec.name == PASSTHROUGH or self.slices is not None:
+            return self._check_stack(spec)
         lo, hi = spec.n_experts
         n = len(self.experts)
         if n < lo or (hi is not None and n > hi):
@@ -244,6 +289,50 @@ class Recipe(BaseModel):
         if problems:
             raise RecipeError("; ".join(problems))
         return self
+
+    def _check_stack(self, spec):
+        """A layer stack: ``method: passthrough`` with ``slices``, no experts, a full output."""
+        if spec.name != PASSTHROUGH:
+            raise RecipeError(f"slices: layer stacking takes method passthrough, got {spec.name}",
+                              hint="mergelab does not merge models inside a slice; for a layer-wise merge give "
+                                   "`experts` and per-layer parameter lists (docs/recipe.md)")
+        if self.slices is None:
+            raise RecipeError("method.name: passthrough stacks layers of models: give `slices`, a list of "
+                              "{path: ... or model: ..., layer_range: [start, end]}",
+                              hint="see docs/recipe.md (layer stacking)")
+        if self.experts:
+            raise RecipeError(f"experts: a layer stack names its models in `slices`, not in `experts` "
+                              f"(got {len(self.experts)} expert(s))", hint="remove `experts`")
+        if self.output.format != "full":
+            raise RecipeError("output.format: a layer stack is written as a full model, not as a LoRA adapter",
+                              hint="remove `output.format` (or write `format: full`)")
+        problems: list[str] = []
+        for key, value in self.method.params.items():
+            if key not in spec.global_params:
+                problems.append(f"method.{key}: passthrough has no parameter {key!r} (got {clip(value)}); "
+                                f"its parameters: {', '.join(spec.global_params)}")
+            else:
+                problems += check_param(f"method.{key}", key, value)
+        for i, s in enumerate(self.slices):
+            for key, value in s.params.items():
+                if key not in spec.expert_params:
+                    problems.append(f"slices[{i}].{key}: not a key of a slice (got {clip(value)}); allowed keys: "
+                                    f"{', '.join(list(_MODEL_KEYS) + ['layer_range', *spec.expert_params])}")
+                else:
+                    problems += check_param(f"slices[{i}].{key}", key, value)
+        if problems:
+            raise RecipeError("; ".join(problems))
+        return self
+
+    def stack_models(self) -> list[tuple[str, ModelRef]]:
+        """``[(role, model)]`` of a layer stack's slices, each model once (its first slice's role)."""
+        out, seen = [], set()
+        for i, s in enumerate(self.slices or [], 1):
+            key = (s.path, s.model, s.revision)
+            if key not in seen:
+                seen.add(key)
+                out.append((f"slice {i}", s))
+        return out
 
 
 # ---------------------------------------------------------------------------------- parameters

@@ -48,7 +48,7 @@ from mergelab.merge import merge
 from mergelab.merge.card import CARD_NAME, CardInput, inputs_from_records, render_card, write_card
 from mergelab.plan import get_profile, parse_budget, plan_run
 from mergelab.finetune.train import check_data_licences, train_adapter
-from mergelab.hub.rules import check_models, recipe_refs
+from mergelab.hub.rules import check_models, recipe_refs, recipe_stack
 from mergelab.errors import BudgetError, OutputExistsError
 from mergelab.evaluate.runner import evaluate
 from mergelab.evaluate.data import read_competition_csv
@@ -93,23 +93,37 @@ def _resolve(recipe, progress: Callable[[str], None]) -> tuple[Any, list[dict]]:
 
     records = []
     data = recipe.model_dump(mode="json", exclude_none=True)
-    roles = [("base", recipe.base, data["base"])] + [
-        (f"expert {i}", e, data["experts"][i - 1]) for i, e in enumerate(recipe.experts, 1)]
-    for role, ref, entry in roles:
+    roles = [("base", recipe.base, [data["base"]])] + [
+        (f"expert {i}", e, [data["experts"][i - 1]]) for i, e in enumerate(recipe.experts, 1)]
+    if recipe.slices is not None:   # a layer stack: each model once, pinned in every slice that names it
+        entries: dict[tuple, list] = {}
+        for ref, entry in zip(recipe.slices, data["slices"]):
+            entries.setdefault(_ref_key(ref), []).append(entry)
+        roles += [(role, ref, entries[_ref_key(ref)]) for role, ref in recipe.stack_models()]
+    hashed: dict[str, dict] = {}   # a folder read in two roles (a stack's base and first slice) is hashed once
+    for role, ref, pinned in roles:
         progress(f"resolving {role}: {ref}")
         res = resolve_ref(ref)
         rec = res.to_dict()
         rec["role"] = role
-        rec["files"] = _input_files(res.local_path, res.files)
+        folder = str(res.local_path)
+        if folder not in hashed:
+            hashed[folder] = _input_files(res.local_path, res.files)
+        rec["files"] = dict(hashed[folder])
         for f in getattr(ref, "data", None) or []:   # a data-aware method's inputs (regmean)
             rec["files"][f"data:{f}"] = sha256_file(f)
         records.append(rec)
-        if res.source == "hub":   # pin: the normalised recipe names the commit, not a branch
-            entry.pop("path", None)
-            entry["revision"] = res.commit_sha
-        else:
-            entry["path"] = str(res.local_path)
+        for entry in pinned:
+            if res.source == "hub":   # pin: the normalised recipe names the commit, not a branch
+                entry.pop("path", None)
+                entry["revision"] = res.commit_sha
+            else:
+                entry["path"] = str(res.local_path)
     return Recipe.model_validate(data), records
+
+
+def _ref_key(ref) -> tuple:
+    return (ref.path, ref.model, ref.revision)
 
 
 def _local_recipe(recipe, records: list[dict]):
@@ -121,6 +135,12 @@ def _local_recipe(recipe, records: list[dict]):
         entry.pop("model", None)
         entry.pop("revision", None)
         entry["path"] = rec["local_path"]
+    if recipe.slices is not None:   # the records after the base's are the stack's models, each once
+        local = {_ref_key(ref): rec["local_path"] for (_, ref), rec in zip(recipe.stack_models(), records[1:])}
+        for ref, entry in zip(recipe.slices, data["slices"]):
+            entry.pop("model", None)
+            entry.pop("revision", None)
+            entry["path"] = local[_ref_key(ref)]
     return Recipe.model_validate(data)
 
 
@@ -238,7 +258,7 @@ class _Run:
     def input_paths(self) -> list[Path]:
         """Every local file or folder the run reads (models, data): the run folder must not be,
         hold or lie inside any of them."""
-        refs = [self.recipe.base, *self.recipe.experts]
+        refs = [self.recipe.base, *self.recipe.experts, *(self.recipe.slices or [])]
         paths = [Path(r.path) for r in refs if r.path is not None]
         paths += [Path(f) for e in self.recipe.experts for f in (e.data or [])]
         paths += [Path(m["local_path"]) for m in self.models]
@@ -292,7 +312,8 @@ class _Run:
             return
         self.say("checking the competition rules")
         t0 = time.perf_counter()
-        report = self.rule_report = check_models(recipe_refs(self.pinned), cutoff=self.cutoff)
+        report = self.rule_report = check_models(recipe_refs(self.pinned), cutoff=self.cutoff,
+                                                 stack=recipe_stack(self.pinned))
         self.timings["rules"] = time.perf_counter() - t0
         self.stages.append(StageReport("rules", "ran", self.timings["rules"],
                                        "pass" if report.ok else f"{len(report.failures)} failure(s)"))
@@ -648,7 +669,8 @@ def reproduce(manifest_path: str | os.PathLike, out_dir: str | os.PathLike, *, d
     except (RecipeError, DataError) as exc:
         raise type(exc)(f"{manifest_path}: the recorded recipe cannot run again: {exc.message}",
                         hint=exc.hint) from None
-    roles = ["base"] + [f"expert {i}" for i in range(1, len(doc.recipe.experts) + 1)]
+    roles = ["base"] + ([role for role, _ in doc.recipe.stack_models()] if doc.recipe.slices is not None
+                        else [f"expert {i}" for i in range(1, len(doc.recipe.experts) + 1)])
     recorded = [m["role"] for m in old.get("models", [])]
     if sorted(recorded) != sorted(roles):
         raise ReproducibilityError(
