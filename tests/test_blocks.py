@@ -24,6 +24,7 @@ WHOLE_ONLY = {
     "knots": "an SVD of the stacked task matrices",
     "regmean": "a solve with the whole layer's Gram matrices (bounded by in², not by rows)",
     "wudi": "gradient steps on the whole merged task matrix",
+    "passthrough": "layer stacking copies tensors (merge/slices.py), never through the engine",
 }
 
 #: parameters that make each method run on the fixture (the rest take their defaults)
