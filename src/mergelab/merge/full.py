@@ -43,7 +43,7 @@ from mergelab.errors import RecipeError
 from mergelab.methods import Block, MethodSpec, Passes, chunk_size
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
-from mergelab.util import single_torch_thread
+from mergelab.util import fixed_mmap_threshold, single_torch_thread
 from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs)
 from mergelab.merge.statistics import data_statistics
 from mergelab.merge.card import write_merge_card
@@ -119,7 +119,7 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
         max_work = max((t.work_bytes for t in tasks), default=0)
         budget = max(int(1.25 * max_work), 256 << 20)
         torch_threads = torch.get_num_threads()
-        with atomic_output_dir(out_dir, force) as tmp:
+        with atomic_output_dir(out_dir, force) as tmp, fixed_mmap_threshold():
             writer = ShardedWriter(tmp, recipe.output.shard_size_bytes,
                                    layout=[(t.name, t.shape, t.out_dtype) for t in tasks])
             if dev.type == "cpu":  # parallel over tensors, not inside each small operation
