@@ -13,12 +13,23 @@
    compute device, resolve the method parameters for its layer and module
    (:func:`~mergelab.recipe.resolve_params`), call the method, cast to the output dtype, and write
    its bytes straight into the planned place of its shard. Inputs and result are checked for
-   NaN/Inf on the way (one float32 sum each; refused unless ``output.allow_nonfinite``). The tensors in flight are bounded by
-   memory (``1.25 ×`` what the largest tensor needs), so peak memory is about
-   ``(inputs + 2) × the largest tensor``, whatever the model size. On the CPU, each worker runs
-   torch with one thread and the workers run in parallel (one per core): this keeps every core busy
-   without the synchronisation cost of splitting small operations, and the result does not depend
-   on the number of workers.
+   NaN/Inf on the way (one float32 sum each; refused unless ``output.allow_nonfinite``).
+   A tensor whose inputs take more than ``block_bytes`` (default 128 MiB of float32, all inputs
+   together) is merged in **row blocks** (:func:`plan_blocks`): each input is read by rows
+   (``pread`` of those rows' bytes; a LoRA expert builds ``base + ΔW`` for those rows from its
+   factors), the method's whole-tensor statistics are gathered in passes over the blocks
+   (:class:`~mergelab.methods.Blockwise`: norms, Gram matrices, exact magnitude cuts, the random
+   generator's state at each block) and then each block is merged and written where its rows go.
+   Blocks start at multiples of the methods' reduction chunk, so the bytes are the whole-tensor
+   merge's exactly (``tests/test_blocks.py``). Memory is then bounded by the block, not by the
+   largest tensor, the vocabulary or the number of experts: about two workers × 2.5 × the block
+   budget, plus the process. Methods without a block form (SVD-based, RegMean, WUDI) take the
+   whole tensor, ``(inputs + 2) ×`` its float32 size. The tensors in flight are bounded by memory
+   (``1.25 ×`` what the largest unit of work needs). On the CPU, each worker runs torch with one
+   thread and the workers run in parallel (one per core): this keeps every core busy without the
+   synchronisation cost of splitting small operations, and the result does not depend on the
+   number of workers. On CUDA, reads go through pinned buffers and copy to the device
+   asynchronously, so one worker's read overlaps another's compute.
 4. **Finish**: copy config, tokenizer, generation config and chat template from the base, set the
    config's dtype, write the model card (:mod:`mergelab.merge.card`), and rename the temporary folder into place (nothing is left on error).
 """
