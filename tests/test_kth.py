@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from mergelab.methods import kth
 from mergelab.methods.kth import KthLargest, KthLargestRows, sample_bracket
+from mergelab.methods.sparsify import _kth_largest
 
 
 def select(values: torch.Tensor, ks, *, blocks=1, brackets=None, device="cpu", cls=KthLargest):
@@ -204,3 +205,17 @@ def test_same_answer_as_kthvalue_and_the_old_selection(case, numpy, store_all, b
         got, passes = select(x, [k, 1, n], blocks=blocks, brackets=None if brackets is None else brackets * 3)
     assert got == [want, reference(x, 1), reference(x, n)]
     assert passes <= 3
+
+
+def test_sparsify_selection_matches_the_old_one_past_the_sample_threshold():
+    """sparsify's ``_kth_largest`` (now kth.py) against its former body, sampled sizes and ties."""
+    g = torch.Generator().manual_seed(3)
+    n = 300_000
+    b = torch.randn(n, generator=g).bfloat16().float()
+    e = (b + 0.01 * torch.randn(n, generator=g)).bfloat16().float()
+    e[: n // 10] = b[: n // 10]
+    a = (e - b).abs()
+    for k in (1, 300, int(0.2 * n), n - 5, n):
+        got = _kth_largest(lambda sl: (e[sl] - b[sl]).abs_(), lambda i: (e[i] - b[i]).abs_(), n, k,
+                           torch.device("cpu"))
+        assert got == old_kth_largest(a, k) == reference(a, k)

@@ -33,6 +33,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import MethodParams, register
+from mergelab.methods.kth import KthLargest, sample_bracket
 from mergelab.methods.ties_factors import ties_from_factors
 
 CHUNK = 1 << 17        # elements per chunk on the CPU (512 KiB of float32)
@@ -65,39 +66,22 @@ def _kth_largest(delta: Callable[[slice], torch.Tensor], at: Callable[[torch.Ten
     """The k-th largest of ``|δ|`` (1 ≤ k ≤ n): ``(v, #(|δ| > v), #(|δ| = v))``.
 
     ``delta(slice)`` gives a chunk of ``|δ|``; ``at(index)`` gives ``|δ|`` at given positions.
-    A random sample brackets ``v`` between ``lo`` and ``hi``; one pass counts the entries above
-    ``hi`` and collects the (few) entries in ``[lo, hi]``; the exact ``v`` is selected among those.
-    If the bracket misses, it is widened to a half-line and the pass repeated, so the answer is
-    always exact; the sample only decides how fast it is found.
+    A random sample brackets ``v`` (:func:`~mergelab.methods.kth.sample_bracket`); one pass over
+    the chunks counts the entries above the bracket and keeps the (few) inside it, and the exact
+    ``v`` is selected among those (:class:`~mergelab.methods.kth.KthLargest`). A bracket that
+    misses costs two histogram passes more, so the answer is always exact; the sample only
+    decides how fast it is found.
     """
-    lo, hi = -math.inf, math.inf
+    bracket = (-math.inf, math.inf)  # a short tensor is kept whole
     if n > 4 * _SAMPLE:
         g = torch.Generator().manual_seed(n)  # fixed: the sample affects speed, never the result
-        idx = torch.randint(n, (_SAMPLE,), generator=g).to(device)
-        sample = at(idx).sort(descending=True).values
-        r = k * _SAMPLE / n
-        margin = 4.0 * math.sqrt(r * (1.0 - k / n)) + 16.0
-        i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))
-        if i_hi >= 1:
-            hi = float(sample[i_hi - 1])
-        if i_lo <= _SAMPLE:
-            lo = float(sample[i_lo - 1])
-    for _ in range(2):
-        above = torch.zeros((), dtype=torch.int64, device=device)
-        parts = []
+        bracket = sample_bracket(at(torch.randint(n, (_SAMPLE,), generator=g).to(device)), n, k)
+    sel = KthLargest(n, [k], device, brackets=[bracket])
+    while True:
         for sl in chunks(n, device):
-            a = delta(sl)
-            if hi < math.inf:
-                above += (a > hi).sum()
-            parts.append(a[(a >= lo) & (a <= hi)] if (lo > -math.inf or hi < math.inf) else a)
-        band = torch.cat(parts)
-        need = k - int(above)
-        if 1 <= need <= band.numel():
-            v = band.kthvalue(band.numel() - need + 1).values
-            n_gt = int(above) + int((band > v).sum())
-            return float(v), n_gt, int((band == v).sum())
-        lo, hi = (hi, math.inf) if need < 1 else (-math.inf, lo)
-    raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
+            sel.observe(delta(sl))
+        if not sel.next_pass():
+            return sel.result()
 
 
 def topk_mask(e: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
