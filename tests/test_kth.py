@@ -103,10 +103,17 @@ def test_zeros_negative_zero_infinity_and_denormals(numpy):
         assert select(x, [7])[0] == [(0.0, 6, 3)]
 
 
-def test_all_equal_values_fall_in_one_bucket():
+@pytest.mark.parametrize("numpy", [True, False])
+def test_all_equal_values(numpy):
+    """One bucket for the histograms; a one-value bracket (all-zero task vectors) only counts."""
     x = torch.full((300_000,), 0.25)
-    got, passes = select(x, [1, 150_000, 300_000], blocks=7)
-    assert got == [(0.25, 0, 300_000)] * 3 and passes == 2
+    with kernels(numpy):
+        assert select(x, [1, 150_000, 300_000], blocks=7) == ([(0.25, 0, 300_000)] * 3, 2)
+        assert select(x, [1, 300_000], blocks=7, brackets=[(0.25, 0.25)] * 2) == ([(0.25, 0, 300_000)] * 2, 1)
+        z = torch.zeros(3, 100_000)
+        z[1, 7] = 1.0
+        got = select(z, [5, 5, 1], blocks=2, cls=KthLargestRows, brackets=[(0.0, 0.0)] * 3)
+        assert got == ([(0.0, 0, 100_000), (0.0, 1, 99_999), (0.0, 0, 100_000)], 1)
 
 
 @pytest.mark.parametrize("numpy", [True, False])

@@ -119,15 +119,17 @@ class _NumpyOps:
             self._b1, self._b2 = np.empty(size, dtype=bool), np.empty(size, dtype=bool)
         return self._b1[:size].reshape(shape), self._b2[:size].reshape(shape)
 
-    def window(self, x, lo: np.ndarray, hi: np.ndarray):
+    def window(self, x, lo: np.ndarray, hi: np.ndarray, collect: bool = True):
         """Per row i: the count of ``x > hi[i]``, and the values in ``[lo[i], hi[i]]`` (one array
-        per row)."""
+        per row; with ``collect`` False only their counts)."""
         rows, width = x.shape
         above, inside = self._bools(x.shape)
         np.greater(x, hi[:, None], out=above)
         np.greater_equal(x, lo[:, None], out=inside)
         np.logical_xor(inside, above, out=inside)          # lo ≤ x ≤ hi (lo ≤ hi)
         counts = [np.count_nonzero(above[i]) for i in range(rows)]
+        if not collect:
+            return counts, [int(np.count_nonzero(inside[i])) for i in range(rows)]
         f = np.flatnonzero(inside)                          # flat positions, row by row
         if x.flags.c_contiguous:
             vals = np.take(x.reshape(-1), f)
@@ -181,12 +183,14 @@ class _TorchOps:
     def wrap(values: torch.Tensor):
         return values.detach()
 
-    def window(self, x, lo: np.ndarray, hi: np.ndarray):
+    def window(self, x, lo: np.ndarray, hi: np.ndarray, collect: bool = True):
         lo_t = torch.from_numpy(lo).to(x.device).view(-1, 1)
         hi_t = torch.from_numpy(hi).to(x.device).view(-1, 1)
         above = x > hi_t
         inside = (x >= lo_t) ^ above
         counts = above.sum(1).tolist()
+        if not collect:
+            return counts, inside.sum(1).tolist()
         r, c = inside.nonzero(as_tuple=True)
         vals = x[r, c]
         cut = torch.searchsorted(r, torch.arange(x.shape[0] + 1, device=x.device)).tolist()
@@ -273,6 +277,7 @@ class _Selection:
             win.sort(key=lambda q: q.row)
             self.win = win
             self.win_lo, self.win_hi = _f32s([q.lo for q in win]), _f32s([q.hi for q in win])
+            self.win_collect = any(q.lo != q.hi for q in win)
 
     def observe(self, values: torch.Tensor) -> None:
         if values.dtype in (torch.float16, torch.bfloat16):
@@ -291,14 +296,14 @@ class _Selection:
     def _observe(self, x) -> None:
         ops = self.ops
         if self.batched:
-            counts, inside = ops.window(x, self.win_lo, self.win_hi)
+            counts, inside = ops.window(x, self.win_lo, self.win_hi, self.win_collect)
             for q, c, v in zip(self.win, counts, inside):
                 self._keep(q, c, v)
         else:
             for q in self.queries:
                 if q.mode == _WINDOW:
                     r = q.row
-                    counts, inside = ops.window(x[r:r + 1], _f32s([q.lo]), _f32s([q.hi]))
+                    counts, inside = ops.window(x[r:r + 1], _f32s([q.lo]), _f32s([q.hi]), q.lo != q.hi)
                     self._keep(q, counts[0], inside[0])
         for r, acc in self.high_acc.items():
             ops.high(x[r], acc)
@@ -310,7 +315,11 @@ class _Selection:
             self._flush_low()
 
     def _keep(self, q: _Query, above: int, inside) -> None:
+        """Add a block's count above q's window and the values inside it (or their count)."""
         q.above += int(above)
+        if q.lo == q.hi:             # a one-value window: counting is enough
+            q.kept_n += inside if isinstance(inside, int) else int(inside.shape[0])
+            return
         if q.kept is None:
             return
         size = int(inside.shape[0])
@@ -353,6 +362,10 @@ class _Selection:
 
     def _end_window(self, q: _Query) -> None:
         need = q.k - q.above
+        if q.lo == q.hi and 1 <= need <= q.kept_n:
+            q.result = (float(_f32s([q.lo])[0]) + 0.0, q.above, q.kept_n)
+            q.mode = _DONE
+            return
         if q.kept is None or not 1 <= need <= q.kept_n:
             q.mode = _HIGH           # the guess missed (or held too much): histograms from here
             q.kept = []
