@@ -313,7 +313,7 @@ def test_sampled_ties_cut_is_close_to_the_exact_one(zoo, tmp_path):
     for exact in (True, False):
         cuts = lm.magnitude_cuts(lm.FactorStack(parts, [1.0, 1.0]), [k, k], rows=64, exact=exact)
         for q, c in zip(parts, cuts):
-            kept = int((q.dense().abs() >= c.v).sum()) - c.drop.numel()
+            kept = int((q.dense().abs() >= c.v).sum()) - c.dropped
             assert kept == k if exact else abs(kept / k - 1) < 0.08
 
 
@@ -395,6 +395,81 @@ def test_exact_magnitude_cuts_survive_a_bracket_that_misses(monkeypatch):
         monkeypatch.setattr(lm.FactorStack, "sample", lambda self, size, v=fake: torch.full((self.count, size), v))
         cuts = lm.magnitude_cuts(lm.FactorStack(parts, [1.0, 1.0]), ks, rows=64)
         assert [c.v for c in cuts] == want
+
+
+def _brute_force_cuts(stack, ks, rows):
+    """The exact top-k cuts by sorting every |ΔWᵢ| as the row blocks give it (the values the
+    trimming pass sees): v, and how many entries equal to v are kept (the first ones)."""
+    from mergelab.methods.ties_factors import MagnitudeCut
+
+    m, n, count = stack.m, stack.n, stack.count
+    buf = torch.empty(count, min(rows, m), n)
+    x = torch.cat([stack.block(r0, min(m, r0 + rows), buf).abs().reshape(count, -1)
+                   for r0 in range(0, m, rows)], dim=1)
+    cuts = []
+    for i, k in enumerate(ks):
+        v = x[i].sort(descending=True).values[k - 1]
+        n_gt, n_eq = int((x[i] > v).sum()), int((x[i] == v).sum())
+        cuts.append(MagnitudeCut(float(v), n_eq, k - n_gt))
+    return cuts
+
+
+def _tied_parts(g, m, n, count, rank):
+    """Factors rounded to bfloat16 (or small integers): many equal |ΔWᵢ|, also at the cut."""
+    parts = [LowRank(torch.randn(m, rank, generator=g).bfloat16().float(),
+                     torch.randn(rank, n, generator=g).bfloat16().float()) for _ in range(count - 1)]
+    parts.append(LowRank(torch.randint(-2, 3, (m, rank), generator=g).float(),
+                         torch.randint(-2, 3, (rank, n), generator=g).float()))
+    return parts
+
+
+def test_exact_magnitude_cuts_are_the_brute_force_ones(monkeypatch):
+    """Past the sample threshold, with many equal values, and with a sample made of the matrix'
+    own values (so that the bracket ends fall exactly on entries: each is counted once)."""
+    from mergelab.methods import ties_factors as lm
+
+    g = torch.Generator().manual_seed(7)
+    parts = _tied_parts(g, 700, 600, 4, 3)
+    total = 700 * 600
+    stack = lm.FactorStack(parts, [1.0] * 4)
+    ks = [int(0.2 * total), 1, total // 2, total - 3]
+    want = _brute_force_cuts(stack, ks, 64)
+    assert lm.magnitude_cuts(stack, ks, rows=64) == want
+    assert any(c.dropped for c in want)          # ties at a cut are part of the case
+
+    def own_values(self, size):
+        full = torch.cat([self.block(r0, min(self.m, r0 + 64), torch.empty(self.count, 64, self.n)).abs()
+                          .reshape(self.count, -1) for r0 in range(0, self.m, 64)], dim=1)
+        return full[:, torch.randint(full.shape[1], (size,), generator=torch.Generator().manual_seed(size))]
+
+    monkeypatch.setattr(lm.FactorStack, "sample", own_values)
+    for size in (1 << 15, 1 << 16):
+        monkeypatch.setattr(lm, "SAMPLE", size)
+        assert lm.magnitude_cuts(stack, ks, rows=64) == want
+
+
+def test_ties_from_factors_equals_its_merge_with_brute_force_cuts(monkeypatch):
+    """The merged ΔW is bit for bit the one made with cuts found by sorting (weights of both
+    signs, per-expert densities, equal values beyond the quota dropped in flat order)."""
+    from mergelab.methods import MethodParams
+    from mergelab.methods import ties_factors as lm
+
+    g = torch.Generator().manual_seed(8)
+    m, n = 640, 512
+    parts = _tied_parts(g, m, n, 5, 4)
+    p = MethodParams(globals={"lambda": 0.8}, experts=[
+        {"weight": w, "density": d} for w, d in zip((1.0, -0.6, 1.7, 0.4, 1.0), (0.2, 0.35, 0.1, 0.5, 0.2))])
+    got = lm.ties_from_factors(parts, p, (m, n), torch.device("cpu"))
+    seen = []
+
+    def brute(stack, ks, rows, exact=True):
+        cuts = _brute_force_cuts(stack, ks, rows)
+        seen.append(sum(c.dropped for c in cuts))
+        return cuts
+
+    monkeypatch.setattr(lm, "magnitude_cuts", brute)
+    want = lm.ties_from_factors(parts, p, (m, n), torch.device("cpu"))
+    assert seen and seen[0] > 0 and torch.equal(got, want)
 
 
 def test_mostly_zero_experts_fall_back_to_the_dense_ties(zoo):

@@ -51,7 +51,7 @@ import torch
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, TensorSource, copy_model_files
 from mergelab.util import atomic_output_dir
 from mergelab.errors import RecipeError
-from mergelab.methods import Block, MethodSpec, Passes, chunk_size
+from mergelab.methods import Block, MethodSpec, Passes, chunk_size, sample_rows
 from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import fixed_mmap_threshold, single_torch_thread
@@ -334,9 +334,20 @@ def _merge_blocks(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch
             finally:
                 pool.give(*held)
 
+    def sample() -> Block:   # a few rows spread over the tensor, read apart from the passes
+        rows = sample_rows(n_rows, cols)
+
+        def read(src, name):
+            return torch.cat([src.get_rows(name, r, r + 1) for r in rows]).to(dev, torch.float32)
+
+        base = read(base_src, base_name) if spec.needs_base else \
+            torch.zeros((), dtype=torch.float32, device=dev).expand(len(rows), *task.shape[1:])
+        return Block(-1, base, [read(src, n) for src, n in expert_inputs], task.shape)
+
     try:
         if spec.blockwise is not None:
-            state = spec.blockwise.stats(Passes(passes, len(expert_inputs)), params, task.shape)
+            state = spec.blockwise.stats(Passes(passes, len(expert_inputs), sample if cols >= 256 else None, dev),
+                                         params, task.shape)
             apply = lambda blk: spec.blockwise.apply(blk, state, params)  # noqa: E731
         else:
             apply = lambda blk: spec.fn(blk.base, blk.experts, params)  # noqa: E731

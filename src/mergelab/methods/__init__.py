@@ -27,6 +27,7 @@ The contract (shared by the full-model engine and the LoRA path):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -79,13 +80,27 @@ class Block:
         return self.base.numel()
 
 
+#: entries in the sample a selection brackets its cut with (:attr:`Passes.sample`)
+SAMPLE = 1 << 16
+
+
+def sample_rows(n_rows: int, cols: int) -> list[int]:
+    """The rows a tensor's sample is taken from: about :data:`SAMPLE` entries, evenly spread."""
+    m = min(n_rows, max(1, SAMPLE // max(cols, 1)))
+    return [(2 * i + 1) * n_rows // (2 * m) for i in range(m)]
+
+
 @dataclass(frozen=True)
 class Passes:
     """A tensor's inputs as a stats function sees them: call it for one pass over the blocks, in
-    order (as many passes as the statistics need); ``n_experts`` says how many experts there are."""
+    order (as many passes as the statistics need); ``n_experts`` says how many experts there are.
+    ``sample()`` (when not None) gives a block of the rows :func:`sample_rows` names, read without
+    a pass: a selection brackets its cut with it, which decides its speed, never its result."""
 
     read: Callable[[], Iterable[Block]]
     n_experts: int
+    sample: Callable[[], Block] | None = None
+    device: torch.device = torch.device("cpu")
 
     def __call__(self) -> Iterable[Block]:
         return self.read()
@@ -111,7 +126,13 @@ class Blockwise:
 def run_whole(form: Blockwise, base: torch.Tensor, experts: Sequence[torch.Tensor], p: "MethodParams") -> torch.Tensor:
     """A :class:`Blockwise` method on a whole tensor: its two steps over one block."""
     block = Block(0, base, list(experts), tuple(base.shape))
-    return form.apply(block, form.stats(Passes(lambda: (block,), len(block.experts)), p, tuple(base.shape)), p)
+
+    def sample() -> Block:
+        rows = torch.tensor(sample_rows(base.shape[0], math.prod(base.shape[1:])), device=base.device)
+        return Block(-1, base.index_select(0, rows), [e.index_select(0, rows) for e in experts], tuple(base.shape))
+
+    passes = Passes(lambda: (block,), len(block.experts), sample if base.dim() >= 2 else None, base.device)
+    return form.apply(block, form.stats(passes, p, tuple(base.shape)), p)
 
 
 @dataclass

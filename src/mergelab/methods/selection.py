@@ -14,7 +14,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import Block, Blockwise, MethodParams, Passes, chunks, register, run_whole
-from mergelab.methods.kth import KthLargest
+from mergelab.methods.kth import KthLargest, sample_bracket
 from mergelab.methods.sparsify import Cut
 
 
@@ -47,7 +47,11 @@ def _sce_stats(passes: Passes, p: MethodParams, shape: tuple) -> _SceStats:
             k = int(torch.tensor(nonzero) * topk)  # in float32, as mergekit
         cut = Cut(k)
         if 0 < k < n:
-            sel = KthLargest(n, [k])
+            bracket = None
+            if passes.sample is not None:
+                blk = passes.sample()
+                bracket = sample_bracket(_variance(blk.base.reshape(-1), _flat(blk)), n, k)
+            sel = KthLargest(n, [k], passes.device, brackets=[bracket])
             more = True
             while more:
                 for blk in passes():

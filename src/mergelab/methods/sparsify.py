@@ -35,7 +35,7 @@ import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods import CHUNK, Block, Blockwise, MethodParams, Passes, chunks, register, run_whole
-from mergelab.methods.kth import KthLargest
+from mergelab.methods.kth import KthLargest, sample_bracket
 from mergelab.methods.ties_factors import ties_from_factors
 
 RANDOM_CHUNK = 1 << 20  # uniform numbers drawn per call (the draw itself is order-preserving)
@@ -60,39 +60,22 @@ def _kth_largest(delta: Callable[[slice], torch.Tensor], at: Callable[[torch.Ten
     """The k-th largest of ``|δ|`` (1 ≤ k ≤ n): ``(v, #(|δ| > v), #(|δ| = v))``.
 
     ``delta(slice)`` gives a chunk of ``|δ|``; ``at(index)`` gives ``|δ|`` at given positions.
-    A random sample brackets ``v`` between ``lo`` and ``hi``; one pass counts the entries above
-    ``hi`` and collects the (few) entries in ``[lo, hi]``; the exact ``v`` is selected among those.
-    If the bracket misses, it is widened to a half-line and the pass repeated, so the answer is
-    always exact; the sample only decides how fast it is found.
+    A random sample brackets ``v`` (:func:`~mergelab.methods.kth.sample_bracket`); one pass over
+    the chunks counts the entries above the bracket and keeps the (few) inside it, and the exact
+    ``v`` is selected among those (:class:`~mergelab.methods.kth.KthLargest`). A bracket that
+    misses costs two histogram passes more, so the answer is always exact; the sample only
+    decides how fast it is found.
     """
-    lo, hi = -math.inf, math.inf
+    bracket = (-math.inf, math.inf)  # a short tensor is kept whole
     if n > 4 * _SAMPLE:
         g = torch.Generator().manual_seed(n)  # fixed: the sample affects speed, never the result
-        idx = torch.randint(n, (_SAMPLE,), generator=g).to(device)
-        sample = at(idx).sort(descending=True).values
-        r = k * _SAMPLE / n
-        margin = 4.0 * math.sqrt(r * (1.0 - k / n)) + 16.0
-        i_hi, i_lo = int(r - margin), int(math.ceil(r + margin))
-        if i_hi >= 1:
-            hi = float(sample[i_hi - 1])
-        if i_lo <= _SAMPLE:
-            lo = float(sample[i_lo - 1])
-    for _ in range(2):
-        above = torch.zeros((), dtype=torch.int64, device=device)
-        parts = []
+        bracket = sample_bracket(at(torch.randint(n, (_SAMPLE,), generator=g).to(device)), n, k)
+    sel = KthLargest(n, [k], device, brackets=[bracket])
+    while True:
         for sl in chunks(n, device):
-            a = delta(sl)
-            if hi < math.inf:
-                above += (a > hi).sum()
-            parts.append(a[(a >= lo) & (a <= hi)] if (lo > -math.inf or hi < math.inf) else a)
-        band = torch.cat(parts)
-        need = k - int(above)
-        if 1 <= need <= band.numel():
-            v = band.kthvalue(band.numel() - need + 1).values
-            n_gt = int(above) + int((band > v).sum())
-            return float(v), n_gt, int((band == v).sum())
-        lo, hi = (hi, math.inf) if need < 1 else (-math.inf, lo)
-    raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
+            sel.observe(delta(sl))
+        if not sel.next_pass():
+            return sel.result()
 
 
 def topk_mask(e: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
@@ -238,18 +221,27 @@ class _GtaStats:
 
 
 def _find_cuts(passes: Passes, cuts: list[tuple[int, Cut]], n: int) -> None:
-    """Fill in the exact value of every cut ``(expert, cut)`` with ``0 < k < n``: two passes."""
+    """Fill in the exact value of every cut ``(expert, cut)`` with ``0 < k < n``: one pass when the
+    sample's brackets hold, two histogram passes more where one misses."""
     todo = [(i, c) for i, c in cuts if 0 < c.k < n]
     if not todo:
         return
-    sel = {i: KthLargest(n, [c.k for j, c in todo if j == i]) for i, _ in todo}
-    more = True
-    while more:
+    experts = sorted({i for i, _ in todo})
+    brackets: dict[int, list] = {i: [None] * sum(1 for j, _ in todo if j == i) for i in experts}
+    if passes.sample is not None:
+        blk = passes.sample()
+        b = blk.base.reshape(-1)
+        for i in experts:
+            s = torch.sub(blk.experts[i].reshape(-1), b).abs_()
+            brackets[i] = [sample_bracket(s, n, c.k) for j, c in todo if j == i]
+    sel = {i: KthLargest(n, [c.k for j, c in todo if j == i], passes.device, brackets=brackets[i]) for i in experts}
+    active = dict(sel)
+    while active:
         for blk in passes():
             b = blk.base.reshape(-1)
-            for i, s in sel.items():
+            for i, s in active.items():
                 s.observe(torch.sub(blk.experts[i].reshape(-1), b).abs_())
-        more = any([s.next_pass() for s in sel.values()])
+        active = {i: s for i, s in active.items() if s.next_pass()}
     for i, s in sel.items():
         for j, c in enumerate(c for e, c in todo if e == i):
             c.v, c.n_gt, c.n_eq = s.result(j)

@@ -2,8 +2,8 @@
 the experts' dense ΔWᵢ: the factor form of :func:`mergelab.methods.sparsify.ties`.
 
 Exact magnitude cuts (:func:`magnitude_cuts`) bracket each expert's k-th largest ``|ΔWᵢ|`` from a
-sample and count the entries in the bracket over the blocks, so the result equals the dense
-method up to the order of float additions.
+sample and select it exactly in one pass over the blocks (:mod:`mergelab.methods.kth`), so the
+result equals the dense method up to the order of float additions.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from mergelab.methods import MethodParams
+from mergelab.methods.kth import KthLargestRows, sample_bracket
 from mergelab.methods.lowrank import LowRank
 
 
@@ -68,100 +70,70 @@ class FactorStack:
 
 @dataclass
 class MagnitudeCut:
-    """Where TIES trims one expert: keep ``|x| > v``, and ``|x| = v`` except at ``drop`` (flat
-    positions of equal entries beyond the quota, which the dense form leaves out by position)."""
+    """Where TIES trims one expert: keep ``|x| > v``, and of the ``n_eq`` entries with ``|x| = v``
+    the first ``keep_eq`` in flat order, as the dense ``topk_mask`` does (``n_eq`` 0: not
+    counted, keep them all)."""
 
     v: float
-    drop: torch.Tensor
+    n_eq: int = 0
+    keep_eq: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """Entries equal to ``v`` left out (the last ones in flat order)."""
+        return max(0, self.n_eq - self.keep_eq)
 
 
 def magnitude_cuts(stack: FactorStack, ks: Sequence[int], rows: int, exact: bool = True) -> list[MagnitudeCut]:
     """The top-``kᵢ`` cut of ``|ΔWᵢ|`` of every expert.
 
-    ``exact``: the bracketed selection of :mod:`mergelab.methods.sparsify` — a seeded sample of
-    entries brackets each k-th value; one pass over row blocks counts the entries above the
-    bracket and collects (value, position) of those inside it; the exact k-th value is selected
-    among them (a bracket that missed is widened and that expert redone, so the sample decides the
-    speed, never the answer). Equal values at the cut are kept in flat order, as ``topk_mask``.
+    ``exact``: a seeded sample of entries brackets each k-th value
+    (:func:`~mergelab.methods.kth.sample_bracket`); one pass over the row blocks counts the
+    entries above each bracket and keeps the few inside it, and the exact k-th value is selected
+    among them (:class:`~mergelab.methods.kth.KthLargestRows`; a bracket that misses costs two
+    histogram passes more, so the sample decides the speed, never the answer). Equal values at the
+    cut are kept in flat order, as ``topk_mask`` (the trimming pass finds them).
 
     Otherwise the cut is the same order statistic of that sample, scaled to the matrix: no pass
     over the matrix, and each kept share within about ±1.5 % (relative, one standard deviation,
     at density 0.2) of the density — which is a different TIES result, not an approximation of
     the exact one to rounding: on 27 random rank-8 adapters of a 4096² matrix it changed 4 % of
     the entries of the merged ΔW and its norm-wise value by 15 %. Matrices of at most four
-    samples' entries always get the exact cut.
+    samples' entries always get the exact cut (kept whole: one pass).
     """
     m, n, count = stack.m, stack.n, stack.count
     total = m * n
     device = stack.B.device
-    lo = torch.full((count,), -math.inf, device=device)
-    hi = torch.full((count,), math.inf, device=device)
+    brackets = None
     if total > 4 * SAMPLE:
         sample = stack.sample(SAMPLE)
-
-        def kth(i: int, j: int) -> torch.Tensor:  # the j-th largest sampled value of expert i
-            return sample[i].kthvalue(SAMPLE - min(SAMPLE, max(1, j)) + 1).values
-
         if not exact:
-            none = torch.empty(0, dtype=torch.int64, device=device)
-            return [MagnitudeCut(float(kth(i, round(k * SAMPLE / total))), none) for i, k in enumerate(ks)]
-        for i, k in enumerate(ks):
-            r = k * SAMPLE / total            # ± 4 binomial standard deviations + 16
-            margin = 4.0 * math.sqrt(r * (1.0 - k / total)) + 16.0
-            j_hi, j_lo = int(r - margin), int(math.ceil(r + margin))
-            if j_hi >= 1:
-                hi[i] = kth(i, j_hi) * (1 + 1e-5)
-            if j_lo <= SAMPLE:
-                lo[i] = kth(i, j_lo) * (1 - 1e-5)
-    cuts: list[MagnitudeCut | None] = [None] * count
-    todo = list(range(count))
+            def kth(i: int, j: int) -> float:  # the j-th largest sampled value of expert i
+                return float(sample[i].kthvalue(SAMPLE - min(SAMPLE, max(1, j)) + 1).values)
+
+            return [MagnitudeCut(kth(i, round(k * SAMPLE / total))) for i, k in enumerate(ks)]
+        brackets = [sample_bracket(sample[i], total, k) for i, k in enumerate(ks)]
+    sel = KthLargestRows(total, ks, device, brackets=brackets)
     buf = torch.empty(count, min(rows, m), n, device=device)
-    for _ in range(2):
-        finite = bool(torch.isfinite(lo[todo]).all() and torch.isfinite(hi[todo]).all())
-        mid, half = ((lo + hi) / 2).view(-1, 1), ((hi - lo) / 2).view(-1, 1)
-        above = [0] * count
-        vals: list[list[torch.Tensor]] = [[] for _ in range(count)]
-        where: list[list[torch.Tensor]] = [[] for _ in range(count)]
-        edges = torch.arange(count + 1, device=device)
+    while True:
         for r0 in range(0, m, rows):
-            r1 = min(m, r0 + rows)
-            a = stack.block(r0, r1, buf).abs_().view(count, -1)
-            width = a.shape[1]
-            if len(todo) == count and finite:      # first pass, sampled brackets: vectorised
-                for i in todo:
-                    above[i] += int(torch.count_nonzero(a[i] > hi[i]))
-                f = ((a - mid).abs_() <= half).view(-1).nonzero().view(-1)   # lo ≤ |x| ≤ hi
-            elif len(todo) == count and not torch.isfinite(lo).any() and not torch.isfinite(hi).any():
-                f = torch.arange(a.numel(), device=device)                     # no sample: take all
-            else:                                   # a bracket that missed, redone as a half-line
-                fs = []
-                for i in todo:
-                    if hi[i] < math.inf:
-                        above[i] += int(torch.count_nonzero(a[i] > hi[i]))
-                    fs.append(((a[i] >= lo[i]) & (a[i] <= hi[i])).nonzero().view(-1) + i * width)
-                f = torch.cat(fs)
-            got = a.view(-1)[f]
-            cut = torch.searchsorted(f, edges * width).tolist()  # f is increasing: split by expert
-            for i in todo:
-                if cut[i + 1] > cut[i]:
-                    vals[i].append(got[cut[i]:cut[i + 1]])
-                    where[i].append(f[cut[i]:cut[i + 1]] - i * width + r0 * n)
-        retry = []
-        for i in todo:
-            v_i = torch.cat(vals[i]) if vals[i] else torch.empty(0, device=device)
-            p_i = torch.cat(where[i]) if where[i] else torch.empty(0, dtype=torch.int64, device=device)
-            need = ks[i] - above[i]
-            if not 1 <= need <= v_i.numel():
-                lo[i], hi[i] = (hi[i], math.inf) if need < 1 else (-math.inf, lo[i])
-                retry.append(i)
-                continue
-            v = v_i.kthvalue(v_i.numel() - need + 1).values
-            quota = need - int((v_i > v).sum())
-            cuts[i] = MagnitudeCut(float(v), p_i[v_i == v][quota:])   # positions in flat order
-        if not retry:
-            return cuts  # type: ignore[return-value]
-        todo = retry
-    raise AssertionError("unreachable: a half-line bracket always holds the k-th value")
+            sel.observe(stack.block(r0, min(m, r0 + rows), buf).abs_().view(count, -1))
+        if not sel.next_pass():
+            break
+    cuts = []
+    for i, k in enumerate(ks):
+        v, n_gt, n_eq = sel.result(i)
+        cuts.append(MagnitudeCut(v, n_eq, k - n_gt))
+    return cuts
+
+
+def _equal_positions(x: torch.Tensor, v: float) -> torch.Tensor:
+    """Flat positions of ``|x| = v`` in the 1-D ``x``, increasing (numpy on the CPU: its boolean
+    masks are several times faster there)."""
+    if x.device.type == "cpu":
+        a = x.numpy()
+        return torch.from_numpy(np.flatnonzero(np.abs(a) == np.float32(v)))
+    return (x.abs() == v).nonzero().view(-1)
 
 
 def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[int, int],
@@ -217,18 +189,24 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
              for c, e in zip(cuts, exps)]                        # |x'| > below ⟺ |x| ≥ vᵢ
     coef = torch.tensor([[abs(w) * math.ldexp(1.0, -e) for (_, w, _), e in zip(used, exps)]], device=device)
     w_sgn = torch.tensor([[w for _, w, _ in used]], device=device)
+    # experts with more entries equal to their cut than the quota: [scaled v, kept left, still to find]
+    tied = {i: [math.ldexp(c.v, e), c.keep_eq, c.n_eq] for i, (c, e) in enumerate(zip(cuts, exps)) if c.dropped}
     buf = torch.empty(count, min(rows, m), n, device=device)
     kept = torch.empty_like(buf)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
         x = stack.block(r0, r1, buf).view(count, -1)
         y = kept.view(count, -1)[:, : x.shape[1]]
-        for i, c in enumerate(cuts):
+        for i in range(count):
             torch.ops.aten.hardshrink.out(x[i], below[i], out=y[i])       # trim
-            if c.drop.numel():  # equal values beyond the quota, by position
-                d = c.drop[(c.drop >= r0 * n) & (c.drop < r1 * n)]
-                if d.numel():
-                    y[i, d - r0 * n] = 0.0
+        for i, t in list(tied.items()):  # equal values beyond the quota, in flat order
+            pos = _equal_positions(x[i], t[0])
+            if pos.numel() > t[1]:
+                y[i, pos[t[1]:].to(device)] = 0.0
+            t[1] = max(0, t[1] - pos.numel())
+            t[2] -= pos.numel()
+            if t[2] <= 0:
+                del tied[i]
         mixed = (coef @ y).view(-1)                              # Σ dᵢ
         if normalize:
             diff = (w_sgn @ y.clamp(-1, 1)).view(-1)             # Σ wᵢ [dᵢ > 0] − Σ wᵢ [dᵢ < 0]
