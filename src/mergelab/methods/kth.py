@@ -12,7 +12,8 @@ A guess of where the k-th value lies (``brackets``: ``lo ≤ v ≤ hi``, e.g. or
 sample with a margin, :func:`sample_bracket`) takes the place of pass 1: one pass counts the
 values above ``hi`` and keeps the (few) values in ``[lo, hi]``, and the k-th is selected among
 them. A guess that misses — or that holds more than :data:`STORE_LIMIT` values — costs the two
-histogram passes after it, never a wrong answer. Streams of at most :data:`STORE_ALL` values are
+histogram passes after it, never a wrong answer. A one-value bracket (``lo = hi``, as the sample
+of an all-zero task vector gives) only counts. Streams of at most :data:`STORE_ALL` values are
 kept whole: one pass.
 
 The comparisons, compactions and counts run in numpy on CPU tensors (views of the same memory:
@@ -39,9 +40,7 @@ SUB = 1 << 20           #: elements compared at once (the temporaries stay in ca
 _FLUSH = 1 << 16        #: low-bit keys gathered before they are counted
 
 _WINDOW, _HIGH, _BUCKET, _DONE = "window", "high", "bucket", "done"
-
-
-_INF_BITS = 0x7F800000
+_INF_BITS = 0x7F800000  # +inf; the bit patterns above it are NaNs
 
 
 def _f32(bits: int) -> float:
