@@ -41,7 +41,7 @@ from mergelab.io.adapter import is_adapter_dir, open_lora_expert
 from mergelab.methods import get_method
 from mergelab.merge.inputs import RESULT, align_tensors, check_finite, check_identity, describe_expert, open_expert
 from mergelab.merge.adapter import merge_module
-from mergelab.merge.statistics import recipe_grams
+from mergelab.merge.datastats import recipe_grams
 
 
 class InPlaceError(MergelabError):
