@@ -1,7 +1,9 @@
 """The input statistics a recipe's data-aware method needs, for the merge paths: one entry.
 
-RegMean's are measured on each expert's own model (:mod:`mergelab.merge.statistics`) and cached
-under ``$MERGELAB_CACHE/gram``: one :class:`~mergelab.merge.statistics.GramSet` per expert.
+RegMean's are measured on each expert's own model (:mod:`mergelab.merge.statistics`); a method
+registered with ``merged_stats=True`` (RegMean++) has them measured in the merged model's forward
+pass, layer by layer (:mod:`mergelab.merge.merged_stats`). Both are cached under
+``$MERGELAB_CACHE/gram``; both give one :class:`~mergelab.merge.statistics.GramSet` per expert.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from mergelab.io.checkpoint import TensorSource
+from mergelab.merge.merged_stats import merged_grams
 from mergelab.merge.statistics import GramSet, changed_names, own_grams
 from mergelab.methods import get_method
 from mergelab.recipe import Recipe
@@ -23,6 +26,8 @@ def recipe_grams(recipe: Recipe, base: Path, experts: Sequence[Path], *, names: 
     spec = get_method(recipe.method.name)
     if not spec.needs_gram:
         return None
+    if spec.merged_stats:
+        return merged_grams(recipe, Path(base), [Path(e) for e in experts], names=names, device=device, say=say)
     return own_grams(recipe, Path(base), [Path(e) for e in experts], names=names, device=device, say=say)
 
 
