@@ -264,7 +264,7 @@ def test_full_experts_merge_load_and_generate(zoo, tmp_path, family):
     assert model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, do_sample=False).shape[0] == 1
 
 
-# ------------------------------------------------------------------------------------- cache
+# ----------------------------------------------------------------------------- cache and tune
 
 
 def test_the_cache_key_covers_the_whole_merge(zoo, tmp_path, monkeypatch):
@@ -303,3 +303,30 @@ def test_the_cache_key_covers_the_whole_merge(zoo, tmp_path, monkeypatch):
     merge({**raw, "method": {**raw["method"], "lambda": 0.7}}, tmp_path / "c", progress=False)
     assert runs == [1]
 
+
+def test_tune_trial_measures_again_and_equals_the_written_merge(zoo, tmp_path):
+    """The in-place trial merge of tune: a trial with another λ measures the statistics of that
+    merge, and its weights are the written merge's."""
+    from mergelab.io.checkpoint import CheckpointReader
+    from mergelab.merge import merge
+    from mergelab.merge.inplace import InPlaceMerger
+    from mergelab.recipe import load_recipe
+    from mergelab.testing import load_model
+
+    fz = zoo["llama"]
+    data = [_data_csv(tmp_path / f"d{i}.csv", 6, i) for i in range(2)]
+    start = load_recipe(_recipe(fz.base, fz.loras[:2], data, rows=6, alpha=0.5))
+    trial = load_recipe(_recipe(fz.base, fz.loras[:2], data, rows=6, alpha=0.5, **{"lambda": 1.4}))
+    model = load_model(fz.base)
+    merger = InPlaceMerger(start, model)
+    first = {n: g[0].clone() for n, g in merger.stats.items() if n.startswith("model.layers.1.")}
+    merger.apply(trial)
+    assert any(not torch.equal(first[n], merger.stats[n][0]) for n in first)
+    merge(trial, tmp_path / "merged", progress=False)
+    r = CheckpointReader(tmp_path / "merged")
+    try:
+        got = model.state_dict()
+        for name in r.keys():
+            torch.testing.assert_close(got[name], r.get(name), rtol=0, atol=2e-6, msg=lambda m: f"{name}: {m}")
+    finally:
+        r.close()
