@@ -330,3 +330,25 @@ def test_tune_trial_measures_again_and_equals_the_written_merge(zoo, tmp_path):
             torch.testing.assert_close(got[name], r.get(name), rtol=0, atol=2e-6, msg=lambda m: f"{name}: {m}")
     finally:
         r.close()
+
+
+def test_the_plan_counts_the_passes_of_the_merged_model(zoo, tmp_path):
+    """`mergelab plan`: measuring in the merged model costs 3 forward passes per row on a decoder
+    with LoRA experts (4 with full experts and an untied head), (L + 1)/2 on T5 (reruns)."""
+    import yaml
+
+    from mergelab.plan import plan_recipe
+
+    data = [_data_csv(tmp_path / f"d{i}.csv", 5, i) for i in range(2)]
+
+    def stats(family, kind, name):
+        fz = zoo[family]
+        path = tmp_path / f"{family}-{kind}-{name}.yaml"
+        path.write_text(yaml.safe_dump(_recipe(fz.base, getattr(fz, kind)[:2], data, name=name, rows=5)))
+        return plan_recipe(path, hardware="a6000", budget="60m").stage("statistics")
+
+    for family, kind, passes in (("llama", "loras", 3.0), ("llama", "experts", 4.0), ("t5", "loras", 2.5)):
+        plain, pp = stats(family, kind, "regmean"), stats(family, kind, "regmean_pp")
+        assert pp.parts["prefill"] == pytest.approx(passes * plain.parts["prefill"])
+        assert pp.parts["overhead"] == pytest.approx(passes * plain.parts["overhead"])
+        assert pp.parts["gram"] == plain.parts["gram"] and "merged model" in pp.detail
