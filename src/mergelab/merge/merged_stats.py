@@ -56,8 +56,8 @@ import torch
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inputs import TensorTask, align_tensors, open_inputs
 from mergelab.merge.statistics import (GramAccumulator, GramError, GramOptions, GramSet, MergeContext, batches,
-                                       cache_key, forward_batch, gram_cache_dir, gram_options, linear_targets,
-                                       measures_head, prompt_ids, read_inputs)
+                                       cache_key, forward_batch, gram_cache_dir, gram_options, input_stamps,
+                                       linear_targets, measures_head, prompt_ids, read_inputs)
 from mergelab.methods import MethodSpec, get_method
 from mergelab.recipe import layer_module, resolve_params
 from mergelab.util import available_memory
@@ -88,11 +88,12 @@ class _Batch:
     calls: list[tuple[tuple, dict]]            # per layer (in order): its other arguments
 
 
-def merge_context(recipe, experts: Sequence[Path], index: int) -> MergeContext:
-    """The part of expert ``index``'s cache key that says its statistics come from this merge."""
-    return MergeContext(method=recipe.method.name, params=dict(recipe.method.params),
-                        experts=tuple(Path(e) for e in experts),
-                        data=tuple(tuple(Path(f) for f in e.data) for e in recipe.experts),
+def merge_context(recipe, experts: Sequence[Path], index: int, stamps: tuple | None = None) -> MergeContext:
+    """The part of expert ``index``'s cache key that says its statistics come from this merge
+    (``stamps``: :func:`~mergelab.merge.statistics.input_stamps` of the experts, if already computed)."""
+    if stamps is None:
+        stamps = input_stamps(experts, [e.data for e in recipe.experts])
+    return MergeContext(method=recipe.method.name, params=dict(recipe.method.params), inputs=stamps,
                         expert_params=tuple(dict(e.params) for e in recipe.experts),
                         out_dtype=recipe.output.dtype, seed=int(recipe.seed), index=index)
 
@@ -112,7 +113,8 @@ def merged_grams(recipe, base: Path, experts: Sequence[Path], *, names: Iterable
     names = None if names is None else sorted(set(names))
     options, eval_options = gram_options(recipe)
     data = [list(e.data) for e in recipe.experts]
-    keys = [cache_key(base, e, d, names, options, eval_options, device, merged=merge_context(recipe, experts, i))
+    stamps = input_stamps(experts, data)
+    keys = [cache_key(base, e, d, names, options, eval_options, device, merged=merge_context(recipe, experts, i, stamps))
             for i, (e, d) in enumerate(zip(experts, data))]
     files = [gram_cache_dir() / f"{k}.safetensors" for k in keys]
     if cache and all(f.is_file() for f in files):
@@ -246,7 +248,8 @@ class _MergedPass:
             self._rerun(order, ids, per_expert)
         if self.rest:
             if self.say:
-                self.say(f"regmean_pp: measuring {len(self.rest)} linear layer(s) after the layers in the merged model")
+                self.say(f"regmean_pp: measuring {len(self.rest)} linear layer(s) after the last layer (an output head) "
+                         "in the whole merged model")
             whole = measures_head(self.model, self.rest)
             for i in range(self.n):
                 acc = GramAccumulator(self.rest)

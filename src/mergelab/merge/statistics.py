@@ -290,12 +290,18 @@ class MergeContext:
 
     method: str
     params: Mapping[str, Any]
-    experts: tuple[Path, ...]
-    data: tuple[tuple[Path, ...], ...]
+    inputs: tuple          # every expert's and its data's stamps (:func:`input_stamps`)
     expert_params: tuple[Mapping[str, Any], ...]
     out_dtype: str | None
     seed: int
     index: int
+
+
+def input_stamps(experts: Sequence[Path], data: Sequence[Sequence[Path]]) -> tuple:
+    """What identifies each expert and its data in a cache key: the files' size and time (an
+    adapter's bytes) and the data files' sha256 — computed once for the keys of a whole merge."""
+    return tuple((_folder_stamp(Path(e), contents=is_adapter_dir(Path(e))), [sha256_file(Path(f)) for f in d])
+                 for e, d in zip(experts, data))
 
 
 def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[str] | None,
@@ -319,8 +325,7 @@ def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[st
         payload["merged"] = {
             "pass": "merged model, layer by layer", "format": MERGED_FORMAT, "method": merged.method,
             "params": dict(merged.params), "index": merged.index, "out_dtype": merged.out_dtype, "seed": merged.seed,
-            "experts": [[_folder_stamp(Path(e), contents=is_adapter_dir(Path(e))), [sha256_file(Path(f)) for f in d],
-                         dict(p)] for e, d, p in zip(merged.experts, merged.data, merged.expert_params)],
+            "experts": [[*stamp, dict(p)] for stamp, p in zip(merged.inputs, merged.expert_params)],
         }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
