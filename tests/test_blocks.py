@@ -23,6 +23,7 @@ WHOLE_ONLY = {
     "iso_cts": "SVDs of the whole task matrices",
     "knots": "an SVD of the stacked task matrices",
     "regmean": "a solve with the whole layer's Gram matrices (bounded by in², not by rows)",
+    "regmean_pp": "RegMean's solve (its statistics come from the merged model)",
     "wudi": "gradient steps on the whole merged task matrix",
     "passthrough": "layer stacking copies tensors (merge/slices.py), never through the engine",
 }

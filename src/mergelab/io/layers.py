@@ -34,6 +34,13 @@ def layer_of(tensor_name: str) -> tuple[str, int] | None:
     return tensor_name[: m.start()], int(m.group(1))
 
 
+def layer_module(tensor_name: str) -> str | None:
+    """``"model.layers.3"`` for ``model.layers.3.mlp.up_proj.weight``: the name of the layer module
+    the tensor belongs to (:func:`layer_of`'s layer); None for a non-layer tensor."""
+    m = _LAYER_RE.search(tensor_name)
+    return None if m is None else tensor_name[: m.end() - 1]
+
+
 def layer_depths(names: Iterable[str]) -> dict[str, int]:
     """``{layer-stack prefix: number of layers}`` over tensor names (see :func:`layer_of`)."""
     depth: dict[str, int] = {}

@@ -52,7 +52,7 @@ from mergelab.recipe import layer_depths
 from mergelab.util import natural_key, single_torch_thread
 from mergelab.util import atomic_output_dir
 from mergelab.merge.inputs import RESULT, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs
-from mergelab.merge.statistics import data_statistics
+from mergelab.merge.datastats import data_statistics
 from mergelab.merge.card import write_merge_card
 from mergelab.recipe import Recipe, layer_of, load_recipe, resolve_params
 

@@ -56,7 +56,7 @@ from mergelab.progress import ProgressBar
 from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import fixed_mmap_threshold, single_torch_thread
 from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs)
-from mergelab.merge.statistics import data_statistics
+from mergelab.merge.datastats import data_statistics
 from mergelab.merge.card import write_merge_card
 
 __all__ = ["merge_full", "MergeResult"]

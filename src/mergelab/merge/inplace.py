@@ -22,7 +22,10 @@ from what was kept at the start:
     in memory; larger ones are refused before anything is loaded.
 
 The result is cast to the recipe's output dtype (as the written merge would be) and then to the
-loaded model's dtype.
+loaded model's dtype. A data-aware method's statistics are measured (or read from the cache)
+once; those measured in the merged model (``regmean_pp``) depend on the merge's parameters, so a
+trial with other parameters measures them again — a pass over every expert's rows that loads a
+second copy of the base model (:mod:`mergelab.merge.merged_stats`).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from mergelab.io.adapter import is_adapter_dir, open_lora_expert
 from mergelab.methods import get_method
 from mergelab.merge.inputs import RESULT, align_tensors, check_finite, check_identity, describe_expert, open_expert
 from mergelab.merge.adapter import merge_module
-from mergelab.merge.statistics import recipe_grams
+from mergelab.merge.datastats import recipe_grams
 
 
 class InPlaceError(MergelabError):
@@ -85,12 +88,21 @@ class InPlaceMerger:
         finally:
             self.base.close()
         self.stats: dict[str, list] | None = None
+        self._paths = (base_path, expert_paths)
+        self._stats_of: str | None = None
         if self.spec.needs_gram:   # data-aware method: each expert's input statistics, held on the device
+            self._measure(recipe)
 
-            names = [t.name for t in self.targets]
-            grams = recipe_grams(recipe, base_path, expert_paths,
-                                 names=names if self.mode == "lora" else None, device=self.device)
-            self.stats = {n: [g.get(n, self.device) for g in grams] for n in names}
+    def _measure(self, recipe) -> None:
+        """The statistics of ``recipe``'s merge; measured in the merged model (``merged_stats``) they
+        depend on the trial's parameters, so a trial with other parameters measures them again."""
+        key = repr((recipe.method.params, [e.params for e in recipe.experts], recipe.output.dtype, recipe.seed))
+        if self.stats is not None and (not self.spec.merged_stats or key == self._stats_of):
+            return
+        names = [t.name for t in self.targets]
+        grams = recipe_grams(recipe, *self._paths, names=names if self.mode == "lora" else None, device=self.device)
+        self.stats = {n: [g.get(n, self.device) for g in grams] for n in names}
+        self._stats_of = key
 
     # --- setup
     def _param(self, name: str) -> torch.Tensor:
@@ -160,6 +172,8 @@ class InPlaceMerger:
         if (recipe.method.name != self.recipe.method.name or recipe.base != self.recipe.base
                 or [e.resolve() for e in recipe.experts] != [e.resolve() for e in self.recipe.experts]):
             raise ValueError("InPlaceMerger.apply: the recipe must keep the base, experts and method")
+        if self.spec.needs_gram:
+            self._measure(recipe)
         for t in self.targets:
             params = resolve_params(recipe, t.name, t.num_layers)
             if self.stats is not None:

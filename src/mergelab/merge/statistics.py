@@ -22,7 +22,11 @@ embeddings and the output head tied to them get no statistics; the method falls 
 
 Files are cached under ``$MERGELAB_CACHE/gram`` (default ``~/.cache/mergelab/gram``) by a key of
 everything they depend on: the base and expert files (path, size, modification time; an adapter's
-bytes), the data files' sha256, the options, the device type and the wanted tensors.
+bytes), the data files' sha256, the options, the device type and the wanted tensors. Statistics
+measured in the merged model instead (RegMean++, :mod:`mergelab.merge.merged_stats`, which uses
+this module's accumulator, prompts and batches) depend on the whole merge too: their key adds a
+:class:`MergeContext` (method, parameters, every expert and its data, output dtype, seed).
+The recipe-level entry for the merge paths is :mod:`mergelab.merge.datastats`.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -43,14 +47,13 @@ from mergelab.evaluate.prompting import ShotPool, build_prompt
 from mergelab.evaluate.scoring import decoder_start_token
 from mergelab.io.adapter import is_adapter_dir
 from mergelab.util import sha256_file, cache_root, available_memory
-from mergelab.io.checkpoint import TensorSource
 from mergelab.merge.inputs import open_expert
-from mergelab.recipe import Recipe
 from mergelab.io.checkpoint import CheckpointReader
 from mergelab.evaluate.loading import load_model_and_tokenizer
-from mergelab.methods import get_method
 
 GRAM_FORMAT = 1
+#: the version of the merged-model pass (:mod:`mergelab.merge.merged_stats`), part of its cache key
+MERGED_FORMAT = 1
 DEFAULT_ROWS = 256
 DEFAULT_MAX_LENGTH = 512
 
@@ -114,7 +117,7 @@ class GramSet:
 # ------------------------------------------------------------------------------- measuring
 
 
-def _linear_targets(model, names: Iterable[str] | None) -> dict[str, torch.nn.Module]:
+def linear_targets(model, names: Iterable[str] | None) -> dict[str, torch.nn.Module]:
     """``{weight name: nn.Linear}`` of the wanted tensors (all linear layers when ``names`` is None);
     the output head is left out when it shares the input embeddings' weight."""
     wanted = None if names is None else set(names)
@@ -133,7 +136,7 @@ def _linear_targets(model, names: Iterable[str] | None) -> dict[str, torch.nn.Mo
     return out
 
 
-class _Accumulator:
+class GramAccumulator:
     """Pre-forward hooks that sum ``XᵀX`` per distinct input (see the module doc)."""
 
     def __init__(self, targets: dict[str, torch.nn.Module]):
@@ -199,20 +202,13 @@ def read_inputs(files: Sequence[Path], rows: int) -> list:
     return out
 
 
-@torch.no_grad()
-def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None, options: GramOptions,
-                  eval_options=None) -> GramSet:
-    """The mean input Gram matrices of ``model``'s wanted linear layers over ``rows`` (module doc)."""
+def prompt_ids(model, tokenizer, rows: Sequence, options: GramOptions, eval_options=None) -> list[list[int]]:
+    """The token ids the statistics pass feeds the model for ``rows`` (prompts as the evaluation
+    builds them, truncated on the left to ``max_length``)."""
 
     eval_options = eval_options or EvalOptions()
-    targets = _linear_targets(model, names)
-    if not targets:
-        raise GramError("none of the tensors this merge changes is a linear layer the model runs",
-                        hint="data-aware merging applies to linear layers (nn.Linear) only")
     pool = ShotPool.from_csv(eval_options.shots, eval_options.few_shot) if eval_options.few_shot else None
     enc_dec = is_encoder_decoder(model)
-    device = model_device(model)
-    pad = pad_id_of(tokenizer, model)
     special = not eval_options.chat
     max_length = min(eval_options.max_length or options.max_length, options.max_length)
     ids = []
@@ -221,20 +217,50 @@ def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None,
         text = build_prompt(r, tokenizer, eval_options, shots)
         ids.append(truncate_left(encode_prompt(tokenizer, text, add_special_tokens=special, encoder_decoder=enc_dec),
                                  max_length, tokenizer.bos_token_id)[0])
-    # the statistics need the layers' inputs, not the vocabulary logits: compute one position's
+    return ids
+
+
+def batches(model, tokenizer, ids: Sequence[Sequence[int]], batch_size: int):
+    """``(input ids, attention mask)`` per batch of ``batch_size`` prompts, right-padded, on the model's device."""
+    pad, device = pad_id_of(tokenizer, model), model_device(model)
+    for start in range(0, len(ids), batch_size):
+        yield right_pad(ids[start:start + batch_size], pad, device)
+
+
+def forward_batch(model, x: torch.Tensor, mask: torch.Tensor, *, whole_head: bool) -> None:
+    """One statistics forward of a batch: no KV cache, an encoder–decoder model gets its decoder's
+    start token, and logits of one position only unless ``whole_head`` (the head is measured)."""
+    if is_encoder_decoder(model):
+        dec = torch.full((x.shape[0], 1), decoder_start_token(model), dtype=torch.long, device=x.device)
+        model(input_ids=x, attention_mask=mask, decoder_input_ids=dec, use_cache=False)
+        return
+    extra = {"logits_to_keep": 1} if not whole_head and accepts(model, "logits_to_keep") else {}
+    model(input_ids=x, attention_mask=mask, use_cache=False, **extra)
+
+
+def measures_head(model, targets: dict[str, torch.nn.Module]) -> bool:
+    """Whether the output head is among ``targets`` (then every position's logits are computed)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    measured_head = head is not None and any(m is head for m in targets.values())
-    extra = {"logits_to_keep": 1} if not (enc_dec or measured_head) and accepts(model, "logits_to_keep") else {}
-    acc = _Accumulator(targets)
+    return head is not None and any(m is head for m in targets.values())
+
+
+@torch.no_grad()
+def measure_grams(model, tokenizer, rows: Sequence, names: Iterable[str] | None, options: GramOptions,
+                  eval_options=None) -> GramSet:
+    """The mean input Gram matrices of ``model``'s wanted linear layers over ``rows`` (module doc)."""
+
+    targets = linear_targets(model, names)
+    if not targets:
+        raise GramError("none of the tensors this merge changes is a linear layer the model runs",
+                        hint="data-aware merging applies to linear layers (nn.Linear) only")
+    ids = prompt_ids(model, tokenizer, rows, options, eval_options)
+    # the statistics need the layers' inputs, not the vocabulary logits: compute one position's
+    whole_head = measures_head(model, targets)
+    acc = GramAccumulator(targets)
     try:
-        for start in range(0, len(ids), options.batch_size):
-            x, mask = right_pad(ids[start:start + options.batch_size], pad, device)
+        for x, mask in batches(model, tokenizer, ids, options.batch_size):
             acc.start_batch(mask)
-            if enc_dec:
-                dec = torch.full((x.shape[0], 1), decoder_start_token(model), dtype=torch.long, device=device)
-                model(input_ids=x, attention_mask=mask, decoder_input_ids=dec)
-            else:
-                model(input_ids=x, attention_mask=mask, **extra)
+            forward_batch(model, x, mask, whole_head=whole_head)
     finally:
         acc.close()
     return acc.result()
@@ -256,9 +282,33 @@ def _folder_stamp(folder: Path, contents: bool) -> list:
     return [_file_stamp(p) for p in files]
 
 
+@dataclass(frozen=True)
+class MergeContext:
+    """What statistics measured in the merged model's forward pass (``regmean_pp``) depend on
+    besides one expert's own inputs: the merge itself — its method and parameters, every expert
+    with its data and parameters, the output dtype, the seed — and which expert (``index``) they are of."""
+
+    method: str
+    params: Mapping[str, Any]
+    inputs: tuple          # every expert's and its data's stamps (:func:`input_stamps`)
+    expert_params: tuple[Mapping[str, Any], ...]
+    out_dtype: str | None
+    seed: int
+    index: int
+
+
+def input_stamps(experts: Sequence[Path], data: Sequence[Sequence[Path]]) -> tuple:
+    """What identifies each expert and its data in a cache key: the files' size and time (an
+    adapter's bytes) and the data files' sha256 — computed once for the keys of a whole merge."""
+    return tuple((_folder_stamp(Path(e), contents=is_adapter_dir(Path(e))), [sha256_file(Path(f)) for f in d])
+                 for e, d in zip(experts, data))
+
+
 def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[str] | None,
-              options: GramOptions, eval_options, device: torch.device) -> str:
-    """The digest of everything an expert's statistics depend on (see the module doc)."""
+              options: GramOptions, eval_options, device: torch.device, *,
+              merged: MergeContext | None = None) -> str:
+    """The digest of everything an expert's statistics depend on (see the module doc); with
+    ``merged``, of statistics measured in the merged model (they depend on the whole merge)."""
 
     payload = {
         "format": GRAM_FORMAT,
@@ -271,6 +321,12 @@ def cache_key(base: Path, expert: Path, data: Sequence[Path], names: Iterable[st
             mode="json", include={"chat", "few_shot", "shots", "shot_separator", "seed", "max_length"}),
         "device": device.type,
     }
+    if merged is not None:   # only then, so that the keys of each expert's own statistics stay as they were
+        payload["merged"] = {
+            "pass": "merged model, layer by layer", "format": MERGED_FORMAT, "method": merged.method,
+            "params": dict(merged.params), "index": merged.index, "out_dtype": merged.out_dtype, "seed": merged.seed,
+            "experts": [[*stamp, dict(p)] for stamp, p in zip(merged.inputs, merged.expert_params)],
+        }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -279,7 +335,7 @@ def gram_cache_dir() -> Path:
 
 
 def _estimate_bytes(model, names: Iterable[str] | None) -> int:
-    return sum(mod.in_features ** 2 * 8 for mod in _linear_targets(model, names).values())
+    return sum(mod.in_features ** 2 * 8 for mod in linear_targets(model, names).values())
 
 
 def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Path]], *,
@@ -349,22 +405,23 @@ def expert_grams(base: Path, experts: Sequence[Path], data: Sequence[Sequence[Pa
     return out  # type: ignore[return-value]
 
 
-def recipe_grams(recipe, base: Path, experts: Sequence[Path], *, names: Iterable[str] | None,
-                 device: torch.device | str = "cpu", say: Callable[[str], None] | None = None
-                 ) -> list[GramSet] | None:
-    """The experts' statistics when the recipe's method needs them (else None)."""
-
-    if not get_method(recipe.method.name).needs_gram:
-        return None
-
+def gram_options(recipe) -> tuple[GramOptions, Any]:
+    """The statistics options of a recipe: ``rows`` from the method, the prompt options from ``eval:``."""
     rows = int(recipe.method.params.get("rows", DEFAULT_ROWS))
     eval_options = None
     if recipe.eval:
         opts = {k: v for k, v in recipe.eval.items() if k in EvalOptions.model_fields}
         eval_options = EvalOptions.model_validate(opts)
+    return GramOptions(rows=rows), eval_options
+
+
+def own_grams(recipe, base: Path, experts: Sequence[Path], *, names: Iterable[str] | None,
+              device: torch.device | str = "cpu", say: Callable[[str], None] | None = None) -> list[GramSet]:
+    """Each expert's statistics measured on its own model, for a recipe (see :func:`expert_grams`)."""
+
+    options, eval_options = gram_options(recipe)
     return expert_grams(Path(base), [Path(e) for e in experts], [e.data for e in recipe.experts],
-                        names=names, options=GramOptions(rows=rows), eval_options=eval_options,
-                        device=device, say=say)
+                        names=names, options=options, eval_options=eval_options, device=device, say=say)
 
 
 def changed_names(expert_sources: Sequence[Any]) -> list[str] | None:
@@ -372,18 +429,3 @@ def changed_names(expert_sources: Sequence[Any]) -> list[str] | None:
     if all(getattr(s, "is_lora", False) for s in expert_sources):
         return sorted({n for s in expert_sources for n in s.modules})
     return None
-
-
-def data_statistics(recipe: Recipe, base_path, expert_paths, experts: Sequence[TensorSource],
-                    dev: torch.device, progress: bool) -> list | None:
-    """The experts' input Gram matrices for a data-aware method (:mod:`mergelab.merge.statistics`), else None.
-
-    Only the tensors the experts change are measured when every expert is a LoRA adapter."""
-
-    say = None
-    if progress:
-        from rich.console import Console
-
-        say = Console(stderr=True).print
-    return recipe_grams(recipe, Path(base_path), [Path(p) for p in expert_paths],
-                        names=changed_names(experts), device=dev, say=say)

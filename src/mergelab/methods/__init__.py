@@ -10,7 +10,9 @@ The contract (shared by the full-model engine and the LoRA path):
   for its layer and module) and a ``torch.Generator`` seeded from (recipe seed, tensor name).
   A data-aware method (``needs_gram=True``, e.g. RegMean) also finds in ``p.stats`` one input
   Gram matrix per expert for a linear layer's weight (None for other tensors); the callers get
-  them from :mod:`mergelab.merge.statistics`.
+  them from :mod:`mergelab.merge.statistics` — measured on each expert's own model, or, for a
+  method registered with ``merged_stats=True`` (RegMean++), in the merged model's forward pass
+  layer by layer (:mod:`mergelab.merge.merged_stats`).
 * Inputs arrive in float32 on the compute device; the method returns float32 of the same shape.
 * No I/O, no globals, no device moves. The docstring states the formula and the paper.
 * Register with :func:`register`; adding a method = one function + one decorator + one test.
@@ -165,6 +167,9 @@ class MethodSpec:
     needs_base: bool = True         # False when the base takes no part (linear, as in mergekit)
     n_experts: tuple[int, int | None] = (1, None)  # min, max number of experts
     needs_gram: bool = False        # reads each expert's input Gram matrices from p.stats (RegMean)
+    #: the Gram matrices are measured in the merged model's forward pass, layer by layer (RegMean++):
+    #: they depend on the merge's own parameters (False: each expert's own model)
+    merged_stats: bool = False
     expert_params: tuple[str, ...] = ()
     global_params: tuple[str, ...] = ()
     #: exact factor form for LoRA experts (cat, tsv, iso_c, knots, regmean): the merged ΔW as factors

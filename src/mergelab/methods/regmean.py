@@ -1,4 +1,4 @@
-"""RegMean: the data-aware closed-form merge of linear layers.
+"""RegMean and RegMean++: the data-aware closed-form merge of linear layers.
 
 For a linear layer ``y = x Wᵀ`` (``W``: out × in) and expert ``i`` with weights ``Wᵢ`` and the
 Gram matrix ``Gᵢ = Σₜ xₜ xₜᵀ`` (in × in) of the layer's inputs on that expert's own task, the merge
@@ -22,8 +22,14 @@ adds ``ridge · mean(diag M)`` to the diagonal of ``M = Σᵢ wᵢ Gᵢ`` before
 Tensors without a Gram matrix (embeddings, norms, biases, layers the statistics pass did not
 see) get the weighted mean of the task vectors, ``θ₀ + λ Σᵢ wᵢ δᵢ / Σᵢ wᵢ``, as in the paper.
 
-Paper: Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models",
-ICLR 2023 (arXiv:2212.09849).
+``regmean_pp`` (RegMean++, Nguyen et al., 2025) is the same formula with other ``Gᵢ``: those of
+layer ``l`` are measured where the merged model's layer ``l`` will be, on the inputs the merged
+layers ``< l`` give expert ``i``'s rows (:mod:`mergelab.merge.merged_stats`); here it differs from
+``regmean`` only by the flag ``merged_stats`` that tells the callers so.
+
+Papers: Jin et al., "Dataless Knowledge Fusion by Merging Weights of Language Models",
+ICLR 2023 (arXiv:2212.09849); Nguyen et al., "RegMean++: Enhancing Effectiveness and
+Generalization of Regression Mean for Model Merging", 2025 (arXiv:2508.03121).
 """
 from __future__ import annotations
 
@@ -145,3 +151,24 @@ def regmean(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams
     reduced, m = _system(grams, weights, alpha, ridge)
     r = sum(w * (t.double() @ g) for w, t, g in zip(weights, taus, reduced))
     return base + (lam * _right_solve(r, m)).to(base.dtype)
+
+
+@register("regmean_pp", factors=regmean_factors, expert_params=("weight",),
+          global_params=("alpha", "ridge", "lambda", "rows"), needs_gram=True, merged_stats=True)
+def regmean_pp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
+    """RegMean++ (Nguyen et al., 2025, arXiv:2508.03121): RegMean with each layer's statistics
+    measured in the merged model.
+
+    The same closed form as :func:`regmean`, ``θ = θ₀ + λ (Σᵢ wᵢ δᵢ G̃ᵢ)(Σᵢ wᵢ G̃ᵢ + ρ I)⁻¹``, with
+    another ``Gᵢ``: RegMean takes the inputs expert ``i``'s own model gives layer ``l``;
+    RegMean++ takes ``Gᵢ⁽ˡ⁾ = mean Xᵢ⁽ˡ⁾ᵀXᵢ⁽ˡ⁾`` over the inputs of layer ``l``'s linear modules
+    when expert ``i``'s own layer ``l`` runs on what the *merged* layers ``< l`` (and the merged
+    embeddings) make of expert ``i``'s rows — so the layers are merged one after another, each
+    on the inputs it will see in the merged model (cross-layer dependencies), and the modules
+    inside a layer on what that expert's layer feeds them (intra-layer). Layer 0 sees the merged
+    embeddings: with LoRA experts (embeddings untouched) its statistics are RegMean's. The pass
+    is :mod:`mergelab.merge.merged_stats`; tensors without statistics take ``θ₀ + λ Σᵢ wᵢ δᵢ / Σᵢ wᵢ``.
+    Parameters and defaults as ``regmean`` (``alpha`` 0.9, ``ridge`` 1e-6, ``lambda`` 1,
+    ``weight`` 1, ``rows`` 256); LoRA experts merge exactly in factor form (rank Σ rᵢ).
+    """
+    return regmean(base, experts, p)

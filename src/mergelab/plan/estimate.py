@@ -237,14 +237,28 @@ def estimate_eval(hw: Profile, model: ModelInfo, w: EvalWorkload) -> StageEstima
     return StageEstimate("eval", sum(parts.values()), peak, detail, parts)
 
 
+def merged_passes(model: ModelInfo, experts: list[ModelInfo]) -> float:
+    """Forward passes over each row that measuring in the merged model (``regmean_pp``) costs.
+
+    A decoder runs once to cache layer 0's inputs, then every layer twice (the expert's own for
+    the statistics, the merged one to feed the next layer): 3; one more when full experts make the
+    untied output head a measured layer (the whole merged model runs again). An encoder–decoder
+    model reruns from its first layer up to each layer: ``(L + 1) / 2``."""
+    if model.encoder_decoder:
+        return (model.layers + 1) / 2
+    head = model.embedding_params > 0 and not all(e.adapter for e in experts)
+    return 3.0 + (1.0 if head else 0.0)
+
+
 def estimate_statistics(hw: Profile, model: ModelInfo, experts: list[ModelInfo], tokens: list[int],
-                        batches: list[int]) -> StageEstimate:
+                        batches: list[int], passes: float = 1.0) -> StageEstimate:
     """RegMean's statistics pass: each expert's model runs over its data rows (prefill compute)
     while every measured layer input adds ``2·in²`` FLOPs per token to its Gram matrix.
 
     LoRA experts reuse the loaded base (their layers: the attention and MLP inputs, ``2·hidden²``
     per layer as a bound); full experts are loaded one by one and every linear input is measured
-    (q/k/v and gate/up share theirs: ``3·hidden² + intermediate²`` per layer)."""
+    (q/k/v and gate/up share theirs: ``3·hidden² + intermediate²`` per layer). ``passes``: forward
+    passes per row (RegMean 1; measured in the merged model, :func:`merged_passes`)."""
     P = model.matmul_params
     hidden, inter = max(model.hidden, 1), max(model.intermediate, 1)
     loads = _load_seconds(hw, model.params * hw.weight_bytes)
@@ -256,14 +270,17 @@ def estimate_statistics(hw: Profile, model: ModelInfo, experts: list[ModelInfo],
             loads += _load_seconds(hw, model.params * hw.weight_bytes)
     parts = {
         "load": loads,
-        "prefill": 2.0 * P * sum(tokens) / hw.flops,
+        "prefill": passes * 2.0 * P * sum(tokens) / hw.flops,
         "gram": gram_flops / hw.flops,
-        "overhead": sum(batches) * model.layers * hw.layer_overhead,
+        "overhead": passes * sum(batches) * model.layers * hw.layer_overhead,
     }
     grams = (2 * hidden ** 2 if all(e.adapter for e in experts) else 3 * hidden ** 2 + inter ** 2) * model.layers * 8.0
     peak = model.params * hw.weight_bytes * 2 + grams
+    if passes != 1.0 and not model.encoder_decoder:   # the merged pass holds every expert's hidden states
+        peak += sum(tokens) * model.hidden * hw.weight_bytes
+    where = "the experts' models" if passes == 1.0 else "the merged model, layer by layer"
     return StageEstimate("statistics", sum(parts.values()), peak,
-                         f"{len(experts)} expert(s), {sum(tokens)} tokens through the experts' models, "
+                         f"{len(experts)} expert(s), {sum(tokens)} tokens through {where}, "
                          "input Gram matrices of the merged linear layers", parts)
 
 
@@ -301,10 +318,13 @@ def plan_run(recipe, finetune, eval_section, base_dir: Path, expert_dirs: list[P
         if finetune.when == "before_merge":
             stages.append(ft_stage)
             experts = experts + [replace(base, bytes=lora_bytes, adapter=True, path="(fine-tuned adapter)")]
-    if get_method(recipe.method.name).needs_gram:
+    spec = get_method(recipe.method.name)
+    if spec.needs_gram:
         options = eval_section.eval_options("auto") if eval_section is not None else EvalOptions()
         tokens, batches = statistics_workload(base_dir, recipe, options)
-        stages.append(estimate_statistics(hw, base, experts[:len(recipe.experts)], tokens, batches))
+        merged = experts[:len(recipe.experts)]
+        stages.append(estimate_statistics(hw, base, merged, tokens, batches,
+                                          merged_passes(base, merged) if spec.merged_stats else 1.0))
         notes.append("statistics are cached (~/.cache/mergelab/gram): a repeated merge skips that stage")
     merge_stage = estimate_merge(hw, base, experts, recipe.method.name, out_bytes)
     if recipe.slices is not None:

@@ -29,6 +29,7 @@ class ModelInfo:
     intermediate: int = 0
     vocab: int = 0
     kv_dim: int = 0                 # key/value width per layer (kv heads × head dim)
+    encoder_decoder: bool = False   # T5-like: an encoder stack and a decoder stack (layers counts both)
 
     @property
     def matmul_params(self) -> int:
@@ -95,6 +96,7 @@ def _read_config(info: ModelInfo, folder: Path) -> None:
         cfg = cfg.get("text_config", cfg)
         info.hidden = int(cfg.get("hidden_size") or cfg.get("d_model") or 0)
         info.layers = int(cfg.get("num_hidden_layers") or cfg.get("num_layers") or 0)
+        info.encoder_decoder = bool(cfg.get("is_encoder_decoder", False))
         if cfg.get("num_decoder_layers"):
             info.layers += int(cfg["num_decoder_layers"])
         info.intermediate = int(cfg.get("intermediate_size") or cfg.get("d_ff") or 4 * info.hidden)

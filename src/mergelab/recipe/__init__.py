@@ -18,10 +18,10 @@ A recipe is YAML (or JSON)::
 part (:class:`Recipe`). See ``docs/recipe.md``.
 """
 from mergelab.recipe.loader import RecipeFile, absolute_paths, load_recipe, read_recipe
-from mergelab.io.layers import layer_depths, layer_of
+from mergelab.io.layers import layer_depths, layer_module, layer_of
 from mergelab.recipe.params import layer_position, resolve_params, tensor_seed
 from mergelab.recipe.schema import ExpertRef, MethodConfig, ModelRef, OutputConfig, Recipe, check_param
 
 __all__ = ["Recipe", "RecipeFile", "ModelRef", "ExpertRef", "MethodConfig", "OutputConfig", "read_recipe",
-           "load_recipe", "absolute_paths", "resolve_params", "layer_of", "layer_depths", "layer_position",
+           "load_recipe", "absolute_paths", "resolve_params", "layer_of", "layer_module", "layer_depths", "layer_position",
            "tensor_seed", "check_param"]
