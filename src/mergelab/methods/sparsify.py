@@ -128,10 +128,10 @@ class Cut:
         if quota[0] >= self.n_eq:  # no tie at the cut: keep everything at or above v
             return a >= self.v
         m = a > self.v
-        if quota[0] > 0:
-            eq = a == self.v
-            m |= eq & (eq.cumsum(0) <= quota[0])
-            quota[0] -= min(quota[0], int(eq.sum()))
+        if quota[0] > 0:   # the first `quota` entries equal to v, in flat order
+            take = torch.nonzero(a == self.v).view(-1)[: quota[0]]
+            m[take] = True
+            quota[0] -= take.numel()
         return m
 
 
@@ -148,14 +148,21 @@ class _Sparsifier:
     def start(self) -> list[list[int]]:
         return [c.start() for c in self.cuts]
 
+    @property
+    def random(self) -> bool:
+        return self.kind in ("random", "della")
+
+    def cut_mask(self, a: torch.Tensor, carry: list[list[int]], n: int) -> torch.Tensor:
+        """Keep-mask of the next entries ``a = |δ|`` (flat, in order) under the magnitude cuts."""
+        if self.kind == "magnitude":
+            return self.cuts[0].mask(a, carry[0], n)
+        return self.cuts[1].mask(a, carry[1], n) & ~self.cuts[0].mask(a, carry[0], n)
+
     def mask(self, blk: Block, i: int, carry: list[list[int]], n: int, generator: torch.Generator | None) -> torch.Tensor:
         """Keep-mask (flat bool) of expert ``i`` over one block."""
         e, b = blk.experts[i].reshape(-1), blk.base.reshape(-1)
-        if self.kind in ("magnitude", "outliers"):
-            a = torch.sub(e, b).abs_()
-            if self.kind == "magnitude":
-                return self.cuts[0].mask(a, carry[0], n)
-            return self.cuts[1].mask(a, carry[1], n) & ~self.cuts[0].mask(a, carry[0], n)
+        if not self.random:
+            return self.cut_mask(torch.sub(e, b).abs_(), carry, n)
         if self.kind == "della" and self.density <= 0:   # nothing kept, nothing drawn
             return torch.zeros(e.numel(), dtype=torch.bool, device=e.device)
         gen = torch.Generator(device=generator.device)
@@ -298,17 +305,21 @@ def _gta_apply(blk: Block, st: _GtaStats, p: MethodParams, *, consensus: bool) -
     """One block: masked, weighted task vectors, signs elected per entry, added to the base."""
     b = blk.base.reshape(-1)
     es = [e.reshape(-1) for e in blk.experts]
-    keeps = [sp.mask(blk, i, st.carry[i], st.n, p.generator) if sp is not None else None
+    # random masks are drawn for the whole block (from the generator's state where it starts);
+    # magnitude cuts are applied chunk by chunk to the task vector already in cache
+    keeps = [sp.mask(blk, i, st.carry[i], st.n, p.generator) if sp is not None and sp.random else None
              for i, sp in enumerate(st.sparsifiers)]
     wsum = sum(st.weights)
     out = torch.empty_like(b)
     for sl in chunks(b.numel(), b.device):
         bc = b[sl]
         ds = []
-        for e, keep, c in zip(es, keeps, st.coefs):
+        for i, (e, keep, c) in enumerate(zip(es, keeps, st.coefs)):
             d = torch.sub(e[sl], bc)
             if keep is not None:
                 d.mul_(keep[sl])
+            elif st.sparsifiers[i] is not None:
+                d.mul_(st.sparsifiers[i].cut_mask(d.abs(), st.carry[i], st.n))
             if c != 1.0:
                 d.mul_(c)
             ds.append(d)
