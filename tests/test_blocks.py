@@ -157,3 +157,22 @@ def test_a_writer_closed_with_rows_missing_says_which_tensor(tmp_path):
     w.add_rows("a", 0, torch.zeros(2, 2))
     with pytest.raises(RuntimeError, match="'a'"):
         w.close()
+
+
+def test_cli_block_option_gives_the_same_bytes(wide, tmp_path, monkeypatch):
+    import yaml
+
+    from mergelab.cli import main
+
+    base, experts, _ = wide
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"base": {"path": str(base)}, "experts": [{"path": str(e)} for e in experts],
+                                      "method": {"name": "ties", "density": 0.3}}))
+    reads = []
+    original = CheckpointReader.read_rows_into
+    monkeypatch.setattr(CheckpointReader, "read_rows_into",
+                        lambda self, *a: reads.append(a[0]) or original(self, *a))
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "a"), "-q", "--block-mb", "1"]) == 0
+    assert reads, "--block-mb 1 merged nothing in blocks"
+    assert main(["merge", str(recipe), "--out", str(tmp_path / "b"), "-q"]) == 0
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")

@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         dtype: Optional[str] = typer.Option(None, "--dtype",
                                             help="Output dtype: float32, float16 or bfloat16 (overrides the recipe)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+        block_mb: Optional[int] = typer.Option(None, "--block-mb", min=1,
+                                               help="MiB of float32 inputs read at once (default 128): "
+                                                    "larger tensors merge in row blocks; the bytes do not change."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
                                              help="Merge although an input or the result holds NaN/Inf "
                                                   "(output.allow_nonfinite; refused by default)."),
@@ -59,5 +62,6 @@ def register(app: typer.Typer) -> None:
         def warn(msg: str) -> None:
             console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
-        result = merge(r, out, device=device, force=force, progress=not quiet, warn=warn)
+        result = merge(r, out, device=device, force=force, progress=not quiet, warn=warn,
+                       block_bytes=block_mb << 20 if block_mb else None)
         console.print(f"[green]✓[/] {result}", highlight=False)
