@@ -346,7 +346,8 @@ def _merge_blocks(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch
 
     try:
         if spec.blockwise is not None:
-            state = spec.blockwise.stats(Passes(passes, len(expert_inputs), sample if cols >= 256 else None, dev),
+            layout = [(r0 * cols, (min(n_rows, r0 + step) - r0) * cols) for r0 in range(0, n_rows, step)]
+            state = spec.blockwise.stats(Passes(passes, len(expert_inputs), sample if cols >= 256 else None, dev, layout),
                                          params, task.shape)
             apply = lambda blk: spec.blockwise.apply(blk, state, params)  # noqa: E731
         else:

@@ -103,6 +103,12 @@ class Passes:
     n_experts: int
     sample: Callable[[], Block] | None = None
     device: torch.device = torch.device("cpu")
+    #: ``(start, numel)`` of every block, in order, known without reading (None: make a pass)
+    layout: list[tuple[int, int]] | None = None
+
+    def blocks(self) -> list[tuple[int, int]]:
+        """``(start, numel)`` of every block, in order."""
+        return self.layout if self.layout is not None else [(b.start, b.numel) for b in self.read()]
 
     def __call__(self) -> Iterable[Block]:
         return self.read()
@@ -133,7 +139,8 @@ def run_whole(form: Blockwise, base: torch.Tensor, experts: Sequence[torch.Tenso
         rows = torch.tensor(sample_rows(base.shape[0], math.prod(base.shape[1:])), device=base.device)
         return Block(-1, base.index_select(0, rows), [e.index_select(0, rows) for e in experts], tuple(base.shape))
 
-    passes = Passes(lambda: (block,), len(block.experts), sample if base.dim() >= 2 else None, base.device)
+    passes = Passes(lambda: (block,), len(block.experts), sample if base.dim() >= 2 else None, base.device,
+                    [(0, base.numel())])
     return form.apply(block, form.stats(passes, p, tuple(base.shape)), p)
 
 

@@ -270,7 +270,7 @@ def _gta_stats(passes: Passes, p: MethodParams, shape: tuple, *, sparsify: str |
         # where each block starts, then skip the block's draws
         if p.generator is None:
             raise RecipeError("a random merge method was called without a random generator")
-        layout = [(blk.start, blk.numel) for blk in passes()] if n else []
+        layout = passes.blocks() if n else []
         for sp in sps:
             if sp is None or sp.kind not in ("random", "della") or (sp.kind == "della" and sp.density <= 0):
                 continue
