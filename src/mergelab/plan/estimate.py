@@ -61,9 +61,14 @@ from mergelab.recipe import read_recipe
 
 # Elementwise passes over each input tensor, per merge method family (reads + writes of float32
 # copies: subtract the base, draw/apply masks, elect signs, sum, rescale).
-METHOD_PASSES = {"linear": 2, "task_arithmetic": 3, "slerp": 6, "model_stock": 6, "geometric_median": 20,
-                 "passthrough": 1}
-DEFAULT_PASSES = 8   # ties, dare_*, breadcrumbs, della: masks, sign election, disjoint mean
+#: effective float32 passes over every input of the merge, by method. TIES, DARE-TIES and model
+#: stock were fitted to bench/real_scale.py's CPU runs (2026-12-03, Mistral-7B/Gemma-7B shapes,
+#: row blocks: the cut's pass, the random draws — about 12 ns each on this CPU — and the apply);
+#: slerp (6) was not fitted and came within 1.20× of its measured run with --calibrate.
+METHOD_PASSES = {"linear": 2, "task_arithmetic": 3, "slerp": 6, "model_stock": 9, "geometric_median": 20,
+                 "passthrough": 1, "ties": 11, "breadcrumbs": 11, "breadcrumbs_ties": 11, "sce": 14,
+                 "dare_ties": 20, "dare_linear": 20, "della": 24, "della_linear": 24}
+DEFAULT_PASSES = 8   # the other methods: a few passes each (norms or Gram matrices, then the sum)
 
 
 @dataclass
