@@ -95,7 +95,7 @@ def write_inputs(root: Path, layers: int = LAYERS) -> None:
 # ------------------------------------------------------------------------------------ runs
 
 
-def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -> dict:
+def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool, device: str = "cpu") -> dict:
     from mergelab.merge.adapter import merge_to_adapter
     from mergelab.recipe import load_recipe
 
@@ -105,7 +105,11 @@ def run_mergelab(root: Path, method: dict, rank: int | None, exact_ties: bool) -
     rss0 = peak_rss_mb()
     out = root / f"out-mergelab-{method['name']}-{int(exact_ties)}"
     t, c = time.perf_counter(), cpu_seconds()
-    res = merge_to_adapter(recipe, out, device="cpu", force=True, progress=False, exact_ties=exact_ties)
+    res = merge_to_adapter(recipe, out, device=device, force=True, progress=False, exact_ties=exact_ties)
+    if device != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t, cpu_seconds() - c
     report = json.loads((out / "merge_report.json").read_text())
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss0,
@@ -194,13 +198,13 @@ def child(args) -> None:
     import peft  # noqa: F401
 
     if args.run == "ml-ties":
-        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=True)
+        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=True, device=args.device)
     elif args.run == "ml-ties-sampled":
-        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=False)
+        res = run_mergelab(root, {"name": "ties", "density": 0.2}, 64, exact_ties=False, device=args.device)
     elif args.run == "ml-cat":
-        res = run_mergelab(root, {"name": "cat"}, None, exact_ties=True)
+        res = run_mergelab(root, {"name": "cat"}, None, exact_ties=True, device=args.device)
     elif args.run == "ml-ta64":
-        res = run_mergelab(root, {"name": "task_arithmetic"}, 64, exact_ties=True)
+        res = run_mergelab(root, {"name": "task_arithmetic"}, 64, exact_ties=True, device=args.device)
     elif args.run == "peft-cat":
         res = run_peft(root, "cat", LAYERS)
     elif args.run == "peft-svd":
@@ -236,6 +240,7 @@ def main() -> None:
     ap.add_argument("--peft-svd-layers", type=int, default=1, help="layers PEFT's svd runs on (scaled to 32)")
     ap.add_argument("--skip-peft-svd", action="store_true", help="leave out PEFT's svd (minutes per layer)")
     ap.add_argument("--quick", action="store_true", help="only the mergelab runs")
+    ap.add_argument("--device", default="cpu", help="mergelab's device (cpu, cuda); PEFT runs on the CPU")
     args = ap.parse_args()
     if args.run:
         child(args)
@@ -252,7 +257,7 @@ def main() -> None:
           f"r={RANK}, alpha={ALPHA}, float32, {sum((p / 'adapter_model.safetensors').stat().st_size for p in root.iterdir() if p.name.startswith('adapter')) / 1e6:.0f} MB "
           f"(built in {time.perf_counter() - t:.1f} s) in {root}")
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, load average before {load_average()[0]:.2f}\n")
-    extra = ["--peft-svd-layers", str(args.peft_svd_layers)]
+    extra = ["--peft-svd-layers", str(args.peft_svd_layers), "--device", args.device]
     runs = [("ml-cat", "mergelab cat (exact, rank 216)"),
             ("ml-ta64", "mergelab task_arithmetic → rank 64 (QR + small SVD)"),
             ("ml-ties", "mergelab ties → rank 64 (exact cuts)"),
