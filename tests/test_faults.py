@@ -254,8 +254,8 @@ from mergelab.cli import main
 from mergelab.methods import register
 
 @register("slow_copy", expert_params=("weight",))
-def slow_copy(base, experts, p):   # 0.4 s per tensor: long enough to be interrupted
-    time.sleep(0.4)
+def slow_copy(base, experts, p):   # 1.5 s per tensor: ~15 s in all, so that a test stalled for
+    time.sleep(1.5)                  # seconds on a loaded machine still interrupts it mid-way
     return experts[0].clone()
 
 sys.exit(main(sys.argv[1:]))
