@@ -12,13 +12,13 @@ normalised score (merged score ÷ the expert's score on its own task), averaged 
 ``--quick`` runs three pairs only (linear, TIES, DARE-TIES). A full run takes about 10 minutes
 on a 2-core CPU once the zoo exists (the demo builds it; the adapters ship with mergelab).
 
-``--methods`` measures the named mergelab merges only (the demo's, and the newer methods in
-``NEW_MERGES``), without the PEFT peers, and prints per merge: the normalised score, the tasks it
-leaves below the base model (merging worse than not merging), the merge's wall and CPU time and
-its memory. Each merge runs in a fresh child process (``--merge-child``), so its memory is its
-own: the peak RSS of that process (``ru_maxrss``) and how far the merge raised it above the RSS
-after the imports (torch, mergelab). ``nuslerp`` takes exactly two experts and is left out (the
-zoo has six).
+``--methods`` measures the named mergelab merges only (the demo's, and the newer methods of
+``mergelab.zoo.demo.MORE_MERGES`` at their documented defaults), without the PEFT peers, and
+prints per merge: the normalised score, the tasks it leaves below the base model (merging worse
+than not merging), the merge's wall and CPU time and its memory. Each merge runs in a fresh child
+process (``--merge-child``), so its memory is its own: the peak RSS of that process (``VmHWM``;
+not ``ru_maxrss``, which a child inherits from its parent's map across vfork + exec) and how far
+the merge raised it above the peak after the imports (torch, mergelab). ``nuslerp`` takes exactly two experts and is left out (the zoo has six).
 """
 from __future__ import annotations
 
@@ -44,22 +44,19 @@ PEFT_PEERS = [
 QUICK = {"linear", "ties", "dare_ties"}
 
 
-def _new_merges():
-    """The methods added after the demo's table was measured, as the demo would run them: each at
-    its documented defaults (no scale searched: nothing here was chosen on the test files), the
-    methods that go through a dense ΔW re-factored to rank 64 like the demo's TIES."""
-    from mergelab.zoo.demo import DemoMerge
+def _own_peak_rss_mb() -> float | None:
+    """This process's own peak RSS in MiB: ``VmHWM`` of ``/proc/self/status`` (None elsewhere).
 
-    dense = {"format": "lora", "rank": 64}
-    return (
-        DemoMerge("karcher", {"name": "karcher"}, dense, about="Karcher mean of the ΔW directions × mean norm"),
-        DemoMerge("multislerp", {"name": "multislerp"}, dense, about="barycentric SLERP of the ΔW"),
-        DemoMerge("sce", {"name": "sce"}, dense, about="select by variance, calculate, erase (SCE)"),
-        DemoMerge("wudi", {"name": "wudi"}, dense, about="WUDI: 300 Adam steps per matrix, data-free"),
-        DemoMerge("iso_cts", {"name": "iso_cts"}, about="Iso-CTS: common + task-specific subspaces"),
-        DemoMerge("regmean_pp", {"name": "regmean_pp", "alpha": 0.9},
-                  about="data-aware: RegMean with the inputs measured in the merged model (RegMean++)"),
-    )
+    Not ``ru_maxrss``: a child started by vfork + exec inherits, in ``ru_maxrss``, the high-water
+    mark the parent's memory map had recorded (measured: 475 MiB for every child of a parent that
+    held the model, whatever the child did); ``VmHWM`` belongs to the child's own map."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _merge_child(recipe_json: str, out_dir: str, device: str) -> int:
@@ -72,11 +69,11 @@ def _merge_child(recipe_json: str, out_dir: str, device: str) -> int:
     from mergelab.recipe import load_recipe
 
     recipe = load_recipe(json.loads(Path(recipe_json).read_text()))
-    rss0, cpu0 = peak_rss_mb(), cpu_seconds()
+    rss0, cpu0 = _own_peak_rss_mb() or peak_rss_mb(), cpu_seconds()
     t0 = time.perf_counter()
     merged = merge_to_adapter(recipe, out_dir, device=device, progress=False)
     print_result({"merge_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0,
-                  "rss_after_imports_mb": rss0, "peak_rss_mb": peak_rss_mb(),
+                  "rss_after_imports_mb": rss0, "peak_rss_mb": _own_peak_rss_mb() or peak_rss_mb(),
                   "rank": merged.max_rank, "max_rel_error": merged.max_rel_error})
     return 0
 
@@ -102,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated mergelab merges (the demo's and " + ", ".join(
                         m for m in ("karcher", "multislerp", "sce", "wudi", "iso_cts", "regmean_pp"))
                     + "); no PEFT peers; time and memory per merge")
+    ap.add_argument("--no-eval", action="store_true", help="with --methods: merge time and memory only")
     ap.add_argument("--json", type=Path, default=None, help="with --methods: write the figures here")
     ap.add_argument("--merge-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -213,10 +211,10 @@ def _measure_methods(args) -> int:
     from mergelab.run.report import below_base
     from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
         expert_table, load_zoo
-    from mergelab.zoo.demo import DEMO_MERGES, demo_recipe
+    from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES, demo_recipe
 
     console = Console()
-    known = {m.label: m for m in (*DEMO_MERGES, *_new_merges())}
+    known = {m.label: m for m in (*DEMO_MERGES, *MORE_MERGES)}
     wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "nuslerp" in wanted:
         console.print("nuslerp left out: it takes exactly two experts, the zoo has six")
@@ -229,6 +227,19 @@ def _measure_methods(args) -> int:
     root = args.zoo or default_zoo_dir()
     zoo = load_zoo(root) if (root / "zoo.json").is_file() and args.zoo else \
         build_zoo(root, use_packaged=True, evaluate=False, device=args.device, console=console)
+    if args.no_eval:   # merge time and memory only (a merge takes seconds, its evaluation minutes)
+        figures = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for label in wanted:
+                load0 = load_text()
+                figures[label] = fig = _merge_in_child(demo_recipe(zoo, known[label]), Path(tmp) / label,
+                                                       args.device)
+                console.print(f"  {label:12} merge {fig['merge_s']:.1f} s (CPU {fig['cpu_s']:.0f} s), peak RSS "
+                              f"{fig['peak_rss_mb']:.0f} MiB (+{fig['peak_rss_mb'] - fig['rss_after_imports_mb']:.0f}"
+                              f" over imports), load {load0} → {load_text()}", highlight=False)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        return 0
     model, tok = load_model_and_tokenizer(zoo.base, device=args.device, dtype="float32")
     base, expert = expert_table(model, tok, zoo, device=args.device, console=console)
     options = eval_options(args.device)
