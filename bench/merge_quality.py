@@ -18,7 +18,16 @@ prints per merge: the normalised score, the tasks it leaves below the base model
 than not merging), the merge's wall and CPU time and its memory. Each merge runs in a fresh child
 process (``--merge-child``), so its memory is its own: the peak RSS of that process (``VmHWM``;
 not ``ru_maxrss``, which a child inherits from its parent's map across vfork + exec) and how far
-the merge raised it above the peak after the imports (torch, mergelab). ``nuslerp`` takes exactly two experts and is left out (the zoo has six).
+the merge raised it above the peak after the imports (torch, mergelab). ``nuslerp`` takes
+exactly two experts and is left out (the zoo has six).
+
+Measured 2026-12-03 (2-core CPU shared with another benchmark, load 3.6–6.2; docs/demo.md has the
+per-task table), normalised score on the test files / tasks below the base / merge wall time /
+peak RSS of the merging process: karcher 60.7 % / 2 / 4.7 s / 329 MiB, iso_cts 69.4 % / 2 / 1.6 s
+/ 268 MiB, wudi 26.2 % / 3 / 219 s / 351 MiB; multislerp, sce merged (4.0 s / 366 MiB, 6.9 s /
+328 MiB) but not evaluated; regmean_pp 93.9 % / 0 / 392 s / 1373 MiB. Each evaluation took
+9–15 minutes at that load (≈ 46 s with both cores free). Targets of issue 18: data-free ≥ 85 %
+and overall ≥ 95 % not met; no task below the base for the best (regmean_pp) met.
 """
 from __future__ import annotations
 
