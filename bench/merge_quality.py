@@ -7,9 +7,27 @@ on every task's test file with :func:`mergelab.evaluate.evaluate`; the figure of
 normalised score (merged score ÷ the expert's score on its own task), averaged over the tasks.
 
     python bench/merge_quality.py [--zoo DIR] [--device auto] [--quick]
+    python bench/merge_quality.py --methods ties,regmean,karcher,multislerp,sce,wudi,iso_cts,regmean_pp
 
 ``--quick`` runs three pairs only (linear, TIES, DARE-TIES). A full run takes about 10 minutes
 on a 2-core CPU once the zoo exists (the demo builds it; the adapters ship with mergelab).
+
+``--methods`` measures the named mergelab merges only (the demo's, and the newer methods of
+``mergelab.zoo.demo.MORE_MERGES`` at their documented defaults), without the PEFT peers, and
+prints per merge: the normalised score, the tasks it leaves below the base model (merging worse
+than not merging), the merge's wall and CPU time and its memory. Each merge runs in a fresh child
+process (``--merge-child``), so its memory is its own: the peak RSS of that process (``VmHWM``;
+not ``ru_maxrss``, which a child inherits from its parent's map across vfork + exec) and how far
+the merge raised it above the peak after the imports (torch, mergelab). ``nuslerp`` takes
+exactly two experts and is left out (the zoo has six).
+
+Measured 2026-12-03 (2-core CPU shared with another benchmark, load 3.6–6.2; docs/demo.md has the
+per-task table), normalised score on the test files / tasks below the base / merge wall time /
+peak RSS of the merging process: karcher 60.7 % / 2 / 4.7 s / 329 MiB, iso_cts 69.4 % / 2 / 1.6 s
+/ 268 MiB, wudi 26.2 % / 3 / 219 s / 351 MiB; multislerp, sce merged (4.0 s / 366 MiB, 6.9 s /
+328 MiB) but not evaluated; regmean_pp 93.9 % / 0 / 392 s / 1373 MiB. Each evaluation took
+9–15 minutes at that load (≈ 46 s with both cores free). Targets of issue 18: data-free ≥ 85 %
+and overall ≥ 95 % not met; no task below the base for the best (regmean_pp) met.
 """
 from __future__ import annotations
 
@@ -35,12 +53,69 @@ PEFT_PEERS = [
 QUICK = {"linear", "ties", "dare_ties"}
 
 
+def _own_peak_rss_mb() -> float | None:
+    """This process's own peak RSS in MiB: ``VmHWM`` of ``/proc/self/status`` (None elsewhere).
+
+    Not ``ru_maxrss``: a child started by vfork + exec inherits, in ``ru_maxrss``, the high-water
+    mark the parent's memory map had recorded (measured: 475 MiB for every child of a parent that
+    held the model, whatever the child did); ``VmHWM`` belongs to the child's own map."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _merge_child(recipe_json: str, out_dir: str, device: str) -> int:
+    """In a fresh process: merge one recipe into an adapter; print time and memory (RESULT line)."""
+    import json
+
+    from _measure import cpu_seconds, peak_rss_mb, print_result
+
+    from mergelab.merge.adapter import merge_to_adapter
+    from mergelab.recipe import load_recipe
+
+    recipe = load_recipe(json.loads(Path(recipe_json).read_text()))
+    rss0, cpu0 = _own_peak_rss_mb() or peak_rss_mb(), cpu_seconds()
+    t0 = time.perf_counter()
+    merged = merge_to_adapter(recipe, out_dir, device=device, progress=False)
+    print_result({"merge_s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - cpu0,
+                  "rss_after_imports_mb": rss0, "peak_rss_mb": _own_peak_rss_mb() or peak_rss_mb(),
+                  "rank": merged.max_rank, "max_rel_error": merged.max_rel_error})
+    return 0
+
+
+def _merge_in_child(recipe: dict, out_dir: Path, device: str) -> dict:
+    import json
+
+    from _measure import child_result
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = out_dir.parent / f"{out_dir.name}.recipe.json"
+    path.write_text(json.dumps(recipe))
+    return child_result([sys.executable, __file__, "--merge-child", str(path), str(out_dir), device],
+                        out_dir.name)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", type=Path, default=None, help="zoo folder (default: the demo's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="linear, TIES and DARE-TIES only")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated mergelab merges (the demo's and " + ", ".join(
+                        m for m in ("karcher", "multislerp", "sce", "wudi", "iso_cts", "regmean_pp"))
+                    + "); no PEFT peers; time and memory per merge")
+    ap.add_argument("--no-eval", action="store_true", help="with --methods: merge time and memory only")
+    ap.add_argument("--json", type=Path, default=None, help="with --methods: write the figures here")
+    ap.add_argument("--merge-child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.merge_child:
+        return _merge_child(*args.merge_child)
+    if args.methods:
+        return _measure_methods(args)
 
     import torch
     from peft import PeftModel
@@ -128,6 +203,100 @@ def main(argv: list[str] | None = None) -> int:
                   f"{best_ml['mean_norm'] / max(best_peft['mean_norm'], 1e-9):.2f}×  (goal: best ≥ 90%)")
     console.print(f"total {time.perf_counter() - t_all:.0f} s; device {next(model.parameters()).device}; "
                   f"torch threads {torch.get_num_threads()}")
+    return 0
+
+
+def _measure_methods(args) -> int:
+    """``--methods``: the named mergelab merges, each in a child process, scored on every task."""
+    import json
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from _measure import load_text
+
+    from mergelab.evaluate.loading import load_model_and_tokenizer
+    from mergelab.run.report import below_base
+    from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
+        expert_table, load_zoo
+    from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES, demo_recipe
+
+    console = Console()
+    known = {m.label: m for m in (*DEMO_MERGES, *MORE_MERGES)}
+    wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "nuslerp" in wanted:
+        console.print("nuslerp left out: it takes exactly two experts, the zoo has six")
+        wanted.remove("nuslerp")
+    unknown = [m for m in wanted if m not in known]
+    if unknown:
+        raise SystemExit(f"unknown merge(s): {', '.join(unknown)}; choose from {', '.join(known)}")
+    t_all = time.perf_counter()
+    console.print(f"load average at start {load_text()}")
+    root = args.zoo or default_zoo_dir()
+    zoo = load_zoo(root) if (root / "zoo.json").is_file() and args.zoo else \
+        build_zoo(root, use_packaged=True, evaluate=False, device=args.device, console=console)
+    if args.no_eval:   # merge time and memory only (a merge takes seconds, its evaluation minutes)
+        figures = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for label in wanted:
+                load0 = load_text()
+                figures[label] = fig = _merge_in_child(demo_recipe(zoo, known[label]), Path(tmp) / label,
+                                                       args.device)
+                console.print(f"  {label:12} merge {fig['merge_s']:.1f} s (CPU {fig['cpu_s']:.0f} s), peak RSS "
+                              f"{fig['peak_rss_mb']:.0f} MiB (+{fig['peak_rss_mb'] - fig['rss_after_imports_mb']:.0f}"
+                              f" over imports), load {load0} → {load_text()}", highlight=False)
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1) + "\n")
+        return 0
+    model, tok = load_model_and_tokenizer(zoo.base, device=args.device, dtype="float32")
+    base, expert = expert_table(model, tok, zoo, device=args.device, console=console)
+    options = eval_options(args.device)
+    names = list(zoo.tasks)
+    files = {t: zoo.data(t, "test") for t in names}
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label in wanted:
+            m = known[label]
+            load0 = load_text()
+            try:
+                fig = _merge_in_child(demo_recipe(zoo, m), Path(tmp) / label, args.device)
+            except SystemExit as e:   # one failing merge does not lose the others' figures
+                console.print(f"  {label}: merge failed: {e}", highlight=False, markup=False)
+                continue
+            t0 = time.perf_counter()
+            scores, _ = evaluate_cached(model, tok, zoo, files, adapter=Path(tmp) / label, options=options,
+                                        cache=None)
+            norm = {t: scores[t] / expert[t] for t in names if expert[t] > 0}
+            rows.append({"label": label, "method": m.method, "scores": scores, "norm": norm,
+                         "mean_norm": sum(norm.values()) / len(norm), "below": below_base(scores, base),
+                         "eval_s": time.perf_counter() - t0, "load": f"{load0} → {load_text()}", **fig})
+            r = rows[-1]
+            console.print(f"  {label:12} normalised {r['mean_norm']:.1%}  below base: {', '.join(r['below']) or '–'}  "
+                          f"merge {r['merge_s']:.1f} s (CPU {r['cpu_s']:.0f} s), peak RSS {r['peak_rss_mb']:.0f} MiB "
+                          f"(+{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f} over imports), eval {r['eval_s']:.0f} s, "
+                          f"load {r['load']}", highlight=False)
+            if args.json:   # after every merge: a run cut short keeps what it measured
+                args.json.write_text(json.dumps({"base": base, "expert": expert, "rows": rows}, indent=1) + "\n")
+
+    table = Table(title="Merge quality, SmolLM2-135M zoo (test files): normalised score = merged ÷ expert",
+                  title_justify="left")
+    table.add_column("merge", no_wrap=True)
+    for t in names:
+        table.add_column(t[:5], justify="right")
+    for c in ("normalised", "below base", "merge s", "CPU s", "peak RSS MiB", "+ over imports"):
+        table.add_column(c, justify="right")
+    table.add_row("base (score)", *[f"{base[t]:.2f}" for t in names], "", "", "", "", "", "")
+    table.add_row("experts (score)", *[f"{expert[t]:.2f}" for t in names], "100%", "", "", "", "", "",
+                  end_section=True)
+    for r in rows:
+        table.add_row(r["label"], *[f"{r['scores'][t]:.2f}" + ("▼" if t in r["below"] else "") for t in names],
+                      f"{r['mean_norm']:.1%}", str(len(r["below"])), f"{r['merge_s']:.1f}", f"{r['cpu_s']:.0f}",
+                      f"{r['peak_rss_mb']:.0f}", f"{r['peak_rss_mb'] - r['rss_after_imports_mb']:.0f}")
+    console.print(table)
+    console.print("▼ below the base model's score on that task")
+    console.print(f"total {time.perf_counter() - t_all:.0f} s; device {next(model.parameters()).device}; "
+                  f"torch threads {torch.get_num_threads()}; load average at end {load_text()}")
     return 0
 
 

@@ -474,6 +474,24 @@ def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
     assert payload["summary"] == scores["summary"]
 
 
+def test_demo_runs_the_newer_methods_only_when_named(tiny_zoo):
+    from mergelab.methods import get_method
+    from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES, _select, demo_recipe
+
+    built, _ = tiny_zoo
+    assert [m.label for m in _select(None)] == [m.label for m in DEMO_MERGES]
+    assert not {m.label for m in MORE_MERGES} & {m.label for m in DEMO_MERGES}
+    chosen = _select(["iso_c", "wudi", "regmean_pp"])
+    assert [m.label for m in chosen] == ["iso_c", "wudi", "regmean_pp"]
+    for m in MORE_MERGES:
+        recipe = demo_recipe(built, m)
+        # the data-aware one reads each expert's validation inputs, never the test file
+        want = [str(built.data(t, "validation")) for t in built.tasks] if get_method(m.method["name"]).needs_gram \
+            else [None] * len(built.tasks)
+        assert [e.get("data") for e in recipe["experts"]] == want, m.label
+    assert get_method("regmean_pp").needs_gram
+
+
 def test_demo_rejects_an_unknown_method(tmp_path):
     from mergelab.cli import main
 

@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
         zoo_dir: Optional[Path] = typer.Option(
             None, "--zoo", help="Zoo folder (default: $MERGELAB_CACHE/zoo; built if missing)."),
         methods: Optional[str] = typer.Option(
-            None, help="Comma-separated subset of the demo's merges (default: all)."),
+            None, help="Comma-separated merges (default: the demo's seven; also karcher, multislerp, "
+                  "sce, wudi, iso_cts, regmean_pp when named)."),
         retrain: bool = typer.Option(
             False, help="Train the experts instead of using the adapters shipped with mergelab."),
         device: str = typer.Option("auto", help="auto (CUDA when present), cpu or cuda."),

@@ -74,6 +74,29 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
 )
 
 
+#: Merges the demo runs only when named (``mergelab demo --methods iso_cts,regmean_pp,…``): the
+#: newer methods, each at its documented defaults (no scale searched), the ones that go through a
+#: dense ΔW re-factored to rank 64 like TIES. They stay out of the default run, which would then
+#: pass 10 minutes on a busy 2-core CPU; ``bench/merge_quality.py --methods`` measures them
+#: (docs/demo.md has the figures). ``nuslerp`` takes exactly two experts and is not here.
+MORE_MERGES: tuple[DemoMerge, ...] = (
+    DemoMerge("karcher", {"name": "karcher"}, {"format": "lora", "rank": 64},
+              about="Karcher (geodesic) mean of the ΔW directions × their mean norm; SVD to rank 64"),
+    DemoMerge("multislerp", {"name": "multislerp"}, {"format": "lora", "rank": 64},
+              about="barycentric SLERP of the ΔW (Multi-SLERP); SVD to rank 64"),
+    DemoMerge("sce", {"name": "sce"}, {"format": "lora", "rank": 64},
+              about="select entries by variance, weigh by energy, erase sign conflicts (SCE); SVD to rank 64"),
+    DemoMerge("wudi", {"name": "wudi"}, {"format": "lora", "rank": 64},
+              about="data-free: per matrix, 300 Adam steps against the ΔW's own interference (WUDI); "
+                    "SVD to rank 64"),
+    DemoMerge("iso_cts", {"name": "iso_cts"},
+              about="Iso-C's common subspace plus each task's own directions, flat spectrum (Iso-CTS)"),
+    DemoMerge("regmean_pp", {"name": "regmean_pp", "alpha": 0.9},
+              about="data-aware: RegMean with each layer's inputs measured in the merged model, layer "
+                    "after layer (RegMean++; exact, rank Σr)"),
+)
+
+
 def demo_recipe(zoo: Zoo, merge: DemoMerge) -> dict:
     """The recipe (as a dict, ready for YAML) that merges every expert of ``zoo`` with ``merge``.
 
@@ -185,7 +208,7 @@ def run_demo(out_dir: str | Path = "demo-out", *, zoo_dir: str | Path | None = N
 def _select(methods: list[str] | None) -> list[DemoMerge]:
     if not methods:
         return list(DEMO_MERGES)
-    known = {m.label: m for m in DEMO_MERGES}
+    known = {m.label: m for m in (*DEMO_MERGES, *MORE_MERGES)}
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ZooError(f"unknown demo merge(s): {', '.join(unknown)}",
