@@ -150,3 +150,29 @@ def child_result(cmd: list[str], name: str) -> dict:
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[len(RESULT):])
+
+
+def compare_checkpoints(a, b, block: int = 1 << 25) -> dict:
+    """How close two merged checkpoints are: the share of entries within bf16 rounding of ``b``'s
+    (``isclose`` with rtol 1/64, atol 1e-4) and the relative L2 difference, read block by block so
+    that 8B-shaped outputs fit. Imports torch and mergelab when called."""
+    import torch
+
+    from mergelab.io.checkpoint import CheckpointReader
+
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    assert sorted(ra.keys()) == sorted(rb.keys()), "different tensor names"
+    close = n = 0
+    num = den = 0.0
+    for k in ra.keys():
+        shape = ra.shape(k)
+        rows = shape[0] if shape else 1
+        step = max(1, block // max(math.prod(shape[1:]), 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            x, y = ra.get_rows(k, r0, r1).float(), rb.get_rows(k, r0, r1).float()
+            close += int(torch.isclose(x, y, rtol=1 / 64, atol=1e-4).sum())
+            n += x.numel()
+            num += float((x - y).double().pow(2).sum())
+            den += float(y.double().pow(2).sum())
+    return {"close": close / max(n, 1), "rel_l2": (num / den) ** 0.5 if den else 0.0}

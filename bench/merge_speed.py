@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import gib, load_average, measure_command
+from _measure import compare_checkpoints, gib, load_average, measure_command
 
 HERE = Path(__file__).resolve()
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS = 32000, 1024, 2816, 16, 8
@@ -96,21 +96,7 @@ def _read_once(workdir: Path) -> None:
 
 
 def _compare(a: Path, b: Path) -> None:
-    import torch
-
-    from mergelab.io.checkpoint import CheckpointReader
-
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
-    assert sorted(ra.keys()) == sorted(rb.keys()), "different tensor names"
-    close = n = 0
-    num = den = 0.0
-    for k in ra.keys():
-        x, y = ra.get(k).float(), rb.get(k).float()
-        close += int(torch.isclose(x, y, rtol=1 / 64, atol=1e-4).sum())
-        n += x.numel()
-        num += float((x - y).double().pow(2).sum())
-        den += float(y.double().pow(2).sum())
-    print(json.dumps({"close": close / n, "rel_l2": (num / den) ** 0.5}))
+    print(json.dumps(compare_checkpoints(a, b)))
 
 
 # ---------------------------------------------------------------------------------- driver

@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import gib, load_average, measure_command
+from _measure import compare_checkpoints, gib, load_average, measure_command
 
 HERE = Path(__file__).resolve()
 
@@ -138,26 +138,7 @@ def _read_once(paths: list[str]) -> None:
 
 
 def _compare(a: Path, b: Path) -> None:
-    """Share of entries within bf16 rounding, and the relative L2 difference, block by block."""
-    import torch
-
-    from mergelab.io.checkpoint import CheckpointReader
-
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
-    assert sorted(ra.keys()) == sorted(rb.keys()), "different tensor names"
-    close = n = 0
-    num = den = 0.0
-    for k in ra.keys():
-        rows = ra.shape(k)[0] if ra.shape(k) else 1
-        step = max(1, BUILD_BLOCK // max(math.prod(ra.shape(k)[1:]), 1))
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            x, y = ra.get_rows(k, r0, r1).float(), rb.get_rows(k, r0, r1).float()
-            close += int(torch.isclose(x, y, rtol=1 / 64, atol=1e-4).sum())
-            n += x.numel()
-            num += float((x - y).double().pow(2).sum())
-            den += float(y.double().pow(2).sum())
-    print(json.dumps({"close": close / n, "rel_l2": (num / den) ** 0.5}))
+    print(json.dumps(compare_checkpoints(a, b)))
 
 
 # ---------------------------------------------------------------------------------- driver
