@@ -249,8 +249,12 @@ def test_eval_disk_full_is_one_message(zoo, tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------- 3. Ctrl-C and SIGKILL
 
 _SLOW_MERGE = """
-import sys, time
+import signal, sys, time
 from mergelab.cli import main
+
+# Ctrl-C as a terminal delivers it, whatever this process inherited: a shell without job control
+# starts background commands with SIGINT ignored (a suite run as `make test &` did so)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mergelab.methods import register
 
 @register("slow_copy", expert_params=("weight",))
