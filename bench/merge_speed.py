@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import compare_checkpoints, gib, load_average, measure_command
+from _measure import compare_checkpoints, gib, load_average, measure_command, read_once
 
 HERE = Path(__file__).resolve()
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS = 32000, 1024, 2816, 16, 8
@@ -84,15 +84,7 @@ def _build(workdir: Path, layers: int) -> None:
 
 
 def _read_once(workdir: Path) -> None:
-    """Read every input byte once into one reused buffer."""
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    total = 0
-    for f in sorted(workdir.glob("base/*.safetensors")) + sorted(workdir.glob("expert*/*.safetensors")):
-        with open(f, "rb", buffering=0) as fh:
-            while n := fh.readinto(view):
-                total += n
-    print(total)
+    print(read_once(sorted(workdir.glob("base/*.safetensors")) + sorted(workdir.glob("expert*/*.safetensors"))))
 
 
 def _compare(a: Path, b: Path) -> None:

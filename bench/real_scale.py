@@ -49,7 +49,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import compare_checkpoints, gib, load_average, measure_command
+from _measure import compare_checkpoints, gib, load_average, measure_command, read_once
 
 HERE = Path(__file__).resolve()
 
@@ -126,15 +126,7 @@ def _build(workdir: Path, arch: str, layers: int, experts: int) -> None:
 
 
 def _read_once(paths: list[str]) -> None:
-    """Read every input byte once into one reused buffer (warms the page cache)."""
-    view = memoryview(bytearray(64 << 20))
-    total = 0
-    for folder in paths:
-        for f in sorted(Path(folder).glob("*.safetensors")):
-            with open(f, "rb", buffering=0) as fh:
-                while n := fh.readinto(view):
-                    total += n
-    print(total)
+    print(read_once(f for folder in paths for f in sorted(Path(folder).glob("*.safetensors"))))
 
 
 def _compare(a: Path, b: Path) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import logging
 import os
 import re
@@ -454,17 +455,7 @@ class HubClient:
         shard index). Raises :class:`PickleOnlyError` without safetensors weights and
         :class:`HubAccessError` for a gated repo without access.
         """
-        weights = [f for f in select_files(model.files) if f.endswith(".safetensors")]
-        if not weights:
-            raise _pickle_or_empty(model)
-        with self.operation(doing="reading the safetensors headers of"), self.errors(model.repo, model.sha), \
-                _quiet_progress():
-            if "model.safetensors" in model.files or "model.safetensors.index.json" in model.files:
-                meta = self.api.get_safetensors_metadata(model.repo, revision=model.sha, timeout=self.timeout)
-                return sum(meta.parameter_count.values())
-            return sum(sum(self.api.parse_safetensors_file_metadata(
-                model.repo, name, revision=model.sha, timeout=self.timeout).parameter_count.values())
-                for name in weights)
+        return sum(math.prod(shape) for shape in self.tensor_shapes(model).values())
 
     def tensor_shapes(self, model: HubModel) -> dict[str, tuple[int, ...]]:
         """``{tensor name: shape}`` of ``model``'s safetensors weights, from their headers over HTTP

@@ -220,21 +220,26 @@ def _to_device(native: torch.Tensor, raw: torch.Tensor, dev: torch.device, pool:
 
 
 def _read_float32(src: TensorSource, name: str, dev: torch.device, pool: _BufferPool,
-                  held: list) -> torch.Tensor:
-    """Tensor ``name`` of ``src`` as float32 on ``dev``, through pooled buffers where possible."""
+                  held: list, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Tensor ``name`` of ``src`` (or only its ``rows`` [r0, r1)) as float32 on ``dev``, through
+    pooled buffers where possible."""
     if not isinstance(src, CheckpointReader):  # e.g. a LoRA expert computes base + ΔW itself
-        return src.get(name).to(dev, torch.float32)
-    shape, dtype = tuple(src.shape(name)), src.dtype(name)
-    raw = pool.take(src.nbytes(name))
-    native = src.read_into(name, raw)
+        return (src.get(name) if rows is None else src.get_rows(name, *rows)).to(dev, torch.float32)
+    dtype = src.dtype(name)
+    if rows is None:
+        raw = pool.take(src.nbytes(name))
+        native = src.read_into(name, raw)
+    else:
+        raw = pool.take((rows[1] - rows[0]) * math.prod(src.shape(name)[1:]) * dtype.itemsize)
+        native = src.read_rows_into(name, *rows, raw)
     if dtype == torch.float32 and dev.type == "cpu":
         held.append(raw)
         return native
     if dev.type != "cpu":
         return _to_device(native, raw, dev, pool)
-    f32 = pool.take(math.prod(shape) * 4)
+    f32 = pool.take(native.numel() * 4)
     held.append(f32)
-    out = _view(f32, shape, torch.float32)
+    out = _view(f32, tuple(native.shape), torch.float32)
     out.copy_(native)
     pool.give(raw)
     return out
@@ -263,28 +268,6 @@ def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_byt
         return
     task.block_rows = rows
     task.work_bytes = task.work_bytes * rows // task.shape[0]
-
-
-def _read_rows_float32(src: TensorSource, name: str, r0: int, r1: int, dev: torch.device,
-                       pool: _BufferPool, held: list) -> torch.Tensor:
-    """Rows ``[r0, r1)`` of tensor ``name`` as float32 on ``dev``, through pooled buffers."""
-    if not isinstance(src, CheckpointReader):  # a LoRA expert builds base + ΔW for these rows
-        return src.get_rows(name, r0, r1).to(dev, torch.float32)
-    shape, dtype = tuple(src.shape(name)), src.dtype(name)
-    n = (r1 - r0) * math.prod(shape[1:])
-    raw = pool.take(n * dtype.itemsize)
-    native = src.read_rows_into(name, r0, r1, raw)
-    if dtype == torch.float32 and dev.type == "cpu":
-        held.append(raw)
-        return native
-    if dev.type != "cpu":
-        return _to_device(native, raw, dev, pool)
-    f32 = pool.take(n * 4)
-    held.append(f32)
-    out = _view(f32, tuple(native.shape), torch.float32)
-    out.copy_(native)
-    pool.give(raw)
-    return out
 
 
 def _unchanged(task: TensorTask) -> bool:
@@ -320,10 +303,10 @@ def _merge_blocks(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch
             held: list[torch.Tensor] = []
             try:
                 if spec.needs_base:
-                    base = _read_rows_float32(base_src, base_name, r0, r1, dev, pool, held)
+                    base = _read_float32(base_src, base_name, dev, pool, held, (r0, r1))
                 else:
                     base = torch.zeros((), dtype=torch.float32, device=dev).expand(r1 - r0, *task.shape[1:])
-                experts = [_read_rows_float32(src, n, r0, r1, dev, pool, held) for src, n in expert_inputs]
+                experts = [_read_float32(src, n, dev, pool, held, (r0, r1)) for src, n in expert_inputs]
                 if first and finite:
                     if spec.needs_base:
                         check_finite(base, task.name, "the base")

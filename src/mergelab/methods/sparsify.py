@@ -79,28 +79,14 @@ def _kth_largest(delta: Callable[[slice], torch.Tensor], at: Callable[[torch.Ten
 
 
 def topk_mask(e: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` entries of largest ``|e − b|`` (flat tensors); ties: lower index first."""
+    """Bool mask of the ``k`` entries of largest ``|e − b|`` (flat tensors); ties: lower index first
+    (the whole-tensor form of :class:`Cut`)."""
     n = e.numel()
-    out = torch.zeros(n, dtype=torch.bool, device=e.device)
-    if k <= 0:
-        return out
-    if k >= n:
-        return out.fill_(True)
-    delta = lambda sl: (e[sl] - b[sl]).abs_()  # noqa: E731
-    v, n_gt, n_eq = _kth_largest(delta, lambda i: (e[i] - b[i]).abs_(), n, k, e.device)
-    quota = k - n_gt  # entries equal to v that are kept, in flat order
-    for sl in chunks(n, e.device):
-        a = delta(sl)
-        if quota >= n_eq:  # no tie at the cut: keep everything at or above v
-            torch.ge(a, v, out=out[sl])
-            continue
-        m = a > v
-        if quota > 0:
-            eq = a == v
-            m |= eq & (eq.cumsum(0) <= quota)
-            quota -= min(quota, int(eq.sum()))
-        out[sl] = m
-    return out
+    cut = Cut(k)
+    if 0 < k < n:
+        cut.v, cut.n_gt, cut.n_eq = _kth_largest(lambda sl: (e[sl] - b[sl]).abs_(),
+                                                 lambda i: (e[i] - b[i]).abs_(), n, k, e.device)
+    return cut.mask((e - b).abs_(), cut.start(), n)
 
 
 # ------------------------------------------------------------------------------------ keep masks
