@@ -25,6 +25,11 @@ BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on t
 BLOCK_ELEMS_GPU = 1 << 27  # ... and on a GPU (512 MB)
 
 
+#: the compiled trim-and-reduce on the CPU (tests switch it off to compare with the torch form,
+#: which other devices run)
+USE_KERNELS = True
+
+
 SAMPLE = 1 << 15        # sampled entries that bracket (or estimate) a magnitude cut
 
 
@@ -192,6 +197,19 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
     # experts with more entries equal to their cut than the quota: [scaled v, kept left, still to find]
     tied = {i: [math.ldexp(c.v, e), c.keep_eq, c.n_eq] for i, (c, e) in enumerate(zip(cuts, exps)) if c.dropped}
     buf = torch.empty(count, min(rows, m), n, device=device)
+    if device.type == "cpu" and USE_KERNELS:  # one compiled sweep per block
+        from mergelab.methods.cpu_kernels import trim_reduce
+
+        f32 = np.float32
+        args = (np.array(below, f32), coef.view(-1).numpy(), w_sgn.view(-1).numpy(),
+                np.array([t[0] for t in (tied.get(i, (-1.0,)) for i in range(count))], f32),
+                np.array([tied[i][1] if i in tied else 0 for i in range(count)], np.int64),
+                np.array([tied[i][2] if i in tied else 0 for i in range(count)], np.int64), normalize)
+        flat = out.view(-1).numpy()
+        for r0 in range(0, m, rows):
+            r1 = min(m, r0 + rows)
+            trim_reduce(stack.block(r0, r1, buf).view(count, -1).numpy(), *args, flat[r0 * n:r1 * n])
+        return out.mul_(lam) if lam != 1.0 else out
     kept = torch.empty_like(buf)
     for r0 in range(0, m, rows):
         r1 = min(m, r0 + rows)
