@@ -204,7 +204,7 @@ def _allowed_keys(loc: tuple) -> list[str]:
 def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
     """The one path resolver: every file or folder a recipe names, made absolute against ``root``
     (``~`` expanded): ``base.path``, ``experts[].path``, ``experts[].data``, ``slices[].path``,
-    ``tokenizer.source`` (unless ``base``, ``union`` or a Hub id of the recipe), ``eval.data``,
+    ``tokenizer.source`` (when it is an existing path, not ``base``, ``union`` or a Hub id), ``eval.data``,
     ``eval.shots``, ``finetune.data[]`` (a path or ``{path, licence}``) and ``tune.data``."""
     def fix(p: Any) -> Any:
         if not isinstance(p, (str, os.PathLike)):
@@ -234,8 +234,9 @@ def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
     if isinstance(tok, Mapping) and isinstance(tok.get("source"), str) and tok["source"] not in ("base", "union"):
         experts = data.get("experts") if isinstance(data.get("experts"), list) else []
         hub = {str(m["model"]) for m in [data.get("base"), *experts] if isinstance(m, Mapping) and m.get("model")}
-        if tok["source"].partition("@")[0] not in hub:   # a path, relative to the recipe like the experts'
-            data["tokenizer"] = fix_key(tok, "source")
+        fixed = fix_key(tok, "source")   # a path, relative to the recipe like the experts' (else kept for the error)
+        if tok["source"].partition("@")[0] not in hub and Path(fixed["source"]).exists():
+            data["tokenizer"] = fixed
     if isinstance(data.get("eval"), Mapping):
         data["eval"] = fix_key(fix_key(data["eval"], "data"), "shots")
     if isinstance(data.get("tune"), Mapping):

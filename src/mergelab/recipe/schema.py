@@ -9,6 +9,7 @@ value, and what is expected. The example recipe is in :mod:`mergelab.recipe`.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -302,9 +303,11 @@ class Recipe(BaseModel):
         if src in TOKENIZER_SOURCES or _names(self.base, src) or self.tokenizer_expert() is not None:
             return self
         named = [str(e) for e in self.experts]
+        close = difflib.get_close_matches(src.strip().lower(), TOKENIZER_SOURCES, n=1)
         raise RecipeError(f"tokenizer.source: {clip(src)} names none of the recipe's models",
-                          hint="write base, union, or one expert's path (as under experts) or Hub id: "
-                               + (", ".join(named[:6]) + (" ..." if len(named) > 6 else "") or "no experts"))
+                          hint=(f"did you mean {close[0]}? " if close else "")
+                          + "write base, union, or one expert's path (as under experts) or Hub id: "
+                          + (", ".join(named[:6]) + (" ..." if len(named) > 6 else "") or "no experts"))
 
     @model_validator(mode="after")
     def _check_method(self):
