@@ -260,3 +260,14 @@ def test_a_misspelt_source_gets_a_suggestion(models):
     with pytest.raises(RecipeError, match="'unoin' names none") as err:
         load_recipe(_recipe(models, "linear", [("grown", 1.0)], "unoin"))
     assert err.value.hint.startswith("did you mean union?")
+
+
+def test_tuning_in_place_refuses_rows_it_would_merge_by_index(models):
+    from mergelab.merge.inplace import InPlaceMerger
+    from mergelab.testing import load_model
+
+    model = load_model(models["base"])
+    InPlaceMerger(load_recipe(_recipe(models, "linear", [("plain", 1.0)], "base")), model)   # same vocabulary
+    for expert, source in (("swapped", "base"), ("grown", "union")):
+        with pytest.raises(RecipeError, match="tuning in place merges embedding rows by index"):
+            InPlaceMerger(load_recipe(_recipe(models, "linear", [(expert, 1.0)], source)), model)

@@ -334,8 +334,8 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
                             "base's vocabulary plus the experts' added tokens) or `tokenizer: {source: base}` "
                             "(the base's vocabulary; tokens only an expert has are dropped)")
                 elif vocab:
-                    hint = ("only the full-model merge (mergelab merge / run) aligns vocabularies; resize the "
-                            "expert's embeddings to the base's tokenizer for this one")
+                    hint = ("tuning in place and the merged-model statistics of data-aware methods merge rows "
+                            "by index; there, resize the expert's embeddings to the base's tokenizer")
                 raise ShapeMismatchError(
                     f"tensor {name!r}: base has shape {list(shape)}, {describe_expert(i, src)} has "
                     f"{list(e_shape)}{vocab}", hint=hint)

@@ -248,3 +248,19 @@ def save_tokenizer(plan: VocabPlan, out_dir: Path, config_file: Path) -> list[st
             config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return written
 
+
+
+def require_index_aligned(recipe: Recipe, base: CheckpointReader, expert_paths: Sequence[Path],
+                          experts: Sequence[TensorSource], where: str) -> None:
+    """Refuse a ``tokenizer`` section that would change the rows, for a merge (``where``) that
+    merges them by index: every model must have the base's tokens at the base's ids."""
+    plan = plan_vocabulary(recipe, Path(base.path), expert_paths, base, experts)
+    if plan is None:
+        return
+    rows = _rows(base)
+    same = plan.size == rows and not plan.save and all(
+        all(v.get(t) == i for t, i in plan.vocab.items()) for v in plan.model_vocabs)
+    if not same:
+        raise RecipeError(f"tokenizer: {where} merges embedding rows by index, and these models' vocabularies "
+                          "differ from the base's (other tokens, or the same tokens at other ids)",
+                          hint="run the full merge (mergelab merge / run), which aligns the rows by token")
