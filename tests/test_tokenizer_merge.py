@@ -134,8 +134,9 @@ def test_row_blocks_and_tied_embeddings(models, tmp_path):
     recipe = _recipe(models, "task_arithmetic", [("grown", 0.5), ("tool", 0.5)], "union")
     merge(recipe, tmp_path / "whole", progress=False)
     merge(recipe, tmp_path / "blocks", progress=False, block_bytes=8192)   # the aligned rows in row blocks
-    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == \
-        (tmp_path / "blocks" / "model.safetensors").read_bytes()
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):   # deterministic
+        assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "blocks" / f).read_bytes(), f
+    assert not [p for p in tmp_path.iterdir() if "vocab" in p.name]   # the scratch folder is gone
     base = make_base("gemma", tmp_path / "gemma", hidden=32, layers=1)   # lm_head is the embedding
     grown = _variant(make_expert(base, tmp_path / "ge", seed=1), tmp_path / "gg", added=["<tool>"], seed=3)
     out = tmp_path / "tied"

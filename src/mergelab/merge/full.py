@@ -158,7 +158,7 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
             copied = copy_model_files(base_path, tmp) if Path(base_path).is_dir() else []
             if vocab is not None:
                 written = save_tokenizer(vocab, tmp, tmp / "config.json")
-                copied = sorted(set(c for c in copied if (tmp / c).exists()) | set(written))
+                copied = sorted({c for c in copied if (tmp / c).exists()} | set(written))
             _set_config_dtype(tmp / "config.json", recipe.output.dtype)
             if card:
                 warnings += write_merge_card(tmp, recipe, base_path, expert_paths, warn)
