@@ -428,8 +428,8 @@ def test_recipe_file_errors(tmp_path):
         {"sources": [{"model": "a/b", "layer_range": [0, 16]}, {"model": "c/d", "layer_range": [0, 16]}]},
         {"sources": [{"model": "a/b", "layer_range": [16, 32]}, {"model": "c/d", "layer_range": [16, 32]}]}]},
      "only one slice spanning all layers"),
-    ({"merge_method": "ties", "base_model": "a/b", "models": [{"model": "c/d"}], "tokenizer_source": "union"},
-     "only the base model's tokenizer"),
+    ({"merge_method": "ties", "base_model": "a/b", "models": [{"model": "c/d"}],
+      "tokenizer": {"source": "union", "pad_to_multiple_of": 64}}, "pad_to_multiple_of"),
 ])
 def test_mergekit_configs_that_cannot_be_translated_say_why(cfg, message):
     with pytest.raises(RecipeError, match="mergekit config") as err:

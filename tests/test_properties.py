@@ -229,7 +229,7 @@ def test_any_adapter_config_gives_an_adapter_or_one_error(work, raw):
 RECIPE_KEYS = ["base", "experts", "method", "output", "seed", "eval", "finetune", "tune", "path", "model",
                "revision", "weight", "density", "lambda", "name", "dtype", "shard_size", "format", "rank",
                "data", "filter", "value", "params", "batch_size", "shots", "licence", "steps", "trials", "low",
-               "high"]
+               "high", "tokenizer", "source"]
 
 
 def _recipe(work: Path) -> dict:
@@ -241,7 +241,7 @@ def _recipe(work: Path) -> dict:
             "eval": {"data": ["a.csv"], "batch_size": 2},
             "finetune": {"when": "after_merge", "data": [{"path": "a.csv", "licence": "mit"}], "steps": 2},
             "tune": {"params": {"density": {"low": 0.1, "high": 0.9}}, "data": ["a.csv"], "trials": 2},
-            "seed": 3}
+            "tokenizer": {"source": "union"}, "seed": 3}
 
 
 def _use(doc) -> None:
@@ -292,7 +292,8 @@ def test_any_recipe_text_gives_a_recipe_or_one_error(work, data):
 MERGEKIT = {"merge_method": "ties", "base_model": "base",
             "models": [{"model": "e1", "parameters": {"weight": [0.2, 0.8], "density": 0.5}},
                        {"model": {"model": {"path": "e2"}}, "parameters": {"weight": 0.5}}],
-            "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16", "seed": 1}
+            "parameters": {"normalize": True, "int8_mask": True}, "dtype": "bfloat16", "seed": 1,
+            "tokenizer_source": "union"}
 MERGEKIT_SLERP = {"merge_method": "slerp", "base_model": "base",
                   "slices": [{"sources": [{"model": "base", "layer_range": [0, 2]},
                                           {"model": "e1", "layer_range": [0, 2]}]}],

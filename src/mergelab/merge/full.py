@@ -5,7 +5,9 @@
 2. **Plan** from the headers alone, before anything is read or written: every tensor of the base
    must be found in every expert (directly, or through a tied alias such as T5's
    ``shared``/``encoder.embed_tokens``, or ``lm_head`` ↔ ``embed_tokens`` when the weights are
-   tied), with the same shape (a vocabulary-size difference is an error, never truncated) and a
+   tied), with the same shape (a vocabulary-size difference is an error, never truncated, unless
+   the recipe has a ``tokenizer`` section: then the embedding and head rows of every model are
+   aligned by token to the output tokenizer first, :mod:`mergelab.merge.vocab`) and a
    compatible dtype; each expert's config.json (or adapter's recorded base) must name the base's
    model (:func:`~mergelab.merge.inputs.check_identity`). Only the base's tensor names are written, so the output matches the base's
    config. The shard layout is fixed here too.
@@ -30,14 +32,16 @@
    synchronisation cost of splitting small operations, and the result does not depend on the
    number of workers. On CUDA, reads go through pinned buffers and copy to the device
    asynchronously, so one worker's read overlaps another's compute.
-4. **Finish**: copy config, tokenizer, generation config and chat template from the base, set the
-   config's dtype, write the model card (:mod:`mergelab.merge.card`), and rename the temporary folder into place (nothing is left on error).
+4. **Finish**: copy config, tokenizer, generation config and chat template from the base (with a
+   ``tokenizer`` section: write the output tokenizer and its ``vocab_size``), set the config's dtype, write the model card (:mod:`mergelab.merge.card`), and rename the temporary folder into place (nothing is left on error).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -57,6 +61,7 @@ from mergelab.recipe import Recipe, resolve_params
 from mergelab.util import fixed_mmap_threshold, single_torch_thread
 from mergelab.merge.inputs import (RESULT, TensorTask, align_tensors, check_finite, check_identity, describe_expert, open_inputs, prepare_inputs)
 from mergelab.merge.datastats import data_statistics
+from mergelab.merge.vocab import align_vocab_tasks, plan_vocabulary, save_tokenizer
 from mergelab.merge.card import write_merge_card
 
 __all__ = ["merge_full", "MergeResult"]
@@ -117,10 +122,17 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
     out_dir, dev, spec = inputs.out_dir, inputs.device, inputs.spec
     base_path, expert_paths = inputs.base_path, inputs.expert_paths
     opened: list = []
+    scratch: Path | None = None
     try:
         base, experts = open_inputs(base_path, expert_paths, opened)
         warnings = check_identity(recipe, base, experts, warn)
-        tasks = align_tensors(recipe, base, experts, spec)
+        vocab = plan_vocabulary(recipe, base_path, expert_paths, base, experts, warn)
+        tasks = align_tensors(recipe, base, experts, spec, vocab_size=None if vocab is None else vocab.size)
+        if vocab is not None:   # the embedding rows permuted to the output tokenizer, in a scratch folder
+            warnings += vocab.warnings
+            out_dir.parent.mkdir(parents=True, exist_ok=True)
+            scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergelab-vocab-", dir=out_dir.parent))
+            align_vocab_tasks(tasks, vocab, scratch, opened)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
         for task in tasks:
             plan_blocks(task, spec, dev, block_bytes, resolve_params(recipe, task.name, task.num_layers))
@@ -144,6 +156,9 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
                 torch.set_num_threads(torch_threads)
             index = writer.close()
             copied = copy_model_files(base_path, tmp) if Path(base_path).is_dir() else []
+            if vocab is not None:
+                written = save_tokenizer(vocab, tmp, tmp / "config.json")
+                copied = sorted({c for c in copied if (tmp / c).exists()} | set(written))
             _set_config_dtype(tmp / "config.json", recipe.output.dtype)
             if card:
                 warnings += write_merge_card(tmp, recipe, base_path, expert_paths, warn)
@@ -151,6 +166,8 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
         for src in opened:
             if hasattr(src, "close"):
                 src.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     t_end = time.perf_counter()
     return MergeResult(out_dir=out_dir, tensors=len(tasks), bytes_written=index["metadata"]["total_size"],
                        device=str(dev), method=spec.name, workers=n_workers, copied_files=copied, warnings=warnings,

@@ -45,6 +45,7 @@ from mergelab.methods import get_method
 from mergelab.merge.inputs import RESULT, align_tensors, check_finite, check_identity, describe_expert, open_expert
 from mergelab.merge.adapter import merge_module
 from mergelab.merge.datastats import recipe_grams
+from mergelab.merge.vocab import require_index_aligned
 
 
 class InPlaceError(MergelabError):
@@ -140,6 +141,7 @@ class InPlaceMerger:
         experts = [open_expert(p, self.base) for p in paths]
         try:
             check_identity(self.recipe, self.base, experts)
+            require_index_aligned(self.recipe, self.base, paths, experts, "tuning in place")
             tasks = [t for t in align_tensors(self.recipe, self.base, experts, self.spec) if t.floating]
             need = sum(t.numel for t in tasks) * 4 * (len(experts) + 1)
             have = available_memory(self.device)

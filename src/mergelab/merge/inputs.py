@@ -39,6 +39,17 @@ _INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "sha
 _OUTPUT_EMBEDDINGS = ("lm_head.weight", "embed_out.weight")
 
 
+def is_vocab_tensor(name: str) -> bool:
+    """Whether tensor ``name`` holds one row per token (an input embedding or an output head)."""
+    return name in _INPUT_EMBEDDINGS or name in _OUTPUT_EMBEDDINGS
+
+
+def vocab_tensor(src: TensorSource) -> str | None:
+    """The name of ``src``'s input embedding (else its output head), or None."""
+    keys = set(src.keys())
+    return next((n for n in _INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS if n in keys), None)
+
+
 # Buffers that older checkpoints saved and that are recomputed on load.
 _IGNORED_EXTRA = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
@@ -117,13 +128,17 @@ IDENTITY_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attentio
                  "n_embd", "n_layer", "n_head", "n_inner")                                     # GPT-2
 
 
-def config_differences(base: Mapping[str, Any] | None, other: Mapping[str, Any] | None) -> list[str]:
+def config_differences(base: Mapping[str, Any] | None, other: Mapping[str, Any] | None,
+                       ignore: tuple[str, ...] = ()) -> list[str]:
     """How ``other``'s config.json says another model than ``base``'s: ``["model_type 'mistral'
-    (base 'llama')", ...]``; keys only one of them sets are not compared (nothing to compare)."""
+    (base 'llama')", ...]``; keys only one of them sets are not compared (nothing to compare), nor
+    the keys in ``ignore``."""
     if not isinstance(base, Mapping) or not isinstance(other, Mapping):
         return []
     out = []
     for key in IDENTITY_KEYS:
+        if key in ignore:
+            continue
         a, b = base.get(key), other.get(key)
         if a is not None and b is not None and a != b:
             out.append(f"{key} {b!r} (base {a!r})")
@@ -132,7 +147,7 @@ def config_differences(base: Mapping[str, Any] | None, other: Mapping[str, Any] 
         if a and b and a != b:
             out.append(f"architectures {b!r} (base {a!r})")
     a, b = base.get("text_config"), other.get("text_config")
-    out += [f"text_config.{d}" for d in config_differences(a, b)]
+    out += [f"text_config.{d}" for d in config_differences(a, b, ignore)]
     return out
 
 
@@ -211,7 +226,9 @@ def check_identity(recipe: Recipe, base: CheckpointReader, experts: Sequence[Ten
             kind, why = verdict
             what = f"{who} is a LoRA adapter of another base than {base_path}: {why}"
         else:
-            diffs = config_differences(base.config, getattr(src, "config", None))
+            # a vocabulary of another size is the embedding check's business (align_tensors), which
+            # says how to merge it (a tokenizer section)
+            diffs = config_differences(base.config, getattr(src, "config", None), ignore=("vocab_size",))
             if not diffs:
                 continue
             kind, what = "error", f"{who} is another model than the base {base_path}: {', '.join(diffs)}"
@@ -256,11 +273,13 @@ RESULT = "the merged result"
 
 
 def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[TensorSource],
-               spec: MethodSpec) -> list[TensorTask]:
+               spec: MethodSpec, vocab_size: int | None = None) -> list[TensorTask]:
     """Align names, shapes and dtypes across base and experts; one task per base tensor.
 
     Raises :class:`MissingTensorError` / :class:`ShapeMismatchError` naming the tensor, the expert
-    and both shapes. Reads headers only.
+    and both shapes. Reads headers only. ``vocab_size`` (a merge with a tokenizer section, whose
+    rows :mod:`mergelab.merge.vocab` aligns by token afterwards): the embedding and output heads may
+    have any number of rows, and their tasks get ``vocab_size`` rows.
     """
     names = sorted(base.keys(), key=natural_key)
     base_keys = set(names)
@@ -303,16 +322,23 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
                     f"{describe_expert(i, src)} has no tensor {name!r}, which the base has",
                     hint="experts must be fine-tunes of the base (same architecture and size)")
             e_shape, e_dtype = tuple(src.shape(src_name)), src.dtype(src_name)
-            if e_shape != shape:
+            by_token = vocab_size is not None and is_vocab_tensor(name) and len(shape) == 2
+            if e_shape != shape and not (by_token and e_shape[1:] == shape[1:]):
                 vocab = ""
-                if name in _INPUT_EMBEDDINGS + _OUTPUT_EMBEDDINGS and len(shape) == 2 and e_shape[1:] == shape[1:]:
+                if is_vocab_tensor(name) and len(shape) == 2 and e_shape[1:] == shape[1:]:
                     vocab = (f" — vocabulary sizes differ (base {shape[0]} rows, expert {e_shape[0]});"
-                             " mergelab never truncates or pads a vocabulary")
+                             " mergelab never truncates or pads a vocabulary by index")
+                hint = "experts must be fine-tunes of the base (same architecture and size)"
+                if vocab and recipe.tokenizer is None:
+                    hint = ("to align the rows by token, set `tokenizer: {source: union}` in the recipe (the "
+                            "base's vocabulary plus the experts' added tokens) or `tokenizer: {source: base}` "
+                            "(the base's vocabulary; tokens only an expert has are dropped)")
+                elif vocab:
+                    hint = ("tuning in place and the merged-model statistics of data-aware methods merge rows "
+                            "by index; there, resize the expert's embeddings to the base's tokenizer")
                 raise ShapeMismatchError(
                     f"tensor {name!r}: base has shape {list(shape)}, {describe_expert(i, src)} has "
-                    f"{list(e_shape)}{vocab}",
-                    hint="resize the expert's embeddings to the base's tokenizer first" if vocab else
-                    "experts must be fine-tunes of the base (same architecture and size)")
+                    f"{list(e_shape)}{vocab}", hint=hint)
             if e_dtype.is_floating_point != dtype.is_floating_point or (
                     not dtype.is_floating_point and e_dtype != dtype):
                 raise ShapeMismatchError(
@@ -321,14 +347,21 @@ def align_tensors(recipe: Recipe, base: CheckpointReader, experts: Sequence[Tens
             inputs.append((src, src_name))
         floating = dtype.is_floating_point
         loc = layer_of(name)
+        if vocab_size is not None and is_vocab_tensor(name) and len(shape) == 2:
+            shape = (vocab_size, *shape[1:])
         task = TensorTask(name, shape, (out_dtype or dtype) if floating else dtype, inputs, floating,
                           depth.get(loc[0], 0) if loc else max(depth.values(), default=0))
-        n_in = len(inputs)
-        task.work_bytes = task.numel * (sum(s.dtype(n).itemsize for s, n in inputs) + 4 * n_in + 4
-                                        + task.out_dtype.itemsize + n_in) if floating else \
-            task.numel * dtype.itemsize * 2
+        set_work_bytes(task)
         tasks.append(task)
     return tasks
+
+
+def set_work_bytes(task: TensorTask) -> None:
+    """The bytes merging ``task`` at once takes: its inputs as read and in float32, the result."""
+    n_in = len(task.inputs)
+    task.work_bytes = task.numel * (sum(s.dtype(n).itemsize for s, n in task.inputs) + 4 * n_in + 4
+                                    + task.out_dtype.itemsize + n_in) if task.floating else \
+        task.numel * task.out_dtype.itemsize * 2
 
 
 def input_paths(recipe: Recipe, base_path=None, expert_paths: Sequence = ()) -> list[Path]:

@@ -203,7 +203,8 @@ def _allowed_keys(loc: tuple) -> list[str]:
 
 def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
     """The one path resolver: every file or folder a recipe names, made absolute against ``root``
-    (``~`` expanded): ``base.path``, ``experts[].path``, ``experts[].data``, ``slices[].path``, ``eval.data``,
+    (``~`` expanded): ``base.path``, ``experts[].path``, ``experts[].data``, ``slices[].path``,
+    ``tokenizer.source`` (when it is an existing path, not ``base``, ``union`` or a Hub id), ``eval.data``,
     ``eval.shots``, ``finetune.data[]`` (a path or ``{path, licence}``) and ``tune.data``."""
     def fix(p: Any) -> Any:
         if not isinstance(p, (str, os.PathLike)):
@@ -228,6 +229,14 @@ def absolute_paths(data: Mapping[str, Any], root: Path) -> dict:
         data["experts"] = [fix_key(fix_key(e, "path"), "data") for e in data["experts"]]
     if isinstance(data.get("slices"), list):
         data["slices"] = [fix_key(s, "path") for s in data["slices"]]
+    tok = data.get("tokenizer")
+    tok = {"source": tok} if isinstance(tok, str) else tok
+    if isinstance(tok, Mapping) and isinstance(tok.get("source"), str) and tok["source"] not in ("base", "union"):
+        experts = data.get("experts") if isinstance(data.get("experts"), list) else []
+        hub = {str(m["model"]) for m in [data.get("base"), *experts] if isinstance(m, Mapping) and m.get("model")}
+        fixed = fix_key(tok, "source")   # a path, relative to the recipe like the experts' (else kept for the error)
+        if tok["source"].partition("@")[0] not in hub and Path(fixed["source"]).exists():
+            data["tokenizer"] = fixed
     if isinstance(data.get("eval"), Mapping):
         data["eval"] = fix_key(fix_key(data["eval"], "data"), "shots")
     if isinstance(data.get("tune"), Mapping):

@@ -31,7 +31,7 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
     ``parameters``), one full-depth ``slices`` entry (the usual SLERP form), layer stacking
     (``passthrough`` with one source per slice: :func:`_mergekit_stack`), global
     ``parameters`` (scalars, layer lists, filters), ``dtype``/``out_dtype`` (the output dtype;
-    mergelab always computes in float32), ``tokenizer_source: base``. Anything else is refused
+    mergelab always computes in float32), ``tokenizer_source`` / ``tokenizer.source`` (``base``, ``union`` or a model). Anything else is refused
     with a RecipeError that says what is not supported.
     """
     def fail(key: str, why: str, hint: str | None = None):
@@ -47,14 +47,11 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
         if key not in known:
             fail(clip(key) if not isinstance(key, str) else key[:60], "is not supported by mergelab's mergekit import",
                  hint="write a mergelab recipe instead (docs/recipe.md)" if key == "modules" else None)
-    tok = cfg.get("tokenizer_source")
-    if tok not in (None, "base") or cfg.get("tokenizer") is not None:
-        fail("tokenizer_source", "only the base model's tokenizer is supported (tokenizer_source: base)")
     if cfg.get("chat_template") is not None:
         fail("chat_template", "is not supported; the base model's chat template is copied")
 
     if method == "passthrough":
-        return _mergekit_stack(cfg, root)
+        return _with_tokenizer(_mergekit_stack(cfg, root), cfg, root)
     models = cfg.get("models")
     if cfg.get("slices") is not None:
         if models is not None:
@@ -103,7 +100,35 @@ def from_mergekit(cfg: Mapping[str, Any], root: Path) -> dict:
         out["output"] = {"dtype": dtype}
     if cfg.get("seed") is not None:
         out["seed"] = cfg["seed"]
-    return out
+    return _with_tokenizer(out, cfg, root)
+
+
+def _with_tokenizer(recipe: dict, cfg: Mapping[str, Any], root: Path) -> dict:
+    """``tokenizer_source: X`` (or ``tokenizer: {source: X}``, whose default is ``union``) as the
+    recipe's ``tokenizer: {source: ...}``: ``base``, ``union``, or the path / Hub id of the model X."""
+    def fail(key: str, why: str, hint: str | None = None):
+        raise RecipeError(f"mergekit config: {key}: {why}", hint=hint or _HINT)
+
+    block, where = cfg.get("tokenizer"), "tokenizer_source"
+    source = cfg.get("tokenizer_source")
+    if block is not None:
+        if source is not None:
+            fail("tokenizer", "give either `tokenizer_source` or `tokenizer`, not both")
+        if not isinstance(block, Mapping):
+            fail("tokenizer", f"expected {{source: base | union | <model>}}, got {clip(block)}")
+        extra = sorted(str(k) for k, v in block.items() if k != "source" and v is not None)
+        if extra:
+            fail("tokenizer", f"{clip(extra)} not supported: mergelab fills the rows a model lacks by its own rule "
+                              "(docs/recipe.md, tokenizers)", hint="keep only tokenizer.source")
+        source, where = block.get("source", "union"), "tokenizer.source"
+    if source is None:
+        return recipe
+    if source not in ("base", "union"):
+        ref = _mergekit_ref(source, root, where)
+        source = ref.get("path") or (f"{ref['model']}@{ref['revision']}" if ref.get("revision") else ref["model"])
+        if ref == recipe.get("base"):
+            source = "base"
+    return {**recipe, "tokenizer": {"source": source}}
 
 
 def _mergekit_stack(cfg: Mapping[str, Any], root: Path) -> dict:

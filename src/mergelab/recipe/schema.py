@@ -9,6 +9,7 @@ value, and what is expected. The example recipe is in :mod:`mergelab.recipe`.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -219,6 +220,38 @@ class OutputConfig(BaseModel):
         return None if self.dtype is None else getattr(torch, self.dtype)
 
 
+TOKENIZER_SOURCES = ("base", "union")
+
+
+class TokenizerConfig(BaseModel):
+    """The output tokenizer (``tokenizer: {source: ...}``, mergekit's ``tokenizer_source``).
+
+    ``base`` (the default): the base's tokenizer; ``union``: the base's vocabulary plus the tokens
+    the experts add; or one expert's tokenizer, named by its ``path`` (relative to the recipe, as
+    under ``experts``) or its Hub ``model`` id. With this section the embedding and output rows of
+    every model are aligned by token text before they are merged (:mod:`mergelab.merge.vocab`);
+    without it, models must share the base's vocabulary and rows are merged by index.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = "base"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {"source": data} if isinstance(data, str) else data
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        if isinstance(v, os.PathLike):
+            return os.fspath(v)
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"expected base, union, or an expert's path or Hub id, got {clip(v)}")
+        return v
+
+
 class Recipe(BaseModel):
     """A whole recipe. Constructing one checks the method, its parameters and the expert count."""
 
@@ -231,6 +264,7 @@ class Recipe(BaseModel):
     seed: int = 0
     eval: dict | None = None
     slices: list[SliceRef] | None = None   # layer stacking (method passthrough) instead of experts
+    tokenizer: TokenizerConfig | None = None   # None: the base's, rows merged by index (vocabularies must agree)
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +278,36 @@ class Recipe(BaseModel):
             keys = ("path",) if first.get("path") is not None else ("model", "revision")
             data = {**data, "base": {k: first[k] for k in keys if first.get(k) is not None}}
         return data
+
+    def tokenizer_expert(self) -> int | None:
+        """The index of the expert that ``tokenizer.source`` names (None: ``base`` or ``union``)."""
+        src = self.tokenizer.source if self.tokenizer is not None else "base"
+        if src in TOKENIZER_SOURCES:
+            return None
+        for i, e in enumerate(self.experts):
+            if _names(e, src):
+                return i
+        return None
+
+    @model_validator(mode="after")
+    def _check_tokenizer(self):
+        if self.tokenizer is None or self.tokenizer.source == "base":
+            return self
+        src = self.tokenizer.source
+        if self.slices is not None:
+            raise RecipeError(f"tokenizer.source: a layer stack (slices) keeps the base's tokenizer, got {clip(src)}",
+                              hint="remove the tokenizer section (or write source: base)")
+        if self.output.format == "lora":
+            raise RecipeError(f"tokenizer.source: a LoRA adapter output keeps the base's tokenizer, got {clip(src)}",
+                              hint="use output.format: full to merge models whose vocabularies differ")
+        if src in TOKENIZER_SOURCES or _names(self.base, src) or self.tokenizer_expert() is not None:
+            return self
+        named = [str(e) for e in self.experts]
+        close = difflib.get_close_matches(src.strip().lower(), TOKENIZER_SOURCES, n=1)
+        raise RecipeError(f"tokenizer.source: {clip(src)} names none of the recipe's models",
+                          hint=(f"did you mean {close[0]}? " if close else "")
+                          + "write base, union, or one expert's path (as under experts) or Hub id: "
+                          + (", ".join(named[:6]) + (" ..." if len(named) > 6 else "") or "no experts"))
 
     @model_validator(mode="after")
     def _check_method(self):
@@ -333,6 +397,14 @@ class Recipe(BaseModel):
                 seen.add(key)
                 out.append((f"slice {i}", s))
         return out
+
+
+def _names(ref: ModelRef, text: str) -> bool:
+    """Whether ``text`` (a tokenizer source) names ``ref``: its path, or its Hub id (with or without
+    ``@revision``)."""
+    if ref.path is not None:
+        return os.path.normpath(os.path.expanduser(text)) == os.path.normpath(str(ref.path))
+    return text in (ref.model, f"{ref.model}@{ref.revision}")
 
 
 # ---------------------------------------------------------------------------------- parameters
