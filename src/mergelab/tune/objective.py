@@ -168,11 +168,12 @@ def mean_entropy(model, tokenizer, path: Path, options) -> float:
         return float(row_entropies(model, tokenizer, read_competition_csv(path), options).mean())
 
 
-def row_entropies(model, tokenizer, rows: Sequence, options):
+def row_entropies(model, tokenizer, rows: Sequence, options, *, differentiable: bool | None = None):
     """Each row's normalised prediction entropy (module doc) as one float64 tensor, multiple-choice
-    rows first. With autograd enabled it is differentiable in the model's weights (the choices are
-    then scored by :func:`~mergelab.evaluate.scoring.choice_score_tensors`, the reference definition;
-    else by the batched, cached scorer): the loss of ``optimizer: gradient``."""
+    rows first: the loss of ``optimizer: gradient``. ``differentiable`` (default: whether autograd is
+    enabled) scores the choices with :func:`~mergelab.evaluate.scoring.choice_score_tensors`, the
+    reference definition, through which gradients flow (and which needs only ``model(...)``), else
+    with the batched, cached scorer (equal to it to 1e-4)."""
     import torch
 
     special = not options.chat
@@ -183,7 +184,7 @@ def row_entropies(model, tokenizer, rows: Sequence, options):
     mc = [i for i, r in enumerate(rows) if r.is_mc]
     if mc:
         mc_prompts, mc_choices = [prompts[i] for i in mc], [rows[i].choices for i in mc]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() if differentiable is None else differentiable:
             scores = choice_score_tensors(model, tokenizer, mc_prompts, mc_choices, length_norm=options.length_norm,
                                           add_special_tokens=special, max_length=max_length)
         else:
