@@ -29,6 +29,7 @@ from mergelab.errors import MergelabError
 from mergelab.recipe import load_recipe, read_recipe
 from mergelab.tune.config import SearchSpace, fingerprint
 from mergelab.recipe import layer_depths
+from mergelab.io.checkpoint import CheckpointReader
 from mergelab.recipe.sections import ParamRange, TuneError, TuneSection, parse_eval_options
 from mergelab.tune.objective import DIRECTIONS, BelowBasePenalty, Objective, load_splits, write_rows
 from mergelab.util import atomic_write, check_output_path
@@ -253,8 +254,6 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
 def default_gradient_params(recipe) -> dict[str, ParamRange]:
     """``weight`` per expert in [0, 1] with one anchor per layer of the base (at most 64 anchors,
     interpolated in between): layer-wise AdaMerging."""
-    from mergelab.io.checkpoint import CheckpointReader
-
     reader = CheckpointReader(Path(recipe.base.resolve()))
     try:
         depth = max(layer_depths(reader.keys()).values(), default=0)
