@@ -181,9 +181,12 @@ def test_refuses_non_linear_methods(zoo, loras, tmp_path):
               params={"lambda": {"low": 0.1, "high": 1.0}})
 
 
-def test_same_seed_same_tuned_recipe(zoo, loras, tmp_path):
+def test_same_seed_same_tuned_recipe(zoo, loras, tmp_path, capsys):
+    """The same recipe and seed give the same tuned recipe, also through the CLI."""
+    from mergelab.cli import main
+
     method = {"name": "task_arithmetic", "lambda": 1.0}
-    _, a = _tune(tmp_path, zoo, loras, method, name="a", steps=3, seed=3)
-    _, b = _tune(tmp_path, zoo, loras, method, name="b", steps=3, seed=3)
-    assert a.trajectory == b.trajectory
+    path, a = _tune(tmp_path, zoo, loras, method, name="a", steps=3, seed=3)
+    assert main(["tune", str(path), "--out", str(tmp_path / "b")]) == 0
+    assert "after 3 gradient step(s)" in capsys.readouterr().err
     assert (tmp_path / "a/recipe.tuned.yaml").read_bytes() == (tmp_path / "b/recipe.tuned.yaml").read_bytes()

@@ -153,10 +153,10 @@ class LinearMerge:
         out = {}
         for term in self.terms:
             work = torch.float64 if term.param.dtype == torch.float64 else torch.float32
-            a, c = self.coefficients(term, lam)
-            c = c.to(work)
+            a, c = self.coefficients(term, lam)     # λ lives on the CPU, the weights on the model's device
             w0 = term.original.to(work)
-            merged = w0 * (a.to(work) if torch.is_tensor(a) else a)
+            c = c.to(w0.device, work)
+            merged = w0 * (a.to(w0.device, work) if torch.is_tensor(a) else a)
             if term.B is not None:
                 cols = torch.cat([c[i].expand(r) for i, r in zip(term.experts, term.ranks)])
                 merged = merged + (term.B.to(work) * cols) @ term.A.to(work)
