@@ -11,7 +11,10 @@ topic, grammar (multiple choice), json, sql, dates (generation)) one run measure
 2. **tuned-λ task arithmetic** — the peer: a ``mergelab tune`` study over the single λ of task
    arithmetic;
 3. **tuned merges** — ``mergelab tune`` studies over richer spaces (per-expert weights, per-group
-   scales, RegMean's parameters; see ``CONFIGS``).
+   scales, RegMean's parameters; see ``CONFIGS``); ``--configs ta_adamerging`` adds task arithmetic's
+   per-layer weights learned by gradient descent on entropy (``optimizer: gradient``, AdaMerging;
+   ``--steps``, ``--learning-rate``), scored like the others but never the headline (its validation
+   values are entropies, not scores).
 
 Every study searches on the zoo's **validation** CSVs only (``rows_per_task`` rows of each task,
 half search / half check, the product's own split and objective); its winner
@@ -32,6 +35,7 @@ each study's folder with its ``report.md`` and the merged adapters).
                              [--time-limit 10m] [--rows-per-task 16] [--configs a,b] [--fixed a,b]
                              [--fixed-from DEMO_OUT/scores.json] [--gram-split validation]
                              [--metric rougeL] [--seed 0] [--threads N] [--quick]
+                             [--steps 20] [--learning-rate 0.02]
 
 The default run took 25 minutes on the project's 2-core CPU shared with another job (load ≈ 2; a
 trial scores 96 validation rows in ~20 s; docs/tune-bench.md has the figures); ``--quick`` is a
@@ -69,6 +73,7 @@ class TuneConfig:
     expert: dict = field(default_factory=dict)   # per-expert recipe keys (starting values)
     sampler: str = "tpe"
     data_aware: bool = False                     # each expert gets `data:` (its task's inputs)
+    optimizer: str = "optuna"                    # or gradient (params {}: its default, weight per expert per layer)
 
 
 #: The peer: task arithmetic with one searched λ, started from the demo's λ. On a log scale: the
@@ -99,6 +104,11 @@ CONFIGS: dict[str, TuneConfig] = {c.label: c for c in (
                 "alpha": {"low": 0.0, "high": 1.0}, "weight": {"low": 0.2, "high": 2.0}},
                "RegMean, λ per q/v group, α and per-expert weight, from plain RegMean",
                expert={"weight": 1.0}, sampler="cmaes", data_aware=True),
+    # AdaMerging: λ per task per layer in [0, 1] from 0.3, Adam on the entropy of the unlabelled
+    # validation inputs (search part); its objective is no score, so it is never the headline
+    TuneConfig("ta_adamerging", {"name": "task_arithmetic", "lambda": 1.0}, {},
+               "task arithmetic, weight per expert per layer in [0, 1] from 0.3, gradient descent on entropy "
+               "(AdaMerging; search/check values are entropies)", expert={"weight": 0.3}, sampler="adam", optimizer="gradient"),
 )}
 DEFAULT_CONFIGS = ["iso_c_weights", "regmean"]
 
@@ -123,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metric", default="rougeL", choices=["rougeL", "exact_match", "rouge1", "rouge2"],
                     help="the studies' metric on generation rows (rougeL; the test files are judged by exact match)")
     ap.add_argument("--seed", type=int, default=0, help="sampler seed (0)")
+    ap.add_argument("--steps", type=int, default=20, help="steps of the gradient configurations (20)")
+    ap.add_argument("--learning-rate", type=float, default=0.02,
+                    help="Adam's learning rate of the gradient configurations (0.02)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 6 rows per task, 3 trials, 2 fixed merges, the first configuration")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rows_per_task, args.trials, args.ta_trials = 6, 3, 2
+        args.rows_per_task, args.trials, args.ta_trials, args.steps = 6, 3, 2, 3
         args.fixed = args.fixed or "task_arithmetic,iso_c"
         args.configs = args.configs or DEFAULT_CONFIGS[0]
 
@@ -311,6 +324,12 @@ class Bench:
                 # the zoo's evaluation (batch, answer length, cut at the newline), in float32
                 "eval": {"batch_size": o.batch_size, "max_new_tokens": o.max_new_tokens, "stop": list(o.stop),
                          "dtype": "float32"}}
+        if cfg.optimizer == "gradient":   # objective entropy (implied): no metric, no trials, no sampler
+            for k in ("objective", "metric", "trials", "sampler"):
+                del tune[k]
+            tune.update(optimizer="gradient", steps=self.args.steps, learning_rate=self.args.learning_rate)
+            if not cfg.params:
+                del tune["params"]
         if self.args.time_limit:
             tune["time_limit"] = self.args.time_limit
         return {"base": {"path": str(self.zoo.base)},
@@ -324,7 +343,8 @@ class Bench:
         from mergelab.tune import run_tune
 
         console = self.console
-        console.rule(f"tune [bold]{cfg.label}[/]: {cfg.about} ({trials} trials, {cfg.sampler})")
+        budget = f"{self.args.steps} steps" if cfg.optimizer == "gradient" else f"{trials} trials"
+        console.rule(f"tune [bold]{cfg.label}[/]: {cfg.about} ({budget}, {cfg.sampler})")
         d = self.out / "tune" / cfg.label
         d.mkdir(parents=True)
         recipe_path = d / "recipe.yaml"
@@ -338,7 +358,7 @@ class Bench:
             self._note(f"{cfg.label}: the search failed: {exc}")
             return {"about": cfg.about, "error": str(exc)}
         tune_s = time.perf_counter() - t0
-        timing = study_timing(result, called)
+        timing = study_timing(result, called) if result.optimizer == "optuna" else gradient_timing(result, tune_s)
         best = result.best
         test = self._merge_and_score(d / "study" / "recipe.tuned.yaml", d / "adapter")
         r = {"about": cfg.about, "method": cfg.method, "params": cfg.params, "sampler": cfg.sampler,
@@ -346,6 +366,7 @@ class Bench:
                         "validation": (best.search + best.check) / 2,
                         "search_tasks": best.search_tasks, "check_tasks": best.check_tasks,
                         "is_start": best.start},
+             "optimizer": result.optimizer, "trajectory": result.trajectory,
              "trials": len(result.trials), "failed": result.failed, "stopped_by": result.stopped_by,
              "tune_s": round(tune_s, 1), **timing, "warnings": result.warnings, **test}
         console.print(f"  winner trial {best.number}: search {best.search:.3f}, check {best.check:.3f}; "
@@ -374,7 +395,7 @@ class Bench:
                           "ge_10_points_over_best_data_free": bff is not None
                           and 100 * (n - bff) >= GOAL_POINTS_OVER_FIXED}
         # the headline: the tuned configuration (not the peer) whose winner is best on validation
-        candidates = [k for k in ok if k != TA_LAMBDA.label]
+        candidates = [k for k in ok if k != TA_LAMBDA.label and ok[k].get("optimizer", "optuna") == "optuna"]
         headline = max(candidates, key=lambda k: ok[k]["winner"]["validation"]) if candidates else None
         return {"tasks": list(self.zoo.tasks), "expert_scores": self.expert,
                 "metric": "accuracy (multiple choice), exact match (generation); normalised = merged ÷ expert",
@@ -461,6 +482,16 @@ def study_timing(result, called: datetime) -> dict:
             "trials_per_min": round(60 * len(done) / span, 2) if span > 0 else float("nan"),
             "mean_trial_s": round(sum(t.duration.total_seconds() for t in done) / len(done), 1),
             "to_best_s": round((best.datetime_complete - called).total_seconds(), 1)}
+
+
+def gradient_timing(result, tune_s: float) -> dict:
+    """The timing fields of a gradient run, as a study's: a step counts as a trial, the winner is the
+    final point (reached at the end)."""
+    steps = max(result.new_trials, 1)
+    search_s = result.trials[-1].seconds
+    return {"setup_s": round(tune_s - search_s, 1), "search_s": round(search_s, 1),
+            "trials_per_min": round(60 * steps / search_s, 2) if search_s > 0 else float("nan"),
+            "mean_trial_s": round(search_s / steps, 1), "to_best_s": round(tune_s, 1)}
 
 
 def _pts(v) -> str:

@@ -42,9 +42,15 @@ def register(app: typer.Typer) -> None:
         result = run_tune(recipe, out, storage=storage, study=study, trials=trials, time_limit=time_limit,
                           sampler=sampler, seed=seed, device=device, progress=say)
         best = result.best
-        console.print(f"[green]✓[/] best trial {best.number}: search {best.search:.4f}, check {best.check:.4f} "
-                      f"({len(result.trials)} trials in the study; stopped by {result.stopped_by})",
-                      highlight=False)
+        if result.optimizer == "gradient":
+            start = result.trials[0]
+            console.print(f"[green]✓[/] after {result.new_trials} gradient step(s): search {best.search:.4f}, check "
+                          f"{best.check:.4f} (start: search {start.search:.4f}, check {start.check:.4f}; stopped "
+                          f"by {result.stopped_by})", highlight=False)
+        else:
+            console.print(f"[green]✓[/] best trial {best.number}: search {best.search:.4f}, check {best.check:.4f} "
+                          f"({len(result.trials)} trials in the study; stopped by {result.stopped_by})",
+                          highlight=False)
         for w in result.warnings:
             console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
         console.print(f"tuned recipe: {out / 'recipe.tuned.yaml'}; report: {out / 'report.md'}", highlight=False)

@@ -233,23 +233,40 @@ def score_multiple_choice_reference(model, tokenizer, prompts: Sequence[str],
     of the choice's tokens. T5: the input through the encoder and the choice as decoder labels.
     """
     items = _tokenize(model, tokenizer, prompts, choices, add_special_tokens, max_length)
+    return [_finish(item, [float(v) for v in _reference_logprobs(model, item)], row_choices, length_norm)
+            for item, row_choices in zip(items, choices)]
+
+
+def _reference_logprobs(model, item) -> list[torch.Tensor]:
+    """The summed log-probability of each choice of one tokenised row, as tensors (autograd flows
+    when it is enabled)."""
     device = model_device(model)
     enc_dec = is_encoder_decoder(model)
-    out: list[ChoiceScores] = []
-    for item, row_choices in zip(items, choices):
-        p, cs, _ = item
-        logprobs = []
-        for c in cs:
-            if not c:
-                logprobs.append(0.0)
-                continue
-            if enc_dec:
-                dec = torch.tensor([[decoder_start_token(model)] + c[:-1]], device=device)
-                logits = model(input_ids=torch.tensor([p], device=device), decoder_input_ids=dec).logits[0]
-            else:
-                ids = torch.tensor([p + c], device=device)
-                logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1]
-            target = torch.tensor(c, device=device)
-            logprobs.append(float(_token_logprobs(logits, target).sum()))
-        out.append(_finish(item, logprobs, row_choices, length_norm))
+    p, cs, _ = item
+    logprobs = []
+    for c in cs:
+        if not c:
+            logprobs.append(torch.zeros((), device=device))
+            continue
+        if enc_dec:
+            dec = torch.tensor([[decoder_start_token(model)] + c[:-1]], device=device)
+            logits = model(input_ids=torch.tensor([p], device=device), decoder_input_ids=dec).logits[0]
+        else:
+            ids = torch.tensor([p + c], device=device)
+            logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) + len(c) - 1]
+        logprobs.append(_token_logprobs(logits, torch.tensor(c, device=device)).sum())
+    return logprobs
+
+
+def choice_score_tensors(model, tokenizer, prompts: Sequence[str], choices: Sequence[Sequence[str]], *,
+                         length_norm: str = "none", add_special_tokens: bool = True,
+                         max_length: int | None = None) -> list[torch.Tensor]:
+    """:func:`score_multiple_choice_reference`'s ranked scores (``normalized``) as one tensor per row,
+    differentiable in the model's weights: for learning merge coefficients by gradient."""
+    items = _tokenize(model, tokenizer, prompts, choices, add_special_tokens, max_length)
+    out = []
+    for (p, cs, truncated), row_choices in zip(items, choices):
+        s = ChoiceScores(logprobs=_reference_logprobs(model, (p, cs, truncated)), n_tokens=[len(c) for c in cs],
+                         n_chars=[len(c) for c in row_choices])
+        out.append(torch.stack(normalize_scores(s, length_norm).normalized))
     return out

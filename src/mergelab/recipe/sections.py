@@ -226,7 +226,8 @@ class TuneSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    params: dict[str, ParamRange] = Field(min_length=1)
+    params: dict[str, ParamRange] | None = Field(None, min_length=1)
+    optimizer: Literal["optuna", "gradient"] = "optuna"
     objective: Literal["score", "entropy"] = "score"
     metric: Literal["rougeL", "exact_match", "rouge1", "rouge2"] = "rougeL"
     below_base_penalty: float = Field(0.0, ge=0.0, allow_inf_nan=False)
@@ -243,6 +244,16 @@ class TuneSection(BaseModel):
     storage: str | None = None
     study: str | None = None
     eval: dict[str, Any] | None = None
+    steps: int | None = Field(None, ge=1)                          # optimizer: gradient only
+    learning_rate: float | None = Field(None, gt=0.0, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gradient_defaults(cls, data: Any) -> Any:
+        # the gradient optimizer learns on unlabelled inputs: its objective is entropy unless given
+        if isinstance(data, Mapping) and data.get("optimizer") == "gradient" and "objective" not in data:
+            data = {**data, "objective": "entropy"}
+        return data
 
     @field_validator("time_limit", mode="before")
     @classmethod
@@ -268,6 +279,18 @@ class TuneSection(BaseModel):
     def _budget(self):
         if self.trials is None and self.time_limit is None:
             raise ValueError("give a budget: trials, time_limit, or both")
+        if self.optimizer == "gradient":
+            if self.objective != "entropy":
+                raise ValueError("optimizer: gradient descends the prediction entropy of unlabelled inputs; "
+                                 f"objective {self.objective!r} has no gradient (use objective: entropy, or "
+                                 "optimizer: optuna)")
+        else:
+            if self.params is None:
+                raise ValueError("params: give the parameters to search (only optimizer: gradient has a "
+                                 "default: one weight per expert per layer)")
+            given = [k for k in ("steps", "learning_rate") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for optimizer: gradient (optuna counts trials)")
         return self
 
 

@@ -5,7 +5,9 @@
 * :mod:`mergelab.tune.objective` — the deterministic search/check split and the objectives
   (``score`` on labelled rows, ``entropy`` on unlabelled inputs) and the penalty below the base;
 * :mod:`mergelab.merge.inplace` — each trial's merge written into the loaded base in memory;
-* :mod:`mergelab.tune.study` — the optuna study, budgets, resuming, and the outputs
+* :mod:`mergelab.tune.gradient` — ``optimizer: gradient``: the coefficients of a linear merge
+  learned by gradient descent on the entropy (AdaMerging);
+* :mod:`mergelab.tune.study` — the optuna study (or the descent), budgets, resuming, and the outputs
   (``recipe.tuned.yaml``, ``trials.csv``, ``report.md``, ``search.png``).
 
 See ``docs/tune.md``. Importing this package is cheap; torch, transformers and optuna load with

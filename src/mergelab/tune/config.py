@@ -18,6 +18,9 @@
       time_limit: 10m
       sampler: tpe                # or cmaes
       seed: 0
+      optimizer: optuna           # or gradient: Adam on the entropy (task_arithmetic / linear;
+      steps: 50                   #   params default to one weight per expert per layer);
+      learning_rate: 0.01         #   steps and learning_rate are its own (mergelab.tune.gradient)
 
 The section's schema lives with the recipe's (:mod:`mergelab.recipe.sections`);
 :class:`SearchSpace` turns it into named search dimensions and writes a sampled point back into a

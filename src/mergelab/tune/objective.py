@@ -40,7 +40,7 @@ from mergelab.evaluate.scoring import decoder_start_token
 from mergelab.recipe.sections import TuneError
 from mergelab.evaluate import read_competition_csv
 from mergelab.evaluate.prompting import build_prompt
-from mergelab.evaluate.scoring import score_multiple_choice
+from mergelab.evaluate.scoring import choice_score_tensors, score_multiple_choice
 from mergelab.evaluate.batching import encode_prompt, is_encoder_decoder, model_device, pad_id_of, right_pad, truncate_left
 from mergelab.evaluate.runner import evaluate
 
@@ -162,36 +162,60 @@ class BelowBasePenalty:
 
 def mean_entropy(model, tokenizer, path: Path, options) -> float:
     """The mean normalised prediction entropy of ``model`` over the rows of one CSV (module doc)."""
+    import torch
 
-    rows = read_competition_csv(path)
+    with torch.inference_mode():
+        return float(row_entropies(model, tokenizer, read_competition_csv(path), options).mean())
+
+
+def row_entropies(model, tokenizer, rows: Sequence, options, *, differentiable: bool | None = None):
+    """Each row's normalised prediction entropy (module doc) as one float64 tensor, multiple-choice
+    rows first: the loss of ``optimizer: gradient``. ``differentiable`` (default: whether autograd is
+    enabled) scores the choices with :func:`~mergelab.evaluate.scoring.choice_score_tensors`, the
+    reference definition, through which gradients flow (and which needs only ``model(...)``), else
+    with the batched, cached scorer (equal to it to 1e-4)."""
+    import torch
+
     special = not options.chat
     prompts = [build_prompt(r, tokenizer, options) for r in rows]
     max_length = options.max_length or (None if getattr(model.config, "is_encoder_decoder", False)
                                         else getattr(model.config, "max_position_embeddings", None))
-    values: list[float] = []
+    values = []
     mc = [i for i, r in enumerate(rows) if r.is_mc]
     if mc:
-        results = score_multiple_choice(model, tokenizer, [prompts[i] for i in mc], [rows[i].choices for i in mc],
-                                        batch_size=options.batch_size, max_batch_tokens=options.max_batch_tokens,
-                                        length_norm=options.length_norm, add_special_tokens=special,
-                                        max_length=max_length)
-        for res in results:
-            values.append(choice_entropy(res.normalized or res.logprobs))
+        mc_prompts, mc_choices = [prompts[i] for i in mc], [rows[i].choices for i in mc]
+        if torch.is_grad_enabled() if differentiable is None else differentiable:
+            scores = choice_score_tensors(model, tokenizer, mc_prompts, mc_choices, length_norm=options.length_norm,
+                                          add_special_tokens=special, max_length=max_length)
+        else:
+            results = score_multiple_choice(model, tokenizer, mc_prompts, mc_choices, batch_size=options.batch_size,
+                                            max_batch_tokens=options.max_batch_tokens,
+                                            length_norm=options.length_norm, add_special_tokens=special,
+                                            max_length=max_length)
+            scores = [torch.tensor(res.normalized or res.logprobs, dtype=torch.float64) for res in results]
+        values += [choice_entropy_tensor(sc).to("cpu") for sc in scores]
     gen = [prompts[i] for i, r in enumerate(rows) if not r.is_mc]
     if gen:
-        values += next_token_entropy(model, tokenizer, gen, add_special_tokens=special,
-                                     max_length=max_length, batch_size=options.batch_size)
-    return sum(values) / len(values)
+        values += list(next_token_entropies(model, tokenizer, gen, add_special_tokens=special,
+                                            max_length=max_length, batch_size=options.batch_size).to("cpu"))
+    return torch.stack(values) if values else torch.zeros(0, dtype=torch.float64)
 
 
 def choice_entropy(scores: Sequence[float]) -> float:
     """Entropy of ``softmax(scores)`` divided by ``log(len(scores))`` (0 for a single choice)."""
     import torch
 
-    if len(scores) < 2:
-        return 0.0
-    logp = torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)
-    return float(-(logp.exp() * logp).sum()) / math.log(len(scores))
+    return float(choice_entropy_tensor(torch.tensor(list(scores), dtype=torch.float64)))
+
+
+def choice_entropy_tensor(scores):
+    """:func:`choice_entropy` of a 1-D tensor of choice scores, as a float64 tensor (differentiable)."""
+    import torch
+
+    if scores.numel() < 2:
+        return torch.zeros((), dtype=torch.float64, device=scores.device) + 0.0 * scores.sum()
+    logp = torch.log_softmax(scores.double(), 0)
+    return -(logp.exp() * logp).sum() / math.log(scores.numel())
 
 
 def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_tokens: bool = True,
@@ -199,6 +223,15 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_
     """Normalised entropy of the next-token distribution after each prompt (decoders and T5)."""
     import torch
 
+    with torch.inference_mode():
+        return [float(v) for v in next_token_entropies(model, tokenizer, prompts, add_special_tokens=add_special_tokens,
+                                                        max_length=max_length, batch_size=batch_size)]
+
+
+def next_token_entropies(model, tokenizer, prompts: Sequence[str], *, add_special_tokens: bool = True,
+                         max_length: int | None = None, batch_size: int = 16):
+    """:func:`next_token_entropy` as one float64 tensor (differentiable when autograd is enabled)."""
+    import torch
 
     enc_dec = is_encoder_decoder(model)
     device = model_device(model)
@@ -206,20 +239,16 @@ def next_token_entropy(model, tokenizer, prompts: Sequence[str], *, add_special_
     ids = [truncate_left(encode_prompt(tokenizer, p, add_special_tokens=add_special_tokens,
                                        encoder_decoder=enc_dec), max_length, tokenizer.bos_token_id)[0]
            for p in prompts]
-    out: list[float] = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), batch_size):
-            chunk = ids[start:start + batch_size]
-            x, mask = right_pad(chunk, pad, device)
-            if enc_dec:
-                dec = torch.full((len(chunk), 1), decoder_start_token(model), dtype=torch.long, device=device)
-                logits = model(input_ids=x, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
-            else:
-                last = torch.tensor([len(s) - 1 for s in chunk], device=device)
-                logits = model(input_ids=x, attention_mask=mask).logits[torch.arange(len(chunk), device=device), last]
-            logp = torch.log_softmax(logits.double(), -1)
-            h = -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
-            out += [float(v) for v in h]
-    return out
-
-
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        x, mask = right_pad(chunk, pad, device)
+        if enc_dec:
+            dec = torch.full((len(chunk), 1), decoder_start_token(model), dtype=torch.long, device=device)
+            logits = model(input_ids=x, attention_mask=mask, decoder_input_ids=dec).logits[:, 0]
+        else:
+            last = torch.tensor([len(s) - 1 for s in chunk], device=device)
+            logits = model(input_ids=x, attention_mask=mask).logits[torch.arange(len(chunk), device=device), last]
+        logp = torch.log_softmax(logits.double(), -1)
+        out.append(-(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1]))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64, device=device)

@@ -28,12 +28,16 @@ from typing import Any, Callable, Mapping
 from mergelab.errors import MergelabError
 from mergelab.recipe import load_recipe, read_recipe
 from mergelab.tune.config import SearchSpace, fingerprint
-from mergelab.recipe.sections import TuneError, TuneSection, parse_eval_options
+from mergelab.recipe import layer_depths
+from mergelab.io.checkpoint import CheckpointReader
+from mergelab.recipe.sections import ParamRange, TuneError, TuneSection, parse_eval_options
 from mergelab.tune.objective import DIRECTIONS, BelowBasePenalty, Objective, load_splits, write_rows
 from mergelab.util import atomic_write, check_output_path
 from mergelab.evaluate.loading import load_model_and_tokenizer
 from mergelab.merge.inplace import InPlaceMerger
 from mergelab.tune.config import round_value
+from mergelab.tune.gradient import (DEFAULT_LEARNING_RATE, DEFAULT_STEPS, LinearMerge, check_gradient_space, learn,
+                                    start_values)
 from mergelab import htmlpage as h
 
 TUNED_RECIPE, TRIALS_CSV, REPORT, PLOT = "recipe.tuned.yaml", "trials.csv", "report.md", "search.png"
@@ -72,6 +76,8 @@ class TuneResult:
     seconds: float
     new_trials: int
     merger: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "optuna"
+    trajectory: list[float] = field(default_factory=list)   # optimizer gradient: the loss at each step
     split_sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
     tuned_recipe: dict = field(default_factory=dict)
     constant_tasks: dict[str, float] = field(default_factory=dict)   # task: its one search value
@@ -171,6 +177,8 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     section = _overrides(section, trials=trials, time_limit=time_limit, sampler=sampler, seed=seed,
                          storage=storage, study=study)
     base_recipe = load_recipe(recipe_data, base_dir=root)
+    if section.params is None:   # optimizer gradient's default: one weight per expert per layer
+        section = section.model_copy(update={"params": default_gradient_params(base_recipe)})
     space = SearchSpace(recipe_data, section)
     for corner in ("low", "high"):  # every value in range makes a valid recipe
         try:
@@ -179,6 +187,12 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
             raise TuneError(f"tune.params: with every parameter at its {corner} end the recipe is "
                             f"invalid: {exc.message}") from None
     options = _eval_options(section, recipe_data, root, device)
+    if section.optimizer == "gradient":
+        if objective is not None:
+            raise TuneError("optimizer: gradient descends the built-in entropy objective; a custom objective "
+                            "has no gradient", hint="use optimizer: optuna with a custom objective")
+        return _run_gradient(recipe_path, out_dir, recipe_data, section, root, base_recipe, space, options, say,
+                             t_start)
     direction = direction or DIRECTIONS[section.objective]
     optuna = _import_optuna()
 
@@ -233,6 +247,72 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
     result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
     best_dict = space.recipe_dict(result.best.values)
     result.tuned_recipe = best_dict
+    write_outputs(result, recipe_path, section, space)
+    return result
+
+
+def default_gradient_params(recipe) -> dict[str, ParamRange]:
+    """``weight`` per expert in [0, 1] with one anchor per layer of the base (at most 64 anchors,
+    interpolated in between): layer-wise AdaMerging."""
+    reader = CheckpointReader(Path(recipe.base.resolve()))
+    try:
+        depth = max(layer_depths(reader.keys()).values(), default=0)
+    finally:
+        reader.close()
+    layers = min(depth, 64) if depth >= 2 else None
+    return {"weight": ParamRange(low=0.0, high=1.0, layers=layers)}
+
+
+def _run_gradient(recipe_path: Path, out_dir: Path, recipe_data, section: TuneSection, root: Path, base_recipe,
+                  space: SearchSpace, options, say: Callable[[str], None], t_start: float) -> TuneResult:
+    """``optimizer: gradient`` (:mod:`mergelab.tune.gradient`): the split, the base loaded once, Adam on
+    the search part's entropy; the start and the final point scored on both parts; the same outputs."""
+
+    check_gradient_space(space, base_recipe)
+    direction = DIRECTIONS[section.objective]
+    splits = load_splits(section.data, section.check_fraction, section.split_seed,
+                         section.rows_per_task, section.objective)
+    files = _write_splits(out_dir, splits)
+    study_name = section.study or f"{recipe_path.stem}-{fingerprint(recipe_data, section)[:8]}"
+    say(f"loading the base {base_recipe.base} …")
+    model, tokenizer = load_model_and_tokenizer(base_recipe.base.resolve(), device=options.device,
+                                                dtype=options.dtype)
+    merger = InPlaceMerger(base_recipe, model)
+    held = merger.describe()
+    merge = LinearMerge(space, root, merger, model)
+    score = Objective(section.objective, files, options, tokenizer, metric=section.metric)
+    steps = section.steps or DEFAULT_STEPS
+    lr = section.learning_rate or DEFAULT_LEARNING_RATE
+    say(f"gradient descent on {len(space.dims)} coefficients ({space.method}, Adam lr {lr:g}, {steps} steps); "
+        f"{len(merge.terms)} merged tensors ({held['mode']})")
+
+    def record(number: int, values: dict[str, float], seconds: float, start: bool) -> TrialRecord:
+        used = {n: round_value(v) for n, v in values.items()}
+        merge.write(used)           # the merge the tuned recipe describes (rounded values)
+        s, s_tasks = score(model, "search")
+        c, c_tasks = score(model, "check")
+        return TrialRecord(number, s, c, used, seconds, s_tasks, c_tasks, start)
+
+    try:
+        t0 = time.perf_counter()
+        first = record(0, start_values(space), 0.0, True)
+        say(f"start   search {first.search:.4f}  check {first.check:.4f}")
+        t1 = time.perf_counter()
+        values, trajectory, stopped_by = learn(merge, tokenizer, files["search"], options, first.values,
+                                               steps=steps, learning_rate=lr, time_limit=section.time_limit,
+                                               say=say)
+        last = record(len(trajectory), values, time.perf_counter() - t1, False)
+        first.seconds = t1 - t0
+        say(f"final   search {last.search:.4f}  check {last.check:.4f}")
+    finally:
+        merger.restore()
+    trials = [first, last] if last.number > 0 else [first]
+    result = TuneResult(out_dir, study_name, "none (gradient descent in memory)", direction, trials[-1], trials,
+                        0, stopped_by, outcome_warnings(trials[-1], first, section, direction),
+                        time.monotonic() - t_start, len(trajectory), merger=held, optimizer="gradient",
+                        trajectory=trajectory)
+    result.split_sizes = {s.source.stem: (len(s.search), len(s.check)) for s in splits}
+    result.tuned_recipe = space.recipe_dict(result.best.values)
     write_outputs(result, recipe_path, section, space)
     return result
 
@@ -371,6 +451,20 @@ def collect(st, out_dir: Path, study_name: str, storage_url: str, direction: str
                            (" (interrupted)" if stopped_by == "interrupted" else "")))
     sign = 1 if direction == "maximize" else -1
     best = max(done, key=lambda r: (sign * r.search, -r.number))
+    warnings = outcome_warnings(best, next((r for r in done if r.start), None), section, direction)
+    if failed:
+        warnings.append(f"{failed} trial(s) failed (see trials.csv / the study storage for their errors)")
+    constant = constant_tasks(done)
+    warnings += [constant_task_warning(t, v, len(done), direction) for t, v in constant.items()]
+    return TuneResult(out_dir, study_name, storage_url, direction, best, sorted(done, key=lambda r: r.number),
+                      failed, stopped_by, warnings, seconds, new_trials, constant_tasks=constant)
+
+
+def outcome_warnings(best: TrialRecord, start: TrialRecord | None, section: TuneSection,
+                     direction: str) -> list[str]:
+    """What the winner's scores warn of: a search/check gap above ``divergence``, and doing worse
+    on the check part than the recipe's own parameters (``start``)."""
+    sign = 1 if direction == "maximize" else -1
     warnings = []
     gap = best.gap(direction)
     if gap > section.divergence:
@@ -379,17 +473,11 @@ def collect(st, out_dir: Path, study_name: str, storage_url: str, direction: str
             f"on the check part ({best.check:.4f}), more than the divergence threshold {section.divergence:g}: "
             "its parameters may fit the search rows rather than the tasks; prefer more validation "
             "rows, fewer searched parameters or narrower ranges")
-    start = next((r for r in done if r.start), None)
     if start is not None and start is not best and sign * (best.check - start.check) < 0:
         warnings.append(
             f"on the check part the winner ({best.check:.4f}) does worse than the recipe's own parameters "
             f"(trial {start.number}: {start.check:.4f}): the search did not generalise beyond its rows")
-    if failed:
-        warnings.append(f"{failed} trial(s) failed (see trials.csv / the study storage for their errors)")
-    constant = constant_tasks(done)
-    warnings += [constant_task_warning(t, v, len(done), direction) for t, v in constant.items()]
-    return TuneResult(out_dir, study_name, storage_url, direction, best, sorted(done, key=lambda r: r.number),
-                      failed, stopped_by, warnings, seconds, new_trials, constant_tasks=constant)
+    return warnings
 
 
 def constant_tasks(trials: list[TrialRecord]) -> dict[str, float]:
@@ -472,12 +560,16 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
     to_best = sum(t.seconds for t in r.trials if t.number <= best.number)
     lines = [f"# mergelab tune: {recipe_path.name}", "",
              f"- study **{r.study_name}** in `{r.storage}`; objective **{_objective_text(r, section)}** "
-             f"({r.direction}), sampler {section.sampler} (seed {section.seed})",
-             f"- this invocation: {r.new_trials} trial(s) in {r.seconds:.0f} s, stopped by **{r.stopped_by}** "
-             f"(budget: trials {section.trials}, time limit "
-             f"{'none' if section.time_limit is None else f'{section.time_limit:g} s'})",
-             f"- study: {complete} finished trial(s), {r.failed} failed; {per_min:.1f} trials/min; "
-             f"{to_best:.0f} s of trial time up to the winner",
+             f"({r.direction}), {_search_text(r, section)}",
+             *([f"- this invocation: {r.new_trials} step(s) in {r.seconds:.0f} s, stopped by **{r.stopped_by}** "
+                f"(budget: steps {section.steps or DEFAULT_STEPS}, time limit "
+                f"{'none' if section.time_limit is None else f'{section.time_limit:g} s'}); trial 0 is the "
+                "starting point, the other the final one"] if r.optimizer == "gradient" else
+               [f"- this invocation: {r.new_trials} trial(s) in {r.seconds:.0f} s, stopped by **{r.stopped_by}** "
+                f"(budget: trials {section.trials}, time limit "
+                f"{'none' if section.time_limit is None else f'{section.time_limit:g} s'})",
+                f"- study: {complete} finished trial(s), {r.failed} failed; {per_min:.1f} trials/min; "
+                f"{to_best:.0f} s of trial time up to the winner"]),
              f"- in-place merge: {r.merger.get('mode')} ({r.merger.get('tensors')} tensors, "
              f"{r.merger.get('held_bytes', 0) / 2**20:.1f} MiB kept)",
              "- validation rows (search / check): "
@@ -506,8 +598,18 @@ def _report(r: TuneResult, recipe_path: Path, section: TuneSection, names: list[
         mark = " ★" if t is best else (" (recipe)" if t.start else "")
         lines.append(f"| {t.number}{mark} | {t.search:.4f} | {t.check:.4f} | {t.gap(r.direction):+.4f} | "
                      f"{t.seconds:.1f} | " + " | ".join(str(t.values.get(n, "")) for n in names) + " |")
+    if r.trajectory:
+        lines += ["", "## Loss per step (search part, before the step)", "", "| step | entropy |", "|---|---|"]
+        lines += [f"| {i} | {v:.6f} |" for i, v in enumerate(r.trajectory)]
     lines += ["", "![search](search.png)", ""]
     return "\n".join(lines)
+
+
+def _search_text(r: TuneResult, section: TuneSection) -> str:
+    if r.optimizer == "gradient":
+        return (f"optimizer gradient (Adam, learning rate {section.learning_rate or DEFAULT_LEARNING_RATE:g}, "
+                "every search row each step)")
+    return f"sampler {section.sampler} (seed {section.seed})"
 
 
 def _objective_text(r: TuneResult, section: TuneSection) -> str:
@@ -575,14 +677,17 @@ def report_html(r: TuneResult, recipe_path: Path, section: TuneSection, names: l
     return h.page(f"mergelab tune: {recipe_path.name}", [
         *([h.section("Warnings", *[h.para(w, "bad") for w in r.warnings], id="warnings")] if r.warnings else []),
         h.section("Search", chart,
-                  h.para(f"study {r.study_name}; objective {_objective_text(r, section)} ({r.direction}), sampler "
-                         f"{section.sampler} (seed {section.seed}); this invocation: {r.new_trials} trial(s) in "
+                  h.para(f"study {r.study_name}; objective {_objective_text(r, section)} ({r.direction}), "
+                         f"{_search_text(r, section)}; this invocation: {r.new_trials} trial(s) in "
                          f"{r.seconds:.0f} s, stopped by {r.stopped_by}; {len(r.trials)} finished trial(s) in the "
                          f"study, {r.failed} failed"), id="search"),
         h.section(f"Winner: trial {best.number}", *winner,
                   h.para("The tuned recipe is recipe.tuned.yaml; mergelab run recipe.tuned.yaml --out RUN "
                          "reproduces this merge."), id="best"),
         *unseen,
+        *([h.section("Loss per step", h.scatter_chart(
+            {"entropy (search part)": list(enumerate(r.trajectory))}, title="gradient descent", x_label="step",
+            y_label="entropy (lower is better)", id="losschart"), id="loss")] if r.trajectory else []),
         h.section("Trials", h.table(["trial", "search", "check", "gap", "seconds", *names], trials, id="trials",
                                     row_classes=classes), id="alltrials"),
     ], subtitle=f"storage {r.storage}")
