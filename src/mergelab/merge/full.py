@@ -366,6 +366,8 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
         task = TensorTask(task.name, task.shape, task.out_dtype, task.inputs[:1], True, task.num_layers,
                           task.work_bytes, task.block_rows)
         spec = _IDENTITY
+    if grams is not None:
+        params.stats = [g.get(task.name, dev) for g in grams]
     if task.block_rows:
         _merge_blocks(task, recipe, spec, dev, writer, pool, params)
         return
@@ -382,8 +384,6 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
                 check_finite(base, task.name, "the base")
             for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
                 check_finite(e, task.name, describe_expert(i, src))
-        if grams is not None:
-            params.stats = [g.get(task.name, dev) for g in grams]
         try:
             out = spec.fn(base, experts, params)
         except RecipeError as exc:
