@@ -23,7 +23,6 @@ WHOLE_ONLY = {
     "iso_c": "an SVD of the whole summed task matrix",
     "iso_cts": "SVDs of the whole task matrices",
     "knots": "an SVD of the stacked task matrices",
-    "wudi": "gradient steps on the whole merged task matrix",
     "passthrough": "layer stacking copies tensors (merge/slices.py), never through the engine",
 }
 
@@ -31,7 +30,8 @@ WHOLE_ONLY = {
 PARAMS = {"ties": {"density": 0.3}, "dare_ties": {"density": 0.4}, "dare_linear": {"density": 0.4},
           "breadcrumbs": {"density": 0.5, "gamma": 0.05}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05},
           "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.5, "epsilon": 0.1},
-          "slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {}, "sce": {"select_topk": 0.5}}
+          "slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {}, "sce": {"select_topk": 0.5},
+          "wudi": {"steps": 20, "lr": 1e-3}}
 
 #: methods that read data rows per expert (their input statistics), with the parameters they take
 DATA = {"regmean": {"rows": 4, "alpha": 0.8}, "regmean_pp": {"rows": 4}}

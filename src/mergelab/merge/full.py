@@ -256,7 +256,7 @@ def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_byt
     per_input = block_bytes // len(task.inputs)
     if not task.floating or not spec.blocks or task.numel * 4 <= per_input or not task.shape:
         return
-    if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params):
+    if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params, task.shape):
         return
     if not all(isinstance(src, CheckpointReader) or hasattr(src, "get_rows") for src, _ in task.inputs):
         return

@@ -139,9 +139,10 @@ class Blockwise:
 
     stats: Callable[[Passes, "MethodParams", tuple], Any]
     apply: Callable[[Block, Any, "MethodParams"], torch.Tensor]
-    #: for parameters under which blocks of whole rows do not suffice (e.g. a per-column
-    #: statistic), False: the engine then merges the tensor whole
-    only_if: Callable[["MethodParams"], bool] | None = None
+    #: ``only_if(params, shape)``: for parameters or shapes under which blocks of whole rows do
+    #: not suffice or do not pay (e.g. a per-column statistic), False: the engine then merges the
+    #: tensor whole
+    only_if: Callable[["MethodParams", tuple], bool] | None = None
 
 
 def run_whole(form: Blockwise, base: torch.Tensor, experts: Sequence[torch.Tensor], p: "MethodParams") -> torch.Tensor:
