@@ -23,8 +23,10 @@ WHOLE_ONLY = {
     "iso_c": "an SVD of the whole summed task matrix",
     "iso_cts": "SVDs of the whole task matrices",
     "knots": "an SVD of the stacked task matrices",
-    "passthrough": "layer stacking copies tensors (merge/slices.py), never through the engine",
 }
+
+#: passthrough (elementwise) runs only in layer stacks (merge/slices.py), which copy large tensors in
+#: row blocks too: tests/test_slices.py::test_large_tensors_are_copied_in_row_blocks_with_the_same_bytes
 
 #: parameters that make each method run on the fixture (the rest take their defaults)
 PARAMS = {"ties": {"density": 0.3}, "dare_ties": {"density": 0.4}, "dare_linear": {"density": 0.4},
