@@ -24,8 +24,8 @@
    merge's exactly (``tests/test_blocks.py``). Memory is then bounded by the block, not by the
    largest tensor, the vocabulary or the number of experts: about two workers × 2.5 × the block
    budget, plus the process (RegMean adds its ``in × in`` Gram matrices, WUDI each expert's
-   ``τᵢᵀτᵢ``). Methods without a block form (SVD-based; WUDI on a narrowing layer) take the whole
-   tensor, ``(inputs + 2) ×`` its float32 size. The tensors in flight are bounded by memory
+   ``τᵢᵀτᵢ``, Iso-C ``MᵀM``). Methods without a block form (SVD-based; WUDI and Iso-C on a
+   narrowing layer) take the whole tensor, ``(inputs + 2) ×`` its float32 size. The tensors in flight are bounded by memory
    (``1.25 ×`` what the largest unit of work needs). On the CPU, each worker runs torch with one
    thread and the workers run in parallel (one per core): this keeps every core busy without the
    synchronisation cost of splitting small operations, and the result does not depend on the

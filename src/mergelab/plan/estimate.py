@@ -35,8 +35,9 @@ Large Transformer Models") for fine-tuning; for the merge, two workers' row bloc
 model, the vocabulary or the number of experts, and (inputs + 3) × the largest float32 tensor for
 a method merged whole (SVD-based). The block forms that solve with ``in × in`` matrices add them:
 RegMean's Gram matrices and ``M``'s factors, ``in²`` per expert for the widest input (the
-intermediate width); WUDI's ``τᵢᵀτᵢ``, ``in²`` per expert for the layers it splits (``in ≤ out``:
-the hidden width), while it merges a narrowing layer (``down_proj``) whole.
+intermediate width); WUDI's ``τᵢᵀτᵢ`` (``in²`` per expert) and Iso-C's ``MᵀM`` (a few ``in²``)
+for the layers they split (``in ≤ out``: the hidden width), while they merge a narrowing layer
+(``down_proj``) whole.
 
 What it does not know: download time (models must be in the local cache before the clock
 starts), early stops of generation at the end-of-sequence token (the estimate is for the full
@@ -177,10 +178,13 @@ def merge_peak_memory(base: ModelInfo, n_experts: int, method: str) -> float:
     if spec.needs_gram:   # RegMean, per worker: each expert's Gram matrix (float32, float64) and M, its LU
         width = float(max(base.hidden, base.intermediate))
         return blocks + MERGE_WORKERS * (3 * n_experts + 4) * width ** 2 * 4.0
-    if spec.name == "wudi":   # per worker: each expert's τᵢᵀτᵢ (float64, then float32) and G; down_proj whole
+    if spec.name in ("wudi", "iso_c"):   # split where in ≤ out (in = hidden); down_proj merged whole
         hidden, inter = float(base.hidden), float(base.intermediate)
-        narrow = (n_experts + 5) * hidden * inter * 4.0 + inter ** 2 * 4.0
-        return max(blocks + MERGE_WORKERS * (3 * n_experts + 1) * hidden ** 2 * 4.0, narrow)
+        if spec.name == "wudi":   # per worker: each expert's τᵢᵀτᵢ (float64, then float32) and G
+            square, narrow = 3 * n_experts + 1, (n_experts + 5) * hidden * inter + inter ** 2
+        else:                     # per worker: MᵀM, its eigenvectors and the projection (float64)
+            square, narrow = 6, (n_experts + 5) * hidden * inter
+        return max(blocks + MERGE_WORKERS * square * hidden ** 2 * 4.0, narrow * 4.0)
     return blocks
 
 
