@@ -3,6 +3,7 @@ passes over the blocks first), and the merged bytes equal the whole-tensor merge
 that has a block form; the others are listed, so that a new method must choose."""
 from __future__ import annotations
 
+import csv
 import hashlib
 
 import pytest
@@ -19,20 +20,24 @@ from mergelab.testing import make_base, make_expert, make_lora
 #: the whole tensor; DESIGN/plan say so)
 WHOLE_ONLY = {
     "tsv": "an SVD of each whole task matrix",
-    "iso_c": "an SVD of the whole summed task matrix",
     "iso_cts": "SVDs of the whole task matrices",
     "knots": "an SVD of the stacked task matrices",
-    "regmean": "a solve with the whole layer's Gram matrices (bounded by in², not by rows)",
-    "regmean_pp": "RegMean's solve (its statistics come from the merged model)",
-    "wudi": "gradient steps on the whole merged task matrix",
-    "passthrough": "layer stacking copies tensors (merge/slices.py), never through the engine",
 }
+
+#: wudi and iso_c split a matrix only where in ≤ out (their in × in matrices would outgrow a narrowing
+#: layer, which they merge whole); regmean's rows are solved in blocks whatever its shape.
+#: passthrough (elementwise) runs only in layer stacks (merge/slices.py), which copy large tensors in
+#: row blocks too: tests/test_slices.py::test_large_tensors_are_copied_in_row_blocks_with_the_same_bytes
 
 #: parameters that make each method run on the fixture (the rest take their defaults)
 PARAMS = {"ties": {"density": 0.3}, "dare_ties": {"density": 0.4}, "dare_linear": {"density": 0.4},
           "breadcrumbs": {"density": 0.5, "gamma": 0.05}, "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05},
           "della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.5, "epsilon": 0.1},
-          "slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {}, "sce": {"select_topk": 0.5}}
+          "slerp": {"t": 0.3}, "nearswap": {"t": 0.001}, "nuslerp": {}, "sce": {"select_topk": 0.5},
+          "wudi": {"steps": 20, "lr": 1e-3}}
+
+#: methods that read data rows per expert (their input statistics), with the parameters they take
+DATA = {"regmean": {"rows": 4, "alpha": 0.8}, "regmean_pp": {"rows": 4}}
 
 BLOCK = 1 << 20    # float32 bytes of a block's inputs: the 512-wide tensors split into blocks of 256 rows
 
@@ -45,6 +50,27 @@ def wide(tmp_path_factory):
     experts = [make_expert(base, root / f"e{i}", seed=i + 1) for i in range(3)]
     loras = [make_lora(base, root / f"l{i}", seed=i, target_modules=["q_proj", "up_proj"]) for i in range(2)]
     return base, experts, loras
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """A few data rows per expert, for the methods that measure input statistics."""
+    root = tmp_path_factory.mktemp("rows")
+    paths = []
+    for i in range(3):
+        path = root / f"d{i}.csv"
+        with path.open("w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "input", "target", "answer_choices", "eval_type"])
+            for j in range(4):
+                w.writerow([f"r{j}", " ".join(["the quick brown fox", "jumps over", "a lazy dog"][: 1 + (i + j) % 3]),
+                            "", "", "generation"])
+        paths.append(path)
+    return paths
+
+
+def _experts(paths, method: str, rows) -> list[dict]:
+    return [{"path": str(e), **({"data": str(d)} if method in DATA else {})} for e, d in zip(paths, rows)]
 
 
 def _digest(folder):
@@ -78,13 +104,14 @@ def test_every_method_has_a_block_form_or_says_why_not():
 
 @pytest.mark.parametrize("method", sorted(n for n in PARAMS if n not in WHOLE_ONLY)
                          + ["linear", "task_arithmetic", "cat", "model_stock", "geometric_median",
-                            "karcher", "multislerp"])
-def test_blocks_give_the_bytes_of_the_whole_tensor(wide, tmp_path, monkeypatch, method):
+                            "karcher", "multislerp", "iso_c"] + sorted(DATA))
+def test_blocks_give_the_bytes_of_the_whole_tensor(wide, rows, tmp_path, monkeypatch, method):
     base, experts, _ = wide
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
     spec = get_method(method)
     n = spec.n_experts[1] or 3
-    recipe = {"base": {"path": str(base)}, "experts": [{"path": str(e)} for e in experts[:n]],
-              "method": {"name": method, **PARAMS.get(method, {})}}
+    recipe = {"base": {"path": str(base)}, "experts": _experts(experts[:n], method, rows),
+              "method": {"name": method, **PARAMS.get(method, {}), **DATA.get(method, {})}}
     blocks, whole, reads = _merge_both(tmp_path, monkeypatch, recipe, method)
     assert reads >= 2 * 3, "nothing was merged in blocks"
     assert blocks == whole
@@ -109,10 +136,12 @@ def test_column_wise_nuslerp_is_merged_whole(wide, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", [{"name": "ties", "density": 0.3}, {"name": "dare_ties", "density": 0.5},
-                                    {"name": "task_arithmetic"}, {"name": "multislerp"}])
-def test_lora_experts_merge_in_blocks_of_delta_rows(wide, tmp_path, monkeypatch, method):
+                                    {"name": "task_arithmetic"}, {"name": "multislerp"}, {"name": "iso_c"},
+                                    {"name": "regmean", **DATA["regmean"]}, {"name": "regmean_pp", **DATA["regmean_pp"]}])
+def test_lora_experts_merge_in_blocks_of_delta_rows(wide, rows, tmp_path, monkeypatch, method):
     base, _, loras = wide
-    recipe = {"base": {"path": str(base)}, "experts": [{"path": str(a)} for a in loras], "method": method}
+    monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
+    recipe = {"base": {"path": str(base)}, "experts": _experts(loras, method["name"], rows), "method": method}
     blocks, whole, reads = _merge_both(tmp_path, monkeypatch, recipe, method["name"])
     assert reads > 0 and blocks == whole
 

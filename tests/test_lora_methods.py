@@ -46,6 +46,26 @@ def test_iso_c_flattens_the_spectrum_of_the_sum():
     torch.testing.assert_close(got, torch.tensor([1.5, 1.5]))
 
 
+def test_iso_c_through_the_column_gram_equals_the_svd_form():
+    """Where ``in ≤ out`` (row blocks) Iso-C runs through ``MᵀM = V Σ² Vᵀ``: it equals
+    ``λ σ̄ U Vᵀ`` from the SVD of ``M``, for full-rank sums and rank-deficient (LoRA) ones."""
+    from mergelab.methods.lowrank import thin_svd
+
+    g = torch.Generator().manual_seed(2)
+    for shape, rank in (((300, 200), None), ((256, 256), None), ((300, 200), 4), ((512, 256), 8)):
+        def tau():
+            if rank is None:
+                return 0.01 * torch.randn(*shape, generator=g)
+            return 0.1 * torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+        taus = [tau() for _ in range(3)]
+        u, s, vh = thin_svd(taus[0] + 0.5 * taus[1] + taus[2])
+        want = (u * (0.7 * s.mean())) @ vh
+        got = _run("iso_c", torch.zeros(shape), taus, _p(3, {"lambda": 0.7}, weight=[1.0, 0.5, 1.0]))
+        assert s.numel() == (min(shape) if rank is None else 3 * rank)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
 def test_tsv_keeps_orthogonal_tasks_and_orthogonalises_overlapping_ones():
     e = torch.eye(3)
     base = torch.zeros(3, 3)

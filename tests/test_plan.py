@@ -218,3 +218,27 @@ def test_regmean_adds_a_statistics_stage_counted_by_hand(zoo, tmp_path):
     assert stats.parts["prefill"] == pytest.approx(2.0 * base.matmul_params * tokens / hw.flops)
     assert stats.parts["gram"] == pytest.approx(2.0 * tokens * 2 * base.hidden ** 2 * base.layers / hw.flops)
     assert stats.parts["overhead"] == pytest.approx(2 * base.layers * hw.layer_overhead)   # 1 batch each
+
+
+def test_merge_memory_of_the_block_forms_that_solve_with_in_by_in_matrices():
+    """RegMean, WUDI and Iso-C merge large tensors in row blocks: their peak is the blocks plus their
+    ``in × in`` matrices (RegMean: the intermediate width's), not the vocabulary-sized embedding
+    times the inputs."""
+    from dataclasses import replace
+
+    from mergelab.plan.estimate import BLOCK_BYTES, BLOCK_MEMORY, MERGE_WORKERS, merge_peak_memory
+
+    llama = ModelInfo("x", params=8_000_000_000, bytes=16_000_000_000, tensors=291, largest=128256 * 4096,
+                      layers=32, hidden=4096, intermediate=14336, vocab=128256)
+    whole = (3 + 3) * llama.largest * 4.0
+    blocks = MERGE_WORKERS * BLOCK_MEMORY * BLOCK_BYTES
+    assert merge_peak_memory(llama, 3, "ties") == blocks
+    regmean = merge_peak_memory(llama, 3, "regmean")
+    assert regmean == merge_peak_memory(llama, 3, "regmean_pp") == blocks + MERGE_WORKERS * 13 * 14336 ** 2 * 4.0
+    wudi = merge_peak_memory(llama, 3, "wudi")
+    assert blocks < wudi < whole and wudi >= (3 + 5) * 4096 * 14336 * 4.0   # down_proj, merged whole
+    iso_c = merge_peak_memory(llama, 3, "iso_c")
+    assert blocks < iso_c < whole and iso_c >= (3 + 5) * 4096 * 14336 * 4.0
+    assert merge_peak_memory(llama, 3, "tsv") == whole
+    big_vocab = replace(llama, largest=4 * llama.largest, vocab=4 * llama.vocab)
+    assert [merge_peak_memory(big_vocab, 3, m) for m in ("regmean", "wudi", "iso_c")] == [regmean, wudi, iso_c]

@@ -3,6 +3,7 @@ rule check on the result, the plan, and the errors — on tiny random Llama mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -105,6 +106,31 @@ def test_our_recipe_form_with_scale_base_and_dtype(deep, tmp_path):
                        cast(2.0 * b.get("model.layers.0.self_attn.q_proj.weight")))
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["dtype"] == "bfloat16"
+
+
+def test_large_tensors_are_copied_in_row_blocks_with_the_same_bytes(deep, tmp_path, monkeypatch):
+    """A block budget below the tensors' size: every floating tensor of more than one block is read
+    and written by rows (memory: one block), and the files are the whole-tensor copy's."""
+    base, expert = deep
+    reads = []
+    original = CheckpointReader.read_rows_into
+    monkeypatch.setattr(CheckpointReader, "read_rows_into",
+                        lambda self, name, r0, r1, out: reads.append((name, r0, r1)) or original(self, name, r0, r1, out))
+    r = load_recipe({"method": {"name": "passthrough"}, "output": {"dtype": "bfloat16"},
+                     "slices": [{"path": str(base), "layer_range": [0, 2], "scale": [{"filter": "mlp", "value": 0.5}]},
+                                {"path": str(expert), "layer_range": [1, 3]}]})
+    merge(r, tmp_path / "blocks", progress=False, block_bytes=4096)
+    names = {name for name, _, _ in reads}
+    reader = CheckpointReader(base)
+    row_bytes = {n: 4 * math.prod(reader.shape(n)[1:]) for n in names}
+    reader.close()
+    assert len(names) > 10 and all((r1 - r0) * row_bytes[n] <= 4096 for n, r0, r1 in reads)
+    n = len(reads)
+    merge(r, tmp_path / "whole", progress=False)
+    assert len(reads) == n
+    files = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (tmp_path / "blocks").glob("*.safetensors"))
+    assert all((tmp_path / "whole" / f).read_bytes() == (tmp_path / "blocks" / f).read_bytes() for f in files)
 
 
 MERGEKIT_STACK = """\

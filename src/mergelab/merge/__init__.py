@@ -36,15 +36,17 @@ def merge(recipe: Recipe | str | os.PathLike | Mapping[str, Any], out_dir: str |
     receives what cannot be checked, and the licence conflicts of the model card) and NaN/Inf are
     refused unless ``output.allow_nonfinite``. ``card`` writes the model card ``README.md``
     (:mod:`mergelab.merge.card`: Hub front matter, inputs, licence, method, recipe).
-    ``block_bytes`` (full output): float32 bytes of the inputs read at once; larger tensors are
-    merged in row blocks with the same bytes out (default :data:`mergelab.merge.full.BLOCK_BYTES`).
+    ``block_bytes`` (full output, layer stacks): float32 bytes of the inputs read at once; larger
+    tensors are merged (copied) in row blocks with the same bytes out (default
+    :data:`mergelab.merge.full.BLOCK_BYTES`).
     """
     if isinstance(recipe, (str, os.PathLike)):   # the recipe file is an input too
         check_output_path(out_dir, [recipe])
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if recipe.slices is not None:   # layer stacking (method passthrough)
-        return merge_slices(recipe, out_dir, force=force, progress=progress, warn=warn, card=card)
+        return merge_slices(recipe, out_dir, force=force, progress=progress, warn=warn, card=card,
+                            block_bytes=block_bytes or BLOCK_BYTES)
     if recipe.output.format == "lora":
         return merge_to_adapter(recipe, out_dir, device=device, force=force, progress=progress,
                                 workers=workers, exact_ties=exact_ties, warn=warn, card=card)

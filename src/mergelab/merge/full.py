@@ -25,8 +25,9 @@
    Blocks start at multiples of the methods' reduction chunk, so the bytes are the whole-tensor
    merge's exactly (``tests/test_blocks.py``). Memory is then bounded by the block, not by the
    largest tensor, the vocabulary or the number of experts: about two workers × 2.5 × the block
-   budget, plus the process. Methods without a block form (SVD-based, RegMean, WUDI) take the
-   whole tensor, ``(inputs + 2) ×`` its float32 size. The tensors in flight are bounded by memory
+   budget, plus the process (RegMean adds its ``in × in`` Gram matrices, WUDI each expert's
+   ``τᵢᵀτᵢ``, Iso-C ``MᵀM``). Methods without a block form (SVD-based; WUDI and Iso-C on a
+   narrowing layer) take the whole tensor, ``(inputs + 2) ×`` its float32 size. The tensors in flight are bounded by memory
    (``1.25 ×`` what the largest unit of work needs). On the CPU, each worker runs torch with one
    thread and the workers run in parallel (one per core): this keeps every core busy without the
    synchronisation cost of splitting small operations, and the result does not depend on the
@@ -273,7 +274,7 @@ def plan_blocks(task: TensorTask, spec: MethodSpec, dev: torch.device, block_byt
     per_input = block_bytes // len(task.inputs)
     if not task.floating or not spec.blocks or task.numel * 4 <= per_input or not task.shape:
         return
-    if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params):
+    if spec.blockwise is not None and spec.blockwise.only_if is not None and not spec.blockwise.only_if(params, task.shape):
         return
     if not all(isinstance(src, CheckpointReader) or hasattr(src, "get_rows") for src, _ in task.inputs):
         return
@@ -383,6 +384,8 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
         task = TensorTask(task.name, task.shape, task.out_dtype, task.inputs[:1], True, task.num_layers,
                           task.work_bytes, task.block_rows)
         spec = _IDENTITY
+    if grams is not None:
+        params.stats = [g.get(task.name, dev) for g in grams]
     if task.block_rows:
         _merge_blocks(task, recipe, spec, dev, writer, pool, params)
         return
@@ -399,8 +402,6 @@ def _merge_one(task: TensorTask, recipe: Recipe, spec: MethodSpec, dev: torch.de
                 check_finite(base, task.name, "the base")
             for i, ((src, _), e) in enumerate(zip(expert_inputs, experts)):
                 check_finite(e, task.name, describe_expert(i, src))
-        if grams is not None:
-            params.stats = [g.get(task.name, dev) for g in grams]
         try:
             out = spec.fn(base, experts, params)
         except RecipeError as exc:

@@ -10,7 +10,10 @@ are copied, in order, from layer ranges of one or more models.
 2. **Stream**: one tensor at a time — read it, scale it when the slice (or the method) says
    ``scale`` (:func:`mergelab.methods.passthrough.passthrough`), cast it to ``output.dtype``, and
    write its bytes into the planned place of its shard (:class:`~mergelab.io.checkpoint.ShardedWriter`).
-   Peak memory is one tensor; NaN/Inf are refused as in every merge.
+   A tensor larger than the block budget (``block_bytes`` of float32, as the merge engine's) is
+   copied in row blocks (read by rows, written by rows: the same bytes), so peak memory is one
+   block, not the largest tensor (an embedding of a large vocabulary); NaN/Inf are refused as in
+   every merge.
 3. **Finish**: the base's non-weight files, ``config.json`` with the new layer count (and
    ``layer_types`` rebuilt layer by layer), the model card; the temporary folder is renamed into
    place, so a failure leaves nothing behind.
@@ -18,6 +21,7 @@ are copied, in order, from layer ranges of one or more models.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +35,7 @@ from mergelab.io.adapter import is_adapter_dir
 from mergelab.io.checkpoint import CheckpointReader, ShardedWriter, copy_model_files
 from mergelab.io.layers import StackedTensor, StackLayout, plan_stack
 from mergelab.merge.card import write_merge_card
-from mergelab.merge.full import MergeResult
+from mergelab.merge.full import BLOCK_BYTES, MergeResult
 from mergelab.merge.inputs import RESULT, check_finite, config_differences
 from mergelab.methods import MethodParams, get_method
 from mergelab.progress import ProgressBar
@@ -136,12 +140,14 @@ def _write_config(config_file: Path, layout: StackLayout, configs: list[Mapping 
 
 
 def merge_slices(recipe: Recipe, out_dir: str | os.PathLike, *, force: bool = False, progress: bool = True,
-                 warn: Callable[[str], None] | None = None, card: bool = True) -> MergeResult:
+                 warn: Callable[[str], None] | None = None, card: bool = True,
+                 block_bytes: int = BLOCK_BYTES) -> MergeResult:
     """Write the layer stack of ``recipe`` (``slices`` with ``method: passthrough``) into ``out_dir``.
 
     Everything is checked from headers and configs before the first byte is written (see the
     module's docstring); the output is a Hugging Face model folder. Callers go through
-    :func:`mergelab.merge.merge`. The copy runs on the CPU: it reads and writes bytes, scaling at most.
+    :func:`mergelab.merge.merge`. The copy runs on the CPU: it reads and writes bytes, scaling at most,
+    in row blocks of at most ``block_bytes`` (as float32) per tensor.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -180,7 +186,7 @@ def merge_slices(recipe: Recipe, out_dir: str | os.PathLike, *, force: bool = Fa
             try:
                 with ProgressBar(progress, _stack_columns, len(planned)) as bar:
                     for t, (_, _, dtype) in zip(layout.tensors, planned):
-                        _copy_one(recipe, spec, t, sources[t.part], dtype, writer)
+                        _copy_one(recipe, spec, t, sources[t.part], dtype, writer, block_bytes)
                         bar.update(advance=1)
             except BaseException:
                 writer.abort()
@@ -200,22 +206,34 @@ def merge_slices(recipe: Recipe, out_dir: str | os.PathLike, *, force: bool = Fa
 
 
 def _copy_one(recipe: Recipe, spec, t: StackedTensor, src: CheckpointReader, dtype: torch.dtype,
-              writer: ShardedWriter) -> None:
-    """Copy one tensor into the stack: scaled when asked, cast to ``dtype``, checked for NaN/Inf."""
-    x = src.get(t.source)
-    if not x.is_floating_point():   # integer/bool buffers: as they are
-        writer.add(t.name, x)
+              writer: ShardedWriter, block_bytes: int = BLOCK_BYTES) -> None:
+    """Copy one tensor into the stack: scaled when asked, cast to ``dtype``, checked for NaN/Inf;
+    in row blocks when its float32 size exceeds ``block_bytes``."""
+    if not src.dtype(t.source).is_floating_point:   # integer/bool buffers: as they are
+        writer.add(t.name, src.get(t.source))
         return
+    params = _scale_params(recipe, t)
+    step = max(1, block_bytes // (4 * math.prod(t.shape[1:]))) if t.shape else 1
+    if not t.shape or t.shape[0] <= step:
+        writer.add(t.name, _copied(recipe, spec, t, src.get(t.source), dtype, params))
+        return
+    for r0 in range(0, t.shape[0], step):
+        rows = src.get_rows(t.source, r0, min(t.shape[0], r0 + step))
+        writer.add_rows(t.name, r0, _copied(recipe, spec, t, rows, dtype, params))
+
+
+def _copied(recipe: Recipe, spec, t: StackedTensor, x: torch.Tensor, dtype: torch.dtype,
+            params: MethodParams) -> torch.Tensor:
+    """``x`` (the tensor, or rows of it) as it goes into the stack: scaled, cast, checked."""
     finite = not recipe.output.allow_nonfinite
     if finite:
         check_finite(x, t.source, _label(t.part, recipe.slices[t.part]))
-    params = _scale_params(recipe, t)
     if params.get("scale") is not None or params.experts[0].get("scale") is not None:
-        x = spec.fn(torch.zeros((), dtype=torch.float32).expand(t.shape), [x.float()], params).to(dtype)
+        x = spec.fn(torch.zeros((), dtype=torch.float32).expand(x.shape), [x.float()], params).to(dtype)
         if finite:   # after the cast: an overflow to float16 counts too
             check_finite(x, t.name, RESULT)
     elif x.dtype != dtype:
         x = x.to(dtype)
         if finite:
             check_finite(x, t.name, RESULT)
-    writer.add(t.name, x)
+    return x

@@ -64,6 +64,19 @@ def chunks(n: int, device: torch.device) -> Iterator[slice]:
         yield slice(start, min(start + step, n))
 
 
+def row_chunks(n_rows: int, cols: int, device: torch.device) -> Iterator[slice]:
+    """Slices of rows covering ``range(n_rows)``, each (but the last) the fewest whole rows that
+    hold a multiple of :func:`chunk_size` elements: the unit the engine's row blocks are made of.
+
+    A method whose block rule is a matrix product or a solve over rows runs it on these slices of
+    its block, so the whole tensor and any row blocks of it run the very same kernels on the very
+    same rows (a BLAS kernel's rounding may depend on how many rows it is given).
+    """
+    step = chunk_size(device) // math.gcd(max(cols, 1), chunk_size(device))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(start + step, n_rows))
+
+
 @dataclass
 class Block:
     """Rows ``[row, row + len)`` of one tensor's inputs (float32, the tensor's trailing shape).
@@ -126,9 +139,10 @@ class Blockwise:
 
     stats: Callable[[Passes, "MethodParams", tuple], Any]
     apply: Callable[[Block, Any, "MethodParams"], torch.Tensor]
-    #: for parameters under which blocks of whole rows do not suffice (e.g. a per-column
-    #: statistic), False: the engine then merges the tensor whole
-    only_if: Callable[["MethodParams"], bool] | None = None
+    #: ``only_if(params, shape)``: for parameters or shapes under which blocks of whole rows do
+    #: not suffice or do not pay (e.g. a per-column statistic), False: the engine then merges the
+    #: tensor whole
+    only_if: Callable[["MethodParams", tuple], bool] | None = None
 
 
 def run_whole(form: Blockwise, base: torch.Tensor, experts: Sequence[torch.Tensor], p: "MethodParams") -> torch.Tensor:

@@ -23,13 +23,14 @@ the plain sum for ``cat``, and the inner method itself for ``knots``.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.lowrank import LowRank, concat, polar, rank_tol, thin_svd
-from mergelab.methods import MethodParams, get_method, register
+from mergelab.methods import Block, Blockwise, MethodParams, Passes, get_method, register, row_chunks, run_whole
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -156,7 +157,57 @@ def iso_c_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple
     return _iso(*summed.svd(), _number(p, "lambda", 1.0))
 
 
-@register("iso_c", factors=iso_c_factors, expert_params=("weight",), global_params=("lambda",))
+@dataclass
+class _IsoC:
+    """What every row block shares: ``P = λ σ̄ V Σ⁻¹ Vᵀ`` (in × in, float64; None: not a matrix)."""
+
+    weights: list[float]
+    lam: float
+    proj: torch.Tensor | None = None
+
+
+def _iso_c_blocks(p: MethodParams, shape: tuple) -> bool:
+    """The column Gram matrix is ``in × in``: row blocks only where that is no larger than the
+    matrix (``in ≤ out``); a wider matrix takes the SVD whole."""
+    return len(shape) != 2 or shape[1] <= shape[0]
+
+
+def _iso_c_stats(passes: Passes, p: MethodParams, shape: tuple) -> _IsoC:
+    """One pass: ``MᵀM = V Σ² Vᵀ`` summed in float64 over the row chunks, then its eigenvectors;
+    ``σ`` ≤ max(out, in)·ε·σ₁ are dropped as :func:`thin_svd` drops them."""
+    w, lam = _weights(p, passes.n_experts), _number(p, "lambda", 1.0)
+    if len(shape) != 2:
+        return _IsoC(w, lam)
+    gram = torch.zeros(shape[1], shape[1], dtype=torch.float64, device=passes.device)
+    for blk in passes():
+        for rows in row_chunks(blk.base.shape[0], shape[1], blk.base.device):
+            m = sum(wi * t for wi, t in zip(w, _task_vectors(blk.base[rows], [e[rows] for e in blk.experts])))
+            m = m.double()
+            gram.addmm_(m.T, m)
+    eig, v = torch.linalg.eigh(gram)
+    s, v = eig.flip(0).clamp(min=0).sqrt(), v.flip(1)
+    keep = int((s > rank_tol(s, shape)).sum())
+    s, v = s[:keep], v[:, :keep]
+    return _IsoC(w, lam, (v * (lam * s.mean() / s)) @ v.T if keep else torch.zeros_like(gram))
+
+
+def _iso_c_apply(blk: Block, st: _IsoC, p: MethodParams) -> torch.Tensor:
+    base = blk.base
+    taus = _task_vectors(base, blk.experts)
+    if st.proj is None:
+        return _mean_weighted(base, taus, st.weights, st.lam)
+    m = sum(wi * t for wi, t in zip(st.weights, taus))
+    out = torch.empty_like(base)
+    for rows in row_chunks(base.shape[0], base.shape[1], base.device):   # σ̄ U Vᵀ = σ̄ M V Σ⁻¹ Vᵀ
+        out[rows] = base[rows] + (m[rows].double() @ st.proj).to(base.dtype)
+    return out
+
+
+#: Iso-C's block form, through the column Gram matrix of ``M``
+_ISO_C = Blockwise(_iso_c_stats, _iso_c_apply, only_if=_iso_c_blocks)
+
+
+@register("iso_c", factors=iso_c_factors, expert_params=("weight",), global_params=("lambda",), blockwise=_ISO_C)
 def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Isotropic merging in the common subspace, Iso-C (Marczak et al., ICML 2025, arXiv:2502.04959).
 
@@ -169,7 +220,12 @@ def iso_c(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) 
     that is all of them, as in the paper; for LoRA sums of rank ρ ≤ Σ rᵢ it is the ρ values of
     the common subspace — the zero ones have no defined directions). ``lambda`` is the paper's α
     (tuned on validation data there). Non-matrix tensors: ``θ₀ + λ · mean(wᵢ τᵢ)``.
+    Where ``in ≤ out`` the same matrix comes from ``MᵀM = V Σ² Vᵀ`` (summed in float64 over row
+    blocks, one pass) as ``θ₀ + M · (λ σ̄ V Σ⁻¹ Vᵀ)`` block by block, since ``U = M V Σ⁻¹``; a wider
+    matrix takes the SVD of ``M`` whole.
     """
+    if _iso_c_blocks(p, tuple(base.shape)):
+        return run_whole(_ISO_C, base, experts, p)
     taus = _task_vectors(base, experts)
     w, lam = _weights(p, len(taus)), _number(p, "lambda", 1.0)
     if base.dim() != 2:

@@ -33,13 +33,14 @@ Generalization of Regression Mean for Model Merging", 2025 (arXiv:2508.03121).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
 from mergelab.methods.lowrank import LowRank, concat
-from mergelab.methods import MethodParams, register
+from mergelab.methods import Block, Blockwise, MethodParams, Passes, register, row_chunks, run_whole
 
 
 def _settings(p: MethodParams, n: int) -> tuple[list[float], float, float, float]:
@@ -103,6 +104,52 @@ def _right_solve(r: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lstsq(m, r.T).solution.T
 
 
+@dataclass
+class _Solver:
+    """What every row block of one tensor shares: the reduced Gram matrices and the factorised
+    ``M`` (None: the tensor has no statistics and takes the weighted mean)."""
+
+    weights: list[float]
+    lam: float
+    reduced: list[torch.Tensor] | None = None
+    m: torch.Tensor | None = None
+    lu: tuple[torch.Tensor, torch.Tensor] | None = None   # LU of M with its pivots (None: M is singular)
+
+    def right_solve(self, r: torch.Tensor) -> torch.Tensor:
+        """``R M⁻¹`` (float64), as :func:`_right_solve` but with ``M`` factorised once."""
+        if self.lu is None:  # singular with ridge 0: the minimum-norm least-squares solution
+            return torch.linalg.lstsq(self.m, r.T).solution.T
+        return torch.linalg.lu_solve(*self.lu, r.T).T
+
+
+def _regmean_stats(passes: Passes, p: MethodParams, shape: tuple) -> _Solver:
+    """The solve's left side, once per tensor: no pass over the rows (they are independent given
+    the Gram matrices). Memory: the ``Gᵢ`` and ``M``, ``in²`` each."""
+    weights, alpha, ridge, lam = _settings(p, passes.n_experts)
+    grams = _grams(p, passes.n_experts, shape[-1]) if len(shape) == 2 else None
+    if grams is None:
+        return _Solver(weights, lam)
+    reduced, m = _system(grams, weights, alpha, ridge)
+    lu, pivots, info = torch.linalg.lu_factor_ex(m)
+    return _Solver(weights, lam, reduced, m, (lu, pivots) if int(info) == 0 else None)
+
+
+def _regmean_apply(blk: Block, st: _Solver, p: MethodParams) -> torch.Tensor:
+    base = blk.base
+    taus = [e - base for e in blk.experts]
+    if st.reduced is None:
+        return _fallback(base, taus, st.weights, st.lam)
+    out = torch.empty_like(base)
+    for rows in row_chunks(base.shape[0], base.shape[1], base.device):
+        r = sum(w * (t[rows].double() @ g) for w, t, g in zip(st.weights, taus, st.reduced))
+        out[rows] = base[rows] + (st.lam * st.right_solve(r)).to(base.dtype)
+    return out
+
+
+#: RegMean's block form: the rows of ``W`` are independent given the Gram matrices
+_REGMEAN = Blockwise(_regmean_stats, _regmean_apply)
+
+
 def _fallback(base: torch.Tensor, taus: Sequence[torch.Tensor], weights: Sequence[float], lam: float):
     total = sum(weights)
     return base + lam * sum(w * t for w, t in zip(weights, taus)) / total
@@ -133,7 +180,7 @@ def regmean_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tup
 
 
 @register("regmean", factors=regmean_factors, expert_params=("weight",), global_params=("alpha", "ridge", "lambda", "rows"),
-          needs_gram=True)
+          needs_gram=True, blockwise=_REGMEAN)
 def regmean(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """RegMean (Jin et al., ICLR 2023, arXiv:2212.09849): the least-squares merge of linear layers.
 
@@ -141,20 +188,16 @@ def regmean(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams
     expert's input Gram matrix (from ``p.stats``) with reduced off-diagonal, ``ρ = ridge ·
     mean(diag Σ wᵢ G̃ᵢ)``. Tensors without statistics: ``θ₀ + λ Σᵢ wᵢ δᵢ / Σᵢ wᵢ``. Defaults:
     ``alpha`` 0.9, ``ridge`` 1e-6, ``lambda`` 1, ``weight`` 1; ``rows`` (256) is how many data
-    rows per expert the statistics pass reads. See the module doc.
+    rows per expert the statistics pass reads. Row blocks: the rows of ``θ`` are independent
+    given the Gram matrices, so ``M`` is factorised once (LU) and each block's rows are solved
+    alone (memory: ``in²`` per expert, not the rows). See the module doc.
     """
-    weights, alpha, ridge, lam = _settings(p, len(experts))
-    taus = [e - base for e in experts]
-    grams = _grams(p, len(experts), base.shape[-1]) if base.dim() == 2 else None
-    if grams is None:
-        return _fallback(base, taus, weights, lam)
-    reduced, m = _system(grams, weights, alpha, ridge)
-    r = sum(w * (t.double() @ g) for w, t, g in zip(weights, taus, reduced))
-    return base + (lam * _right_solve(r, m)).to(base.dtype)
+    return run_whole(_REGMEAN, base, experts, p)
 
 
 @register("regmean_pp", factors=regmean_factors, expert_params=("weight",),
-          global_params=("alpha", "ridge", "lambda", "rows"), needs_gram=True, merged_stats=True)
+          global_params=("alpha", "ridge", "lambda", "rows"), needs_gram=True, merged_stats=True,
+          blockwise=_REGMEAN)
 def regmean_pp(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """RegMean++ (Nguyen et al., 2025, arXiv:2508.03121): RegMean with each layer's statistics
     measured in the merged model.

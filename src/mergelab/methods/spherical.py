@@ -206,7 +206,7 @@ def _nuslerp_apply(blk: Block, st: tuple, p: MethodParams) -> torch.Tensor:
     return out.add_(base) if use_base else out
 
 
-def _nuslerp_blocks(p: MethodParams) -> bool:
+def _nuslerp_blocks(p: MethodParams, shape: tuple) -> bool:
     """Row blocks hold whole vectors, except for the column form (``nuslerp_row_wise``)."""
     return bool(p.get("nuslerp_flatten", True)) or not bool(p.get("nuslerp_row_wise", False))
 

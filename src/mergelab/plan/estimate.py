@@ -33,7 +33,11 @@ layer for 16-bit activations (Korthikanti et al. 2022, "Reducing Activation Reco
 Large Transformer Models") for fine-tuning; for the merge, two workers' row blocks
 (``BLOCK_MEMORY`` × the engine's block budget each) for a method with a block form, whatever the
 model, the vocabulary or the number of experts, and (inputs + 3) × the largest float32 tensor for
-a method merged whole (SVD-based, RegMean: its Gram matrices, ``in²`` per expert, come on top).
+a method merged whole (SVD-based). The block forms that solve with ``in × in`` matrices add them:
+RegMean's Gram matrices and ``M``'s factors, ``in²`` per expert for the widest input (the
+intermediate width); WUDI's ``τᵢᵀτᵢ`` (``in²`` per expert) and Iso-C's ``MᵀM`` (a few ``in²``)
+for the layers they split (``in ≤ out``: the hidden width), while they merge a narrowing layer
+(``down_proj``) whole.
 
 What it does not know: download time (models must be in the local cache before the clock
 starts), early stops of generation at the end-of-sequence token (the estimate is for the full
@@ -168,11 +172,20 @@ def merge_peak_memory(base: ModelInfo, n_experts: int, method: str) -> float:
         spec = get_method(method)
     except Exception:  # an unknown method is reported by the recipe check, not here
         return whole
-    if spec.blocks:
-        return min(whole, MERGE_WORKERS * BLOCK_MEMORY * BLOCK_BYTES)
-    if spec.needs_gram:   # RegMean: one in × in Gram matrix per expert for the layer being solved
-        return whole + n_experts * float(base.hidden) ** 2 * 4.0 * 2
-    return whole
+    if not spec.blocks:
+        return whole
+    blocks = min(whole, MERGE_WORKERS * BLOCK_MEMORY * BLOCK_BYTES)
+    if spec.needs_gram:   # RegMean, per worker: each expert's Gram matrix (float32, float64) and M, its LU
+        width = float(max(base.hidden, base.intermediate))
+        return blocks + MERGE_WORKERS * (3 * n_experts + 4) * width ** 2 * 4.0
+    if spec.name in ("wudi", "iso_c"):   # split where in ≤ out (in = hidden); down_proj merged whole
+        hidden, inter = float(base.hidden), float(base.intermediate)
+        if spec.name == "wudi":   # per worker: each expert's τᵢᵀτᵢ (float64, then float32) and G
+            square, narrow = 3 * n_experts + 1, (n_experts + 5) * hidden * inter + inter ** 2
+        else:                     # per worker: MᵀM, its eigenvectors and the projection (float64)
+            square, narrow = 6, (n_experts + 5) * hidden * inter
+        return max(blocks + MERGE_WORKERS * square * hidden ** 2 * 4.0, narrow * 4.0)
+    return blocks
 
 
 def estimate_merge(hw: Profile, base: ModelInfo, experts: list[ModelInfo], method: str,
