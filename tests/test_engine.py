@@ -387,7 +387,9 @@ def test_recipe_forms_relative_paths_and_hub_refs(tmp_path, monkeypatch):
 @pytest.mark.parametrize("data, message", [
     ({"experts": [{"path": "e"}], "method": "ties"}, "base: Field required"),
     ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tunes": {}}, "tunes: unknown key; allowed here: base, experts"),
-    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {}}, "tune.params: Field required"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {}}, "tune.data: Field required"),
+    ({"base": {"path": "b"}, "experts": [{"path": "e"}], "method": "ties", "tune": {"data": ["a.csv"]}},
+     "tune: params: give the parameters to search"),
     ({"base": {"path": "b", "revision": "x"}, "experts": [{"path": "e"}], "method": "ties"}, "`revision` goes with `model`"),
     ({"base": {"path": "b"}, "experts": [{"path": "e", "gamma": 0.1}], "method": "ties"},
      "experts[0].gamma: not a per-expert parameter of ties"),

@@ -472,6 +472,27 @@ def test_ties_from_factors_equals_its_merge_with_brute_force_cuts(monkeypatch):
     assert seen and seen[0] > 0 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_compiled_trim_equals_the_torch_form(monkeypatch, normalize):
+    """The CPU's compiled trim-and-reduce and the torch form (other devices) keep the same
+    entries, equal values beyond the quota included, and differ only in the order of the float
+    additions over the experts."""
+    from mergelab.methods import MethodParams
+    from mergelab.methods import ties_factors as lm
+
+    g = torch.Generator().manual_seed(9)
+    m, n = 640, 512
+    parts = _tied_parts(g, m, n, 5, 4)
+    p = MethodParams(globals={"lambda": 0.8, "normalize": normalize}, experts=[
+        {"weight": w, "density": d} for w, d in zip((1.0, -0.6, 1.7, 0.4, 1.0), (0.2, 0.35, 0.1, 0.5, 0.2))])
+    monkeypatch.setattr(lm, "BLOCK_ELEMS", 5 * 7 * n)          # blocks of 7 rows: ties span blocks
+    got = lm.ties_from_factors(parts, p, (m, n), torch.device("cpu"))
+    monkeypatch.setattr(lm, "USE_KERNELS", False)
+    want = lm.ties_from_factors(parts, p, (m, n), torch.device("cpu"))
+    assert torch.equal(got == 0, want == 0) and (got != 0).float().mean() > 0.3
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+
+
 def test_mostly_zero_experts_fall_back_to_the_dense_ties(zoo):
     """A cut at magnitude 0 (an expert whose ΔW is mostly exact zeros) cannot use the scaled
     indicators of the factor route: it goes dense, with the same result."""

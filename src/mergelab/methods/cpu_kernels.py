@@ -11,8 +11,9 @@ The loop is the product's own, not a numerical library: the maths is stated wher
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
-from numba import njit
 
 _F0, _F1, _FM1 = np.float32(0.0), np.float32(1.0), np.float32(-1.0)
 
@@ -20,8 +21,26 @@ _F0, _F1, _FM1 = np.float32(0.0), np.float32(1.0), np.float32(-1.0)
 REDUCE_COLUMNS = 2048
 
 
-@njit(nogil=True, cache=True)
-def trim_reduce(x, below, coef, wsgn, tie_v, tie_keep, tie_find, normalize, out):
+_compiled: dict = {}
+_lock = threading.Lock()
+
+
+def _jit(fn):
+    """``fn`` compiled by numba on first use (numba is imported only by a process that needs it)."""
+    with _lock:
+        if fn.__name__ not in _compiled:
+            from numba import njit
+
+            _compiled[fn.__name__] = njit(nogil=True, cache=True)(fn)
+        return _compiled[fn.__name__]
+
+
+def trim_reduce(x, below, coef, wsgn, tie_v, tie_keep, tie_find, normalize, out) -> None:
+    """See :func:`_trim_reduce`: its compiled form on numpy arrays."""
+    _jit(_trim_reduce)(x, below, coef, wsgn, tie_v, tie_keep, tie_find, normalize, out)
+
+
+def _trim_reduce(x, below, coef, wsgn, tie_v, tie_keep, tie_find, normalize, out):
     """TIES on a block of scaled task vectors ``x`` (experts × entries), into ``out`` (entries).
 
     Expert ``i`` keeps ``|x| > below[i]``; while ``tie_find[i] > 0`` entries with ``|x| = tie_v[i]``

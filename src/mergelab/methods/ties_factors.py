@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from mergelab.methods import MethodParams
+from mergelab.methods.cpu_kernels import trim_reduce
 from mergelab.methods.kth import KthLargestRows, sample_bracket
 from mergelab.methods.lowrank import LowRank
 
 
-BLOCK_ELEMS = 1 << 20   # elements of all experts' rows in flight per block on the CPU (4 MB)
+BLOCK_ELEMS = 1 << 21   # elements of all experts' rows in flight per block on the CPU (4 MB)
 
 
 BLOCK_ELEMS_GPU = 1 << 27  # ... and on a GPU (512 MB)
@@ -198,8 +199,6 @@ def ties_from_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: t
     tied = {i: [math.ldexp(c.v, e), c.keep_eq, c.n_eq] for i, (c, e) in enumerate(zip(cuts, exps)) if c.dropped}
     buf = torch.empty(count, min(rows, m), n, device=device)
     if device.type == "cpu" and USE_KERNELS:  # one compiled sweep per block
-        from mergelab.methods.cpu_kernels import trim_reduce
-
         f32 = np.float32
         args = (np.array(below, f32), coef.view(-1).numpy(), w_sgn.view(-1).numpy(),
                 np.array([t[0] for t in (tied.get(i, (-1.0,)) for i in range(count))], f32),
