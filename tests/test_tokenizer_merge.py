@@ -132,7 +132,10 @@ def test_row_blocks_and_tied_embeddings(models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     recipe = _recipe(models, "task_arithmetic", [("grown", 0.5), ("tool", 0.5)], "union")
+    stale = tmp_path / ".whole.mergelab-vocab-killed"          # as a killed run leaves it
+    (stale / "x").mkdir(parents=True)
     merge(recipe, tmp_path / "whole", progress=False)
+    assert not stale.exists()
     merge(recipe, tmp_path / "blocks", progress=False, block_bytes=8192)   # the aligned rows in row blocks
     for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "config.json"):   # deterministic
         assert (tmp_path / "whole" / f).read_bytes() == (tmp_path / "blocks" / f).read_bytes(), f

@@ -132,6 +132,8 @@ def merge_full(recipe: Recipe, out_dir: str | os.PathLike, *, device: str = "aut
         if vocab is not None:   # the embedding rows permuted to the output tokenizer, in a scratch folder
             warnings += vocab.warnings
             out_dir.parent.mkdir(parents=True, exist_ok=True)
+            for stale in out_dir.parent.glob(f".{out_dir.name}.mergelab-vocab-*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
             scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergelab-vocab-", dir=out_dir.parent))
             align_vocab_tasks(tasks, vocab, scratch, opened)
         grams = data_statistics(recipe, base_path, expert_paths, experts, dev, progress)
