@@ -19,12 +19,11 @@ from mergelab.testing import make_base, make_expert, make_lora
 #: methods merged whole whatever the tensor's size, and why (the engine's memory bound for them is
 #: the whole tensor; DESIGN/plan say so)
 WHOLE_ONLY = {
-    "tsv": "an SVD of each whole task matrix",
     "iso_cts": "SVDs of the whole task matrices",
     "knots": "an SVD of the stacked task matrices",
 }
 
-#: wudi and iso_c split a matrix only where in ≤ out (their in × in matrices would outgrow a narrowing
+#: wudi, iso_c and tsv split a matrix only where in ≤ out (their in × in matrices would outgrow a narrowing
 #: layer, which they merge whole); regmean's rows are solved in blocks whatever its shape.
 #: passthrough (elementwise) runs only in layer stacks (merge/slices.py), which copy large tensors in
 #: row blocks too: tests/test_slices.py::test_large_tensors_are_copied_in_row_blocks_with_the_same_bytes
@@ -104,7 +103,7 @@ def test_every_method_has_a_block_form_or_says_why_not():
 
 @pytest.mark.parametrize("method", sorted(n for n in PARAMS if n not in WHOLE_ONLY)
                          + ["linear", "task_arithmetic", "cat", "model_stock", "geometric_median",
-                            "karcher", "multislerp", "iso_c"] + sorted(DATA))
+                            "karcher", "multislerp", "iso_c", "tsv"] + sorted(DATA))
 def test_blocks_give_the_bytes_of_the_whole_tensor(wide, rows, tmp_path, monkeypatch, method):
     base, experts, _ = wide
     monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
@@ -136,7 +135,7 @@ def test_column_wise_nuslerp_is_merged_whole(wide, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method", [{"name": "ties", "density": 0.3}, {"name": "dare_ties", "density": 0.5},
-                                    {"name": "task_arithmetic"}, {"name": "multislerp"}, {"name": "iso_c"},
+                                    {"name": "task_arithmetic"}, {"name": "multislerp"}, {"name": "iso_c"}, {"name": "tsv"},
                                     {"name": "regmean", **DATA["regmean"]}, {"name": "regmean_pp", **DATA["regmean_pp"]}])
 def test_lora_experts_merge_in_blocks_of_delta_rows(wide, rows, tmp_path, monkeypatch, method):
     base, _, loras = wide
