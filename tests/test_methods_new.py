@@ -281,7 +281,8 @@ def _iso_cts_reference(taus, w, lam, fraction, dtype):
         blocks.append((uu[:, :keep], ss[:keep], vv[:keep]))
     blocks = [b for b in blocks if b[1].numel()]
     sigma = torch.cat([b[1] for b in blocks]).mean()
-    return ((polar(torch.cat([b[0] for b in blocks], 1)) * (lam * sigma)) @ polar(torch.cat([b[2] for b in blocks], 0))).double()
+    u, vh = polar(torch.cat([b[0] for b in blocks], 1)), polar(torch.cat([b[2] for b in blocks], 0))
+    return ((u * (lam * sigma)) @ vh).double()
 
 
 def test_iso_cts_through_the_column_grams_equals_the_svd_form():

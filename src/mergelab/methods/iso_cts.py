@@ -153,7 +153,7 @@ def _iso_cts_stats(passes: Passes, p: MethodParams, shape: tuple) -> _IsoCts:
             tasks.append((i, a, c @ a))
             vs.append(vr[:, :keep])
             ss.append(sr[:keep])
-    del grams, cross
+    grams = cross = mtm = g = h = r = c = None   # freed before the second pass
     st = _IsoCts(w, lam, common, tasks)
     width = sum(x.shape[1] for x in vs)
     if width == 0:

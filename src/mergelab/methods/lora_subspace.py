@@ -165,7 +165,7 @@ def _tsv_stats(passes: Passes, p: MethodParams, shape: tuple) -> _Tsv:
             maps[i] = v / s
             vs.append(v)
             ss.append(w[i] * s)
-    del grams
+    grams = g = None   # freed before the second pass
     if not vs:
         return _Tsv(w, lam, maps, torch.zeros(0, n, dtype=torch.float64, device=passes.device))
     gram_u = torch.zeros(sum(v.shape[1] for v in vs), sum(v.shape[1] for v in vs), dtype=torch.float64,

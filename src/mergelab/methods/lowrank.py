@@ -104,9 +104,9 @@ def gram_svd(gram: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, to
     (float64): singular values in descending order, the numerically zero ones (σ ≤
     max(out, in)·ε·σ₁, as :func:`thin_svd`) dropped with their vectors. ``U = X V S⁻¹``."""
     eig, v = torch.linalg.eigh(gram)
-    s, v = eig.flip(0).clamp(min=0).sqrt(), v.flip(1)
+    s = eig.flip(0).clamp(min=0).sqrt()
     keep = int((s > rank_tol(s, shape)).sum())
-    return s[:keep], v[:, :keep]
+    return s[:keep], v[:, v.shape[1] - keep:].flip(1)   # a copy: the dropped vectors are freed
 
 
 def inv_sqrt(gram: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
