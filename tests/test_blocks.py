@@ -19,13 +19,15 @@ from mergelab.testing import make_base, make_expert, make_lora
 #: methods merged whole whatever the tensor's size, and why (the engine's memory bound for them is
 #: the whole tensor; DESIGN/plan say so)
 WHOLE_ONLY = {
-    "tsv": "an SVD of each whole task matrix",
-    "iso_cts": "SVDs of the whole task matrices",
-    "knots": "an SVD of the stacked task matrices",
+    # the aligned coefficients Vhᵢ = S⁻¹Uᵀτᵢ (T of rank × in, rank up to min(out, T·in)) are as large
+    # as the task matrices and the inner merge (TIES: a magnitude cut) reads them whole; the Gram of
+    # [τ₁ … τ_T] would be (T·in)², growing with the experts
+    "knots": "an SVD of the stacked task matrices, then the inner merge of the aligned coefficients",
 }
 
-#: wudi and iso_c split a matrix only where in ≤ out (their in × in matrices would outgrow a narrowing
-#: layer, which they merge whole); regmean's rows are solved in blocks whatever its shape.
+#: wudi, iso_c, tsv and iso_cts split a matrix only where in ≤ out (their in × in matrices would
+#: outgrow a narrowing layer, which they merge whole); regmean's rows are solved in blocks whatever
+#: its shape.
 #: passthrough (elementwise) runs only in layer stacks (merge/slices.py), which copy large tensors in
 #: row blocks too: tests/test_slices.py::test_large_tensors_are_copied_in_row_blocks_with_the_same_bytes
 
@@ -104,7 +106,7 @@ def test_every_method_has_a_block_form_or_says_why_not():
 
 @pytest.mark.parametrize("method", sorted(n for n in PARAMS if n not in WHOLE_ONLY)
                          + ["linear", "task_arithmetic", "cat", "model_stock", "geometric_median",
-                            "karcher", "multislerp", "iso_c"] + sorted(DATA))
+                            "karcher", "multislerp", "iso_c", "tsv", "iso_cts"] + sorted(DATA))
 def test_blocks_give_the_bytes_of_the_whole_tensor(wide, rows, tmp_path, monkeypatch, method):
     base, experts, _ = wide
     monkeypatch.setenv("MERGELAB_CACHE", str(tmp_path / "cache"))
@@ -137,6 +139,7 @@ def test_column_wise_nuslerp_is_merged_whole(wide, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("method", [{"name": "ties", "density": 0.3}, {"name": "dare_ties", "density": 0.5},
                                     {"name": "task_arithmetic"}, {"name": "multislerp"}, {"name": "iso_c"},
+                                    {"name": "tsv"}, {"name": "iso_cts"},
                                     {"name": "regmean", **DATA["regmean"]}, {"name": "regmean_pp", **DATA["regmean_pp"]}])
 def test_lora_experts_merge_in_blocks_of_delta_rows(wide, rows, tmp_path, monkeypatch, method):
     base, _, loras = wide

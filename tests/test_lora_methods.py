@@ -66,6 +66,42 @@ def test_iso_c_through_the_column_gram_equals_the_svd_form():
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
 
 
+def _tsv_reference(taus, w, lam, k, dtype):
+    """TSV-M as the paper writes it: SVDs of each τᵢ (in ``dtype``), top k, polar factors."""
+    from mergelab.methods.lowrank import polar, rank_tol
+
+    us, ss, vhs = [], [], []
+    for t, wi in zip(taus, w):
+        u, s, vh = torch.linalg.svd(t.to(dtype), full_matrices=False)
+        keep = min(k, int((s > rank_tol(s, t.shape)).sum()))
+        us.append(u[:, :keep]), ss.append(wi * s[:keep]), vhs.append(vh[:keep])
+    return ((polar(torch.cat(us, 1)) * (lam * torch.cat(ss))) @ polar(torch.cat(vhs, 0))).double()
+
+
+def test_tsv_through_the_column_grams_equals_the_svd_form():
+    """Where ``in ≤ out`` (row blocks) TSV-M runs through each ``τᵢᵀτᵢ`` and ``UᵀU``: it equals the
+    SVD form in float64 to the float32 result's rounding, for full-rank task matrices and
+    rank-deficient (LoRA) ones, with k below, at and above their ranks; the float32 SVD form
+    (the one used where ``in > out``) is itself ~1e-5 of the largest entry from that."""
+    g = torch.Generator().manual_seed(2)
+    for shape, rank, k in (((300, 200), None, None), ((256, 256), None, None), ((300, 200), None, 20),
+                           ((300, 200), None, 150), ((300, 200), 4, None), ((512, 256), 8, None),
+                           ((512, 256), 8, 5)):
+        def tau():
+            if rank is None:
+                return 0.01 * torch.randn(*shape, generator=g)
+            return 0.1 * torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+        taus, w = [tau() for _ in range(3)], [1.0, 0.5, -1.0]
+        p = _p(3, {"lambda": 0.7, **({"k": k} if k else {})}, weight=w)
+        kk = k or min(shape) // 3
+        got = _run("tsv", torch.zeros(shape), taus, p).double()
+        want = _tsv_reference(taus, w, 0.7, kk, torch.float64)
+        top = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * top)
+        torch.testing.assert_close(got, _tsv_reference(taus, w, 0.7, kk, torch.float32), rtol=0, atol=3e-5 * top)
+
+
 def test_tsv_keeps_orthogonal_tasks_and_orthogonalises_overlapping_ones():
     e = torch.eye(3)
     base = torch.zeros(3, 3)

@@ -263,6 +263,54 @@ def test_iso_cts_dimensions_and_special_cases():
     torch.testing.assert_close(got, torch.tensor([1.5, 1.5]))
 
 
+def _iso_cts_reference(taus, w, lam, fraction, dtype):
+    """Iso-CTS as the paper writes it, with SVDs in ``dtype`` (float32: the form used where in > out)."""
+    from mergelab.methods.lowrank import polar, rank_tol
+
+    eps = torch.finfo(torch.float32).eps
+    taus = [(wi * t).to(dtype) for wi, t in zip(w, taus)]
+    shape = taus[0].shape
+    u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
+    r = int((s > rank_tol(s, shape)).sum())
+    k, per = iso_cts_dims(r, len(taus), fraction)
+    uc, top = u[:, :k], float(s[0])
+    blocks = [(uc, s[:k], vh[:k])]
+    for t in taus if per else ():
+        uu, ss, vv = torch.linalg.svd(t - uc @ (uc.T @ t), full_matrices=False)
+        keep = min(per, int((ss > max(shape) * eps * max(top, float(torch.linalg.matrix_norm(t)))).sum()))
+        blocks.append((uu[:, :keep], ss[:keep], vv[:keep]))
+    blocks = [b for b in blocks if b[1].numel()]
+    sigma = torch.cat([b[1] for b in blocks]).mean()
+    u, vh = polar(torch.cat([b[0] for b in blocks], 1)), polar(torch.cat([b[2] for b in blocks], 0))
+    return ((u * (lam * sigma)) @ vh).double()
+
+
+def test_iso_cts_through_the_column_grams_equals_the_svd_form():
+    """Where ``in ≤ out`` (row blocks) Iso-CTS runs through ``τᵢᵀτᵢ``, ``Mᵀτᵢ`` and ``UᵀU``: it equals
+    the SVD form in float64 to the float32 result's rounding, for full-rank and rank-deficient
+    (LoRA) task matrices, common fractions 0–1. The float32 SVD form (used where in > out) is
+    itself ~2e-5 of the largest entry from that, ~1e-3 where ``[U_c U₁ U₂]`` is ill-conditioned
+    (σ_min 0.025: two LoRA residuals sharing M's 12 remaining directions)."""
+    g = torch.Generator().manual_seed(2)
+    for shape, rank, n, fraction, old_tol in (
+            ((300, 200), None, 3, 0.8, 3e-5), ((256, 256), None, 2, 0.8, 3e-5), ((300, 200), 4, 3, 0.8, 3e-5),
+            ((512, 256), 8, 3, 0.8, 3e-5), ((300, 200), None, 3, 0.5, 3e-5), ((512, 256), 8, 2, 0.3, 1e-3),
+            ((300, 200), None, 3, 0.0, 3e-5), ((300, 200), None, 3, 1.0, 3e-5)):
+        def tau():
+            if rank is None:
+                return 0.01 * torch.randn(*shape, generator=g)
+            return 0.1 * torch.randn(shape[0], rank, generator=g) @ torch.randn(rank, shape[1], generator=g)
+
+        taus, w = [tau() for _ in range(n)], [1.0, 0.5, -1.0][:n]
+        got = run("iso_cts", torch.zeros(shape), taus, [{"weight": x} for x in w],
+                  common_space_fraction=fraction, **{"lambda": 0.7}).double()
+        want = _iso_cts_reference(taus, w, 0.7, fraction, torch.float64)
+        top = float(want.abs().max())
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6 * top)
+        old = _iso_cts_reference(taus, w, 0.7, fraction, torch.float32)
+        torch.testing.assert_close(got, old, rtol=0, atol=old_tol * top)
+
+
 def test_iso_cts_factor_form_equals_the_dense_form():
     g = torch.Generator().manual_seed(2)
     shape = (12, 9)

@@ -221,7 +221,7 @@ def test_regmean_adds_a_statistics_stage_counted_by_hand(zoo, tmp_path):
 
 
 def test_merge_memory_of_the_block_forms_that_solve_with_in_by_in_matrices():
-    """RegMean, WUDI and Iso-C merge large tensors in row blocks: their peak is the blocks plus their
+    """RegMean, WUDI, Iso-C, TSV and Iso-CTS merge large tensors in row blocks: their peak is the blocks plus their
     ``in × in`` matrices (RegMean: the intermediate width's), not the vocabulary-sized embedding
     times the inputs."""
     from dataclasses import replace
@@ -239,6 +239,10 @@ def test_merge_memory_of_the_block_forms_that_solve_with_in_by_in_matrices():
     assert blocks < wudi < whole and wudi >= (3 + 5) * 4096 * 14336 * 4.0   # down_proj, merged whole
     iso_c = merge_peak_memory(llama, 3, "iso_c")
     assert blocks < iso_c < whole and iso_c >= (3 + 5) * 4096 * 14336 * 4.0
-    assert merge_peak_memory(llama, 3, "tsv") == whole
+    tsv, iso_cts = merge_peak_memory(llama, 3, "tsv"), merge_peak_memory(llama, 3, "iso_cts")
+    assert blocks < tsv < whole and tsv >= (3 * 3 + 5) * 4096 * 14336 * 4.0    # down_proj, merged whole
+    assert blocks < iso_cts < whole and iso_cts >= (2 * 3 + 8) * 4096 * 14336 * 4.0
+    assert merge_peak_memory(llama, 3, "knots") == whole
     big_vocab = replace(llama, largest=4 * llama.largest, vocab=4 * llama.vocab)
-    assert [merge_peak_memory(big_vocab, 3, m) for m in ("regmean", "wudi", "iso_c")] == [regmean, wudi, iso_c]
+    assert ([merge_peak_memory(big_vocab, 3, m) for m in ("regmean", "wudi", "iso_c", "tsv", "iso_cts")]
+            == [regmean, wudi, iso_c, tsv, iso_cts])

@@ -3,17 +3,19 @@
 Companion of ``iso_c`` (:mod:`mergelab.methods.lora_subspace`), with the same two forms: a dense
 registry function, and an exact factor form for LoRA experts (``parts[i]`` is expert i's
 ``ΔWᵢ = Bᵢ Aᵢ`` as :class:`~mergelab.methods.lowrank.LowRank`, None when it lacks the module); the
-factor form never forms an (out × in) matrix per expert.
+factor form never forms an (out × in) matrix per expert. Where ``in ≤ out`` the dense form runs
+over row blocks through column Gram matrices (:data:`_ISO_CTS`), like ``iso_c``'s.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods import MethodParams, register
-from mergelab.methods.lowrank import LowRank, concat, polar, thin_svd
+from mergelab.methods import Block, Blockwise, MethodParams, Passes, register, row_chunks, run_whole
+from mergelab.methods.lowrank import LowRank, concat, gram_svd, inv_sqrt, polar, thin_svd
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -82,8 +84,111 @@ def iso_cts_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tup
     return _isotropic(blocks, lam, shape, device)
 
 
+@dataclass
+class _IsoCts:
+    """What every row block shares (float64; None: not a matrix). The chosen left vectors on some
+    rows are ``U_c = M · common`` and ``Ûᵢ = τᵢ Aᵢ − U_c Bᵢ`` for ``(i, Aᵢ, Bᵢ)`` in ``tasks``;
+    ``proj = (UᵀU)^(-1/2) · λσ̄ · V⊥ᵀ`` for their concatenation ``U``."""
+
+    weights: list[float]
+    lam: float
+    common: torch.Tensor | None = None
+    tasks: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+    proj: torch.Tensor | None = None
+
+
+def _iso_cts_blocks(p: MethodParams, shape: tuple) -> bool:
+    """The column Gram matrices are ``in × in``: row blocks only where ``in ≤ out``; a wider
+    matrix takes the SVDs whole."""
+    return len(shape) != 2 or shape[1] <= shape[0]
+
+
+def _taus64(base: torch.Tensor, experts: Sequence[torch.Tensor], w: Sequence[float]) -> list[torch.Tensor]:
+    return [(wi * (e - base)).double() for wi, e in zip(w, experts)]
+
+
+def _iso_cts_u(base: torch.Tensor, experts: Sequence[torch.Tensor], st: _IsoCts) -> torch.Tensor:
+    """``U = [U_c Û₁ … Û_T]`` on some rows (float64)."""
+    taus = _taus64(base, experts, st.weights)
+    uc = sum(taus) @ st.common
+    return torch.cat([uc] + [taus[i] @ a - uc @ b for i, a, b in st.tasks], dim=1)
+
+
+def _iso_cts_stats(passes: Passes, p: MethodParams, shape: tuple) -> _IsoCts:
+    """Two passes. 1: ``Gᵢ = τᵢᵀτᵢ`` and ``Hᵢ = Mᵀτᵢ`` (float64), so ``MᵀM = Σ Hᵢ = V Σ² Vᵀ`` gives the
+    common subspace (``U_c = M V_c Σ_c⁻¹``) and ``Gᵢ − CᵢᵀCᵢ`` (``Cᵢ = U_cᵀτᵢ = Σ_c⁻¹ V_cᵀ Hᵢ``) is
+    the Gram matrix of ``τ̂ᵢ = (I − U_c U_cᵀ) τᵢ``, whose top eigenpairs give ``V̂ᵢ``, ``Σ̂ᵢ`` and
+    ``Ûᵢ = τ̂ᵢ V̂ᵢ Σ̂ᵢ⁻¹``; V⊥ᵀ is whole. 2: ``UᵀU``, for ``U⊥ = U (UᵀU)^(-1/2)``."""
+    w, lam = _weights(p, passes.n_experts), float(p.get("lambda", 1.0))
+    fraction = _fraction(p)
+    if len(shape) != 2:
+        return _IsoCts(w, lam)
+    n, dev, f64 = shape[1], passes.device, torch.float64
+    used = [i for i, wi in enumerate(w) if wi != 0]
+    grams = torch.zeros(len(used), n, n, dtype=f64, device=dev)
+    cross = torch.zeros(len(used), n, n, dtype=f64, device=dev)
+    for blk in passes():
+        for rows in row_chunks(blk.base.shape[0], n, blk.base.device):
+            taus = _taus64(blk.base[rows], [e[rows] for e in blk.experts], w)
+            m = sum(taus)
+            for g, h, i in zip(grams, cross, used):
+                g.addmm_(taus[i].T, taus[i])
+                h.addmm_(m.T, taus[i])
+    mtm = cross.sum(0) if used else torch.zeros(n, n, dtype=f64, device=dev)
+    s, v = gram_svd((mtm + mtm.T) / 2, shape)
+    k, per = iso_cts_dims(s.numel(), len(w), fraction)
+    common = v[:, :k] / s[:k]
+    vs, ss, tasks = [v[:, :k]], [s[:k]], []
+    top = float(s[0]) if s.numel() else 0.0
+    for g, h, i in zip(grams, cross, used):
+        norm = float(g.trace().clamp_min(0).sqrt())
+        if per == 0 or norm == 0:
+            continue
+        c = common.T @ h
+        r = g - c.T @ c
+        sr, vr = gram_svd((r + r.T) / 2, shape)
+        keep = min(per, int((sr > max(shape) * _EPS32 * max(top, norm)).sum()))
+        if keep:
+            a = vr[:, :keep] / sr[:keep]
+            tasks.append((i, a, c @ a))
+            vs.append(vr[:, :keep])
+            ss.append(sr[:keep])
+    grams = cross = mtm = g = h = r = c = None   # freed before the second pass
+    st = _IsoCts(w, lam, common, tasks)
+    width = sum(x.shape[1] for x in vs)
+    if width == 0:
+        st.proj = torch.zeros(0, n, dtype=f64, device=dev)
+        return st
+    gram_u = torch.zeros(width, width, dtype=f64, device=dev)
+    for blk in passes():
+        for rows in row_chunks(blk.base.shape[0], n, blk.base.device):
+            u = _iso_cts_u(blk.base[rows], [e[rows] for e in blk.experts], st)
+            gram_u.addmm_(u.T, u)
+    vh = torch.cat(vs, dim=1).T
+    vh_perp = inv_sqrt(vh @ vh.T, vh.shape) @ vh
+    st.proj = (inv_sqrt(gram_u, (shape[0], width)) * (lam * float(torch.cat(ss).mean()))) @ vh_perp
+    return st
+
+
+def _iso_cts_apply(blk: Block, st: _IsoCts, p: MethodParams) -> torch.Tensor:
+    base = blk.base
+    if st.proj is None:
+        taus = [wi * (e - base) for wi, e in zip(st.weights, blk.experts)]
+        return base + st.lam * sum(taus) / len(taus)
+    if st.proj.shape[0] == 0:
+        return base.clone()
+    out = torch.empty_like(base)
+    for rows in row_chunks(base.shape[0], base.shape[1], base.device):   # λσ̄ U⊥ V⊥ᵀ = U · proj
+        out[rows] = base[rows] + (_iso_cts_u(base[rows], [e[rows] for e in blk.experts], st) @ st.proj).to(base.dtype)
+    return out
+
+
+#: Iso-CTS's block form, through the tasks' column Gram matrices
+_ISO_CTS = Blockwise(_iso_cts_stats, _iso_cts_apply, only_if=_iso_cts_blocks)
+
+
 @register("iso_cts", factors=iso_cts_factors, expert_params=("weight",),
-          global_params=("lambda", "common_space_fraction"))
+          global_params=("lambda", "common_space_fraction"), blockwise=_ISO_CTS)
 def iso_cts(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Isotropic merging in common and task-specific subspaces, Iso-CTS (Marczak et al., ICML 2025).
 
@@ -107,9 +212,18 @@ def iso_cts(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams
     ``common_space_fraction`` 0.8. Non-matrix tensors: ``θ₀ + λ · mean(wᵢ τᵢ)``, as ``iso_c``.
     On LoRA experts the merged ΔW comes out as exact factors of rank ≤ r.
 
+    Where ``in ≤ out`` the same matrix comes from column Gram matrices summed in float64 over row
+    blocks: ``Gᵢ = τᵢᵀτᵢ`` and ``Hᵢ = Mᵀτᵢ`` give ``MᵀM = Σ Hᵢ = V Σ² Vᵀ`` and each residual's
+    ``τ̂ᵢᵀτ̂ᵢ = Gᵢ − CᵢᵀCᵢ`` (``Cᵢ = U_cᵀτᵢ = Σ_c⁻¹ V_cᵀ Hᵢ``), so ``U_c = M V_c Σ_c⁻¹`` and
+    ``Uᵢ = τ̂ᵢ Vᵢ Σᵢ⁻¹`` block by block; a second pass sums ``UᵀU`` for ``U = [U_c U₁ … U_T]``,
+    ``U⊥ = U (UᵀU)^(-1/2)``, and each block is ``θ₀ + U · (UᵀU)^(-1/2) · λσ̄ · V⊥ᵀ``. A wider matrix
+    takes the SVDs whole.
+
     Paper: Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
     Task-Specific Subspaces", ICML 2025 (arXiv:2502.04959).
     """
+    if _iso_cts_blocks(p, tuple(base.shape)):
+        return run_whole(_ISO_CTS, base, experts, p)
     w, lam = _weights(p, len(experts)), float(p.get("lambda", 1.0))
     taus = [wi * (e - base) for wi, e in zip(w, experts)]
     if base.dim() != 2:

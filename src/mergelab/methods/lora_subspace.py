@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from mergelab.errors import RecipeError
-from mergelab.methods.lowrank import LowRank, concat, polar, rank_tol, thin_svd
+from mergelab.methods.lowrank import LowRank, concat, gram_svd, inv_sqrt, polar, rank_tol, thin_svd
 from mergelab.methods import Block, Blockwise, MethodParams, Passes, get_method, register, row_chunks, run_whole
 
 # ------------------------------------------------------------------------------------ helpers
@@ -117,7 +117,86 @@ def tsv_factors(parts: Sequence[LowRank | None], p: MethodParams, shape: tuple[i
                 _tsv_k(p, shape, len(parts)), shape, device)
 
 
-@register("tsv", factors=tsv_factors, expert_params=("weight",), global_params=("k", "lambda"))
+@dataclass
+class _Tsv:
+    """What every row block shares (float64; None: not a matrix): ``maps[i] = Vᵢ Σᵢ⁻¹`` (in × kᵢ,
+    so that ``Uᵢ = τᵢ Vᵢ Σᵢ⁻¹``, None for a task left out) and ``proj = (UᵀU)^(-1/2) · λ diag(wᵢΣᵢ)
+    · V⊥ᵀ`` (Σkᵢ × in), so that ``U⊥ diag(wᵢΣᵢ) V⊥ᵀ = U · proj``."""
+
+    weights: list[float]
+    lam: float
+    maps: list[torch.Tensor | None] | None = None
+    proj: torch.Tensor | None = None
+
+
+def _tsv_blocks(p: MethodParams, shape: tuple) -> bool:
+    """Each task's column Gram matrix is ``in × in``: row blocks only where ``in ≤ out``; a wider
+    matrix takes the SVDs whole."""
+    return len(shape) != 2 or shape[1] <= shape[0]
+
+
+def _tsv_u(base: torch.Tensor, experts: Sequence[torch.Tensor], maps) -> torch.Tensor:
+    """``U = [τ₁V₁Σ₁⁻¹ … τ_TV_TΣ_T⁻¹]`` on some rows (float64)."""
+    taus = _task_vectors(base, experts)
+    return torch.cat([t.double() @ a for t, a in zip(taus, maps) if a is not None], dim=1)
+
+
+def _tsv_stats(passes: Passes, p: MethodParams, shape: tuple) -> _Tsv:
+    """Two passes. 1: each ``τᵢᵀτᵢ = Vᵢ Σᵢ² Vᵢᵀ`` (float64), whose top ``k`` eigenpairs (the
+    numerically zero ones dropped, as :func:`thin_svd`) are τᵢ's top singular triplets; V⊥ᵀ, the
+    polar factor of ``[V₁ … V_T]ᵀ``, is whole. 2: ``UᵀU`` (Σkᵢ × Σkᵢ), for ``U⊥ = U (UᵀU)^(-1/2)``."""
+    w, lam = _weights(p, passes.n_experts), _number(p, "lambda", 1.0)
+    if len(shape) != 2:
+        return _Tsv(w, lam)
+    k, n = _tsv_k(p, shape, len(w)), shape[1]
+    used = [i for i, wi in enumerate(w) if wi != 0]
+    grams = torch.zeros(len(used), n, n, dtype=torch.float64, device=passes.device)
+    for blk in passes():
+        for rows in row_chunks(blk.base.shape[0], n, blk.base.device):
+            for g, i in zip(grams, used):
+                t = (blk.experts[i][rows].float() - blk.base[rows].float()).double()
+                g.addmm_(t.T, t)
+    maps: list[torch.Tensor | None] = [None] * len(w)
+    vs, ss = [], []
+    for g, i in zip(grams, used):
+        s, v = gram_svd(g, shape)
+        if s.numel():
+            s, v = s[:k], v[:, :k]
+            maps[i] = v / s
+            vs.append(v)
+            ss.append(w[i] * s)
+    grams = g = None   # freed before the second pass
+    if not vs:
+        return _Tsv(w, lam, maps, torch.zeros(0, n, dtype=torch.float64, device=passes.device))
+    gram_u = torch.zeros(sum(v.shape[1] for v in vs), sum(v.shape[1] for v in vs), dtype=torch.float64,
+                         device=passes.device)
+    for blk in passes():
+        for rows in row_chunks(blk.base.shape[0], n, blk.base.device):
+            u = _tsv_u(blk.base[rows], [e[rows] for e in blk.experts], maps)
+            gram_u.addmm_(u.T, u)
+    vh = torch.cat(vs, dim=1).T                                   # [V₁ … V_T]ᵀ, Σkᵢ × in
+    vh_perp = inv_sqrt(vh @ vh.T, vh.shape) @ vh                   # its polar factor
+    proj = (inv_sqrt(gram_u, (shape[0], vh.shape[0])) * (lam * torch.cat(ss))) @ vh_perp
+    return _Tsv(w, lam, maps, proj)
+
+
+def _tsv_apply(blk: Block, st: _Tsv, p: MethodParams) -> torch.Tensor:
+    base = blk.base
+    if st.proj is None:
+        return _mean_weighted(base, _task_vectors(base, blk.experts), st.weights, st.lam)
+    if st.proj.shape[0] == 0:
+        return base.float().clone()
+    out = torch.empty_like(base)
+    for rows in row_chunks(base.shape[0], base.shape[1], base.device):   # U⊥ diag(wΣ) V⊥ᵀ = U · proj
+        out[rows] = base[rows] + (_tsv_u(base[rows], [e[rows] for e in blk.experts], st.maps) @ st.proj).to(base.dtype)
+    return out
+
+
+#: TSV-M's block form, through each task's column Gram matrix
+_TSV = Blockwise(_tsv_stats, _tsv_apply, only_if=_tsv_blocks)
+
+
+@register("tsv", factors=tsv_factors, expert_params=("weight",), global_params=("k", "lambda"), blockwise=_TSV)
 def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) -> torch.Tensor:
     """Task Singular Vectors merge, TSV-M (Gargiulo et al., CVPR 2025, arXiv:2412.00081).
 
@@ -132,7 +211,13 @@ def tsv(base: torch.Tensor, experts: Sequence[torch.Tensor], p: MethodParams) ->
     ``weight`` scales a task's singular values (1 in the paper), ``lambda`` the result (the
     paper's α, 1.0 for TSV-M). Non-matrix tensors: ``θ₀ + λ · mean(wᵢ τᵢ)``. On LoRA experts the
     per-task SVDs come from the factors, and the merged ΔW has rank ≤ Σ min(k, rᵢ).
+    Where ``in ≤ out`` the same matrix comes from each ``τᵢᵀτᵢ = Vᵢ Σᵢ² Vᵢᵀ`` (float64, summed
+    over row blocks) and, in a second pass, ``UᵀU`` for ``U = [τ₁V₁Σ₁⁻¹ … τ_TV_TΣ_T⁻¹]``: then
+    ``U⊥ = U (UᵀU)^(-1/2)``, ``V⊥ᵀ = (VᵀV)^(-1/2) Vᵀ`` and each block is
+    ``θ₀ + U · (UᵀU)^(-1/2) · λ diag(wᵢΣᵢ) · V⊥ᵀ``; a wider matrix takes the SVDs whole.
     """
+    if _tsv_blocks(p, tuple(base.shape)):
+        return run_whole(_TSV, base, experts, p)
     taus = _task_vectors(base, experts)
     w, lam = _weights(p, len(taus)), _number(p, "lambda", 1.0)
     if base.dim() != 2:

@@ -99,6 +99,24 @@ def thin_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return u[:, :keep], s[:keep], vh[:keep]
 
 
+def gram_svd(gram: torch.Tensor, shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S, V`` of a matrix ``X`` (of ``shape``) from its column Gram matrix ``XᵀX = V S² Vᵀ``
+    (float64): singular values in descending order, the numerically zero ones (σ ≤
+    max(out, in)·ε·σ₁, as :func:`thin_svd`) dropped with their vectors. ``U = X V S⁻¹``."""
+    eig, v = torch.linalg.eigh(gram)
+    s = eig.flip(0).clamp(min=0).sqrt()
+    keep = int((s > rank_tol(s, shape)).sum())
+    return s[:keep], v[:, v.shape[1] - keep:].flip(1)   # a copy: the dropped vectors are freed
+
+
+def inv_sqrt(gram: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(XᵀX)^(-1/2)`` on the numerical range of ``X`` (of ``shape``; the pseudo-inverse square
+    root, float64), so that ``X (XᵀX)^(-1/2) = P Qᵀ`` for ``X = P Σ Qᵀ``: the polar factor
+    :func:`polar` gives wherever ``X`` has full rank, from a matrix summed over row blocks."""
+    s, v = gram_svd(gram, shape)
+    return (v / s) @ v.T
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor ``P Qᵀ`` of ``x = P Σ Qᵀ``: the nearest matrix with orthonormal
     columns (or rows) to ``x`` (Procrustes)."""

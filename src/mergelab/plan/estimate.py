@@ -178,12 +178,19 @@ def merge_peak_memory(base: ModelInfo, n_experts: int, method: str) -> float:
     if spec.needs_gram:   # RegMean, per worker: each expert's Gram matrix (float32, float64) and M, its LU
         width = float(max(base.hidden, base.intermediate))
         return blocks + MERGE_WORKERS * (3 * n_experts + 4) * width ** 2 * 4.0
-    if spec.name in ("wudi", "iso_c"):   # split where in ≤ out (in = hidden); down_proj merged whole
+    if spec.name in ("wudi", "iso_c", "tsv", "iso_cts"):   # split where in ≤ out (in = hidden); down_proj whole
         hidden, inter = float(base.hidden), float(base.intermediate)
+        n = n_experts
         if spec.name == "wudi":   # per worker: each expert's τᵢᵀτᵢ (float64, then float32) and G
-            square, narrow = 3 * n_experts + 1, (n_experts + 5) * hidden * inter + inter ** 2
-        else:                     # per worker: MᵀM, its eigenvectors and the projection (float64)
-            square, narrow = 6, (n_experts + 5) * hidden * inter
+            square, narrow = 3 * n + 1, (n + 5) * hidden * inter + inter ** 2
+        elif spec.name == "iso_c":   # per worker: MᵀM, its eigenvectors and the projection (float64)
+            square, narrow = 6, (n + 5) * hidden * inter
+        elif spec.name == "tsv":   # per worker: each τᵢᵀτᵢ (float64), then eigenvectors, UᵀU, the polar
+            # factors and the projection; whole: inputs, task vectors and each one's SVD (Vhᵢ: out × in)
+            square, narrow = 2 * n + 12, (3 * n + 5) * hidden * inter
+        else:                      # iso_cts: each τᵢᵀτᵢ and Mᵀτᵢ (float64), then as tsv; whole: inputs,
+            # task vectors, M's SVD and each residual's
+            square, narrow = 4 * n + 12, (2 * n + 8) * hidden * inter
         return max(blocks + MERGE_WORKERS * square * hidden ** 2 * 4.0, narrow * 4.0)
     return blocks
 
