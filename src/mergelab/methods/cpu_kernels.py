@@ -31,7 +31,10 @@ def _jit(fn):
         if fn.__name__ not in _compiled:
             from numba import njit
 
-            _compiled[fn.__name__] = njit(nogil=True, cache=True)(fn)
+            try:
+                _compiled[fn.__name__] = njit(nogil=True, cache=True)(fn)
+            except RuntimeError:   # no writable cache folder (numba says "no locator"): compile each time
+                _compiled[fn.__name__] = njit(nogil=True)(fn)
         return _compiled[fn.__name__]
 
 
