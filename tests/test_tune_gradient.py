@@ -190,3 +190,8 @@ def test_same_seed_same_tuned_recipe(zoo, loras, tmp_path, capsys):
     assert main(["tune", str(path), "--out", str(tmp_path / "b")]) == 0
     assert "after 3 gradient step(s)" in capsys.readouterr().err
     assert (tmp_path / "a/recipe.tuned.yaml").read_bytes() == (tmp_path / "b/recipe.tuned.yaml").read_bytes()
+    # the search's own options are refused, not silently ignored
+    assert main(["tune", str(path), "--out", str(tmp_path / "c"), "--trials", "5", "--sampler", "cmaes"]) == 2
+    err = capsys.readouterr().err
+    assert "--trials, --sampler: options of the optuna search" in " ".join(err.split()) and "tune.steps" in err
+    assert not (tmp_path / "c").exists()

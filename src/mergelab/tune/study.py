@@ -176,6 +176,12 @@ def run_tune(recipe_path: str | os.PathLike, out_dir: str | os.PathLike, *, stor
                                 *[f for e in doc.recipe.experts for f in (e.data or [])]])
     section = _overrides(section, trials=trials, time_limit=time_limit, sampler=sampler, seed=seed,
                          storage=storage, study=study)
+    search_only = [f"--{k}" for k, v in (("trials", trials), ("sampler", sampler), ("storage", storage),
+                                         ("study", study)) if v is not None]
+    if section.optimizer == "gradient" and search_only:   # said, not silently ignored
+        raise TuneError(f"{', '.join(search_only)}: options of the optuna search; optimizer: gradient runs "
+                        "tune.steps steps of gradient descent in memory (no trials, sampler or study)",
+                        hint="set tune.steps (and tune.learning_rate) in the recipe; --time-limit applies to both")
     base_recipe = load_recipe(recipe_data, base_dir=root)
     if section.params is None:   # optimizer gradient's default: one weight per expert per layer
         section = section.model_copy(update={"params": default_gradient_params(base_recipe)})
