@@ -36,7 +36,7 @@ import json
 import os
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -241,11 +241,18 @@ def merge_lora_experts(base, experts: Sequence[LoraExpertSource], spec: MethodSp
         init = single_torch_thread if device.type == "cpu" else None
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="mergelab-lora", initializer=init) as pool:
             pending = deque(names)
-            inflight: deque = deque()
+            inflight: deque = deque()     # submitted, in module order (running, or done and not yet taken)
+            window = 4 * n_workers        # finished results waiting for an earlier module stay few
             try:
                 while pending or inflight:
-                    while pending and len(inflight) < n_workers:
+                    # keep every worker busy: a small module finished early must not leave a worker idle
+                    # behind a large one at the head (q_proj next to v_proj would halve the speed)
+                    while pending and len(inflight) < window and sum(not f.done() for f in inflight) < n_workers:
                         inflight.append(pool.submit(work, pending.popleft()))
+                    if not inflight[0].done():
+                        running = [f for f in inflight if not f.done()]
+                        wait(running, return_when=FIRST_COMPLETED)
+                        continue
                     res = inflight.popleft().result()   # in order: the output does not depend on timing
                     results.append(res)
                     if on_module is not None:
