@@ -28,12 +28,13 @@ Runs, each in a fresh subprocess (wall time of the merge call, and the process' 
 Goals (issue 4): TIES ≤ 60 s and linear/cat ≤ 2 s on the 2-core CPU. The machine's load
 average is printed with the figures: other work on the same cores slows every run.
 
-Measured with ``--quick`` on 2026-12-03, the version before ``methods/kth.py`` and the one after
-run back to back (load average 2.5–4.7 from other users throughout; CPU seconds are the steadier
-figure): TIES exact cuts 356.7 s wall, 241.3 CPU s, peak RSS 1761 MB before → 132.6 s, 145.2 CPU s,
-1044 MB after; TIES sampled cuts 110.3 s / 98.1 CPU s before, 124.6 s / 99.5 CPU s after (that
-path is unchanged); cat 1.1–2.3 s. TIES ≤ 60 s is not met: the exact cuts now cost about 45 of
-the 145 CPU seconds, and the trimming pass and the rank-64 SVD the rest (as with sampled cuts).
+Measured with ``--quick`` on 2026-12-04 on an idle machine (load average 0.1 before): TIES exact
+cuts **80.8 s** wall / 103.2 CPU s / 1109 MB with the compiled trim-and-reduce alone (one module
+at a time ran beside a small one: 1.3 cores used), then **54.5 s** / 106.1 CPU s / 1249 MB once the
+workers were kept busy (``--child ml-ties``); sampled cuts 43.6 → 27.8 s; cat 1.87 s; task
+arithmetic → rank 64 4.1 s. The goal TIES ≤ 60 s is met on an idle machine; under another user's
+load (2.5–5 on these 2 cores) the same run took 132 s. Before (2026-12-03, load 2.5–4.7):
+356.7 s → 132.6 s wall with ``methods/kth.py``.
 
     python bench/lora_merge.py [--keep DIR] [--peft-svd-layers N] [--skip-peft-svd] [--quick]
 """
