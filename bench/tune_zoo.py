@@ -104,6 +104,12 @@ CONFIGS: dict[str, TuneConfig] = {c.label: c for c in (
                 "alpha": {"low": 0.0, "high": 1.0}, "weight": {"low": 0.2, "high": 2.0}},
                "RegMean, λ per q/v group, α and per-expert weight, from plain RegMean",
                expert={"weight": 1.0}, sampler="cmaes", data_aware=True),
+    # RegMean++ (statistics measured in the merged model): every trial measures them anew, as the
+    # merge's parameters change what the merged layers pass on (≈ 40 s a trial on an idle 2-core CPU)
+    TuneConfig("regmean_pp", {"name": "regmean_pp", "alpha": 0.9, "lambda": 1.0},
+               {"alpha": {"low": 0.5, "high": 1.0}, "weight": {"low": 0.5, "high": 2.0}},
+               "RegMean++, α in [0.5, 1] and per-expert weight in [0.5, 2], from plain RegMean++",
+               expert={"weight": 1.0}, sampler="cmaes", data_aware=True),
     # AdaMerging: λ per task per layer in [0, 1] from 0.3, Adam on the entropy of the unlabelled
     # validation inputs (search part); its objective is no score, so it is never the headline
     TuneConfig("ta_adamerging", {"name": "task_arithmetic", "lambda": 1.0}, {},

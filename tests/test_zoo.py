@@ -483,13 +483,16 @@ def test_demo_runs_the_newer_methods_only_when_named(tiny_zoo):
     assert not {m.label for m in MORE_MERGES} & {m.label for m in DEMO_MERGES}
     chosen = _select(["iso_c", "wudi", "regmean_pp"])
     assert [m.label for m in chosen] == ["iso_c", "wudi", "regmean_pp"]
-    for m in MORE_MERGES:
+    aware = []
+    for m in (*DEMO_MERGES, *MORE_MERGES):
         recipe = demo_recipe(built, m)
-        # the data-aware one reads each expert's validation inputs, never the test file
+        # the data-aware ones read each expert's validation inputs, never the test file
         want = [str(built.data(t, "validation")) for t in built.tasks] if get_method(m.method["name"]).needs_gram \
             else [None] * len(built.tasks)
         assert [e.get("data") for e in recipe["experts"]] == want, m.label
-    assert get_method("regmean_pp").needs_gram
+        aware += [m.label] if get_method(m.method["name"]).needs_gram else []
+    # the best data-aware method is in the default table, after plain RegMean
+    assert aware == ["regmean", "regmean_pp"] and "regmean_pp" in [m.label for m in DEMO_MERGES]
 
 
 def test_demo_rejects_an_unknown_method(tmp_path):
