@@ -68,10 +68,10 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
     DemoMerge("tsv", {"name": "tsv"}, about="task singular vectors, orthogonalised (TSV-M)"),
     DemoMerge("iso_c", {"name": "iso_c", "lambda": 2.5},
               about="flat spectrum of the summed ΔW × 2.5 (Iso-C)"),
-    DemoMerge("regmean", {"name": "regmean", "alpha": 0.9},
+    DemoMerge("regmean", {"name": "regmean", "alpha": 1.0},
               about="data-aware: per layer, the least-squares fit to every expert's outputs on "
                     "its task's validation inputs (RegMean; exact, rank Σr)"),
-    DemoMerge("regmean_pp", {"name": "regmean_pp", "alpha": 0.9},
+    DemoMerge("regmean_pp", {"name": "regmean_pp", "alpha": 1.0},
               about="data-aware: RegMean with each layer's inputs measured in the merged model, layer "
                     "after layer (RegMean++; exact, rank Σr)"),
 )
