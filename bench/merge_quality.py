@@ -8,12 +8,16 @@ normalised score (merged score ÷ the expert's score on its own task), averaged 
 
     python bench/merge_quality.py [--zoo DIR] [--device auto] [--quick]
     python bench/merge_quality.py --methods ties,regmean,karcher,multislerp,sce,wudi,iso_cts,regmean_pp
+    python bench/merge_quality.py --split validation --methods iso_c:lambda=2.0,iso_c,regmean_pp:alpha=0.95
 
 ``--quick`` runs three pairs only (linear, TIES, DARE-TIES). A full run takes about 10 minutes
 on a 2-core CPU once the zoo exists (the demo builds it; the adapters ship with mergelab).
 
 ``--methods`` measures the named mergelab merges only (the demo's, and the newer methods of
-``mergelab.zoo.demo.MORE_MERGES`` at their documented defaults), without the PEFT peers, and
+``mergelab.zoo.demo.MORE_MERGES``), without the PEFT peers; a name may change the merge's
+parameters (``iso_c:lambda=2.0``, ``regmean_pp:alpha=0.9+lambda=1.2``, or per-expert
+``weights=1/1/1.5/1/1/1`` in the zoo's task order), and ``--split validation`` scores on the
+validation files instead of the test files — how the demo's scales are chosen. It
 prints per merge: the normalised score, the tasks it leaves below the base model (merging worse
 than not merging), the merge's wall and CPU time and its memory. Each merge runs in a fresh child
 process (``--merge-child``), so its memory is its own: the peak RSS of that process (``VmHWM``;
@@ -105,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--quick", action="store_true", help="linear, TIES and DARE-TIES only")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated mergelab merges (the demo's and " + ", ".join(
-                        m for m in ("karcher", "multislerp", "sce", "wudi", "iso_cts", "regmean_pp"))
-                    + "); no PEFT peers; time and memory per merge")
+                    help="comma-separated mergelab merges (the demo's and its opt-in ones), each optionally with "
+                         "changed parameters: iso_c:lambda=2.0, regmean_pp:alpha=0.9+lambda=1.2, "
+                         "regmean_pp:weights=1/1/1.5/1/1/1 (per expert, in the zoo's task order); no PEFT peers")
+    ap.add_argument("--split", default="test", choices=["test", "validation"],
+                    help="with --methods: score on these files (validation: to choose a scale, as the demo's were)")
     ap.add_argument("--no-eval", action="store_true", help="with --methods: merge time and memory only")
     ap.add_argument("--json", type=Path, default=None, help="with --methods: write the figures here")
     ap.add_argument("--merge-child", nargs=3, help=argparse.SUPPRESS)
@@ -206,6 +212,28 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _recipe(zoo, known: dict, spec: str) -> dict:
+    """The demo's recipe for ``spec``: a merge's label, optionally ``:key=value+key=value…`` — method
+    parameters (numbers), or ``weights=w1/w2/…``, one weight per expert in the zoo's task order."""
+    from mergelab.zoo.demo import demo_recipe
+
+    label, _, changes = spec.partition(":")
+    recipe = demo_recipe(zoo, known[label])
+    for change in filter(None, changes.split("+")):
+        key, sep, value = change.partition("=")
+        if not sep:
+            raise SystemExit(f"{spec}: '{change}' is not key=value")
+        if key == "weights":
+            weights = [float(w) for w in value.split("/")]
+            if len(weights) != len(recipe["experts"]):
+                raise SystemExit(f"{spec}: {len(weights)} weights for {len(recipe['experts'])} experts")
+            for expert, w in zip(recipe["experts"], weights):
+                expert["weight"] = w
+        else:
+            recipe["method"][key] = float(value)
+    return recipe
+
+
 def _measure_methods(args) -> int:
     """``--methods``: the named mergelab merges, each in a child process, scored on every task."""
     import json
@@ -220,7 +248,7 @@ def _measure_methods(args) -> int:
     from mergelab.run.report import below_base
     from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
         expert_table, load_zoo
-    from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES, demo_recipe
+    from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES
 
     console = Console()
     known = {m.label: m for m in (*DEMO_MERGES, *MORE_MERGES)}
@@ -228,7 +256,7 @@ def _measure_methods(args) -> int:
     if "nuslerp" in wanted:
         console.print("nuslerp left out: it takes exactly two experts, the zoo has six")
         wanted.remove("nuslerp")
-    unknown = [m for m in wanted if m not in known]
+    unknown = [m for m in wanted if m.split(":")[0] not in known]
     if unknown:
         raise SystemExit(f"unknown merge(s): {', '.join(unknown)}; choose from {', '.join(known)}")
     t_all = time.perf_counter()
@@ -241,8 +269,7 @@ def _measure_methods(args) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for label in wanted:
                 load0 = load_text()
-                figures[label] = fig = _merge_in_child(demo_recipe(zoo, known[label]), Path(tmp) / label,
-                                                       args.device)
+                figures[label] = fig = _merge_in_child(_recipe(zoo, known, label), Path(tmp) / label, args.device)
                 console.print(f"  {label:12} merge {fig['merge_s']:.1f} s (CPU {fig['cpu_s']:.0f} s), peak RSS "
                               f"{fig['peak_rss_mb']:.0f} MiB (+{fig['peak_rss_mb'] - fig['rss_after_imports_mb']:.0f}"
                               f" over imports), load {load0} → {load_text()}", highlight=False)
@@ -250,17 +277,17 @@ def _measure_methods(args) -> int:
             args.json.write_text(json.dumps(figures, indent=1) + "\n")
         return 0
     model, tok = load_model_and_tokenizer(zoo.base, device=args.device, dtype="float32")
-    base, expert = expert_table(model, tok, zoo, device=args.device, console=console)
+    base, expert = expert_table(model, tok, zoo, device=args.device, console=console, split=args.split)
     options = eval_options(args.device)
     names = list(zoo.tasks)
-    files = {t: zoo.data(t, "test") for t in names}
+    files = {t: zoo.data(t, args.split) for t in names}
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for label in wanted:
-            m = known[label]
+            recipe = _recipe(zoo, known, label)
             load0 = load_text()
             try:
-                fig = _merge_in_child(demo_recipe(zoo, m), Path(tmp) / label, args.device)
+                fig = _merge_in_child(recipe, Path(tmp) / label, args.device)
             except SystemExit as e:   # one failing merge does not lose the others' figures
                 console.print(f"  {label}: merge failed: {e}", highlight=False, markup=False)
                 continue
@@ -268,7 +295,7 @@ def _measure_methods(args) -> int:
             scores, _ = evaluate_cached(model, tok, zoo, files, adapter=Path(tmp) / label, options=options,
                                         cache=None)
             norm = {t: scores[t] / expert[t] for t in names if expert[t] > 0}
-            rows.append({"label": label, "method": m.method, "scores": scores, "norm": norm,
+            rows.append({"label": label, "method": recipe["method"], "scores": scores, "norm": norm,
                          "mean_norm": sum(norm.values()) / len(norm), "below": below_base(scores, base),
                          "eval_s": time.perf_counter() - t0, "load": f"{load0} → {load_text()}", **fig})
             r = rows[-1]
@@ -279,7 +306,7 @@ def _measure_methods(args) -> int:
             if args.json:   # after every merge: a run cut short keeps what it measured
                 args.json.write_text(json.dumps({"base": base, "expert": expert, "rows": rows}, indent=1) + "\n")
 
-    table = Table(title="Merge quality, SmolLM2-135M zoo (test files): normalised score = merged ÷ expert",
+    table = Table(title=f"Merge quality, SmolLM2-135M zoo ({args.split} files): normalised score = merged ÷ expert",
                   title_justify="left")
     table.add_column("merge", no_wrap=True)
     for t in names:

@@ -105,7 +105,8 @@ CONFIGS: dict[str, TuneConfig] = {c.label: c for c in (
                "RegMean, λ per q/v group, α and per-expert weight, from plain RegMean",
                expert={"weight": 1.0}, sampler="cmaes", data_aware=True),
     # RegMean++ (statistics measured in the merged model): every trial measures them anew, as the
-    # merge's parameters change what the merged layers pass on (≈ 40 s a trial on an idle 2-core CPU)
+    # merge's parameters change what the merged layers pass on (≈ 63 s a trial on an idle 2-core CPU:
+    # ≈ 40 s of merge and statistics, then the scoring)
     TuneConfig("regmean_pp", {"name": "regmean_pp", "alpha": 0.9, "lambda": 1.0},
                {"alpha": {"low": 0.5, "high": 1.0}, "weight": {"low": 0.5, "high": 2.0}},
                "RegMean++, α in [0.5, 1] and per-expert weight in [0.5, 2], from plain RegMean++",

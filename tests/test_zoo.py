@@ -487,10 +487,10 @@ def test_demo_runs_the_newer_methods_only_when_named(tiny_zoo):
     for m in (*DEMO_MERGES, *MORE_MERGES):
         recipe = demo_recipe(built, m)
         # the data-aware ones read each expert's validation inputs, never the test file
-        want = [str(built.data(t, "validation")) for t in built.tasks] if get_method(m.method["name"]).needs_gram \
-            else [None] * len(built.tasks)
+        needs_data = get_method(m.method["name"]).needs_gram
+        want = [str(built.data(t, "validation")) if needs_data else None for t in built.tasks]
         assert [e.get("data") for e in recipe["experts"]] == want, m.label
-        aware += [m.label] if get_method(m.method["name"]).needs_gram else []
+        aware += [m.label] if needs_data else []
     # the best data-aware method is in the default table, after plain RegMean
     assert aware == ["regmean", "regmean_pp"] and "regmean_pp" in [m.label for m in DEMO_MERGES]
 

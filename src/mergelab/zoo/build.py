@@ -344,15 +344,15 @@ def evaluate_cached(model, tokenizer, zoo: Zoo, files: dict[str, Path], *, adapt
     return scores, False
 
 
-def expert_table(model, tokenizer, zoo: Zoo, *, device: str = "auto", console=None
+def expert_table(model, tokenizer, zoo: Zoo, *, device: str = "auto", console=None, split: str = "test"
                  ) -> tuple[dict[str, float], dict[str, float]]:
-    """Scores of the base on every task and of each expert on its own task (test split)."""
+    """Scores of the base on every task and of each expert on its own task (``split``: test by default)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     options = eval_options(device)
     cache = ScoreCache(zoo.root / "score-cache.json")
-    files = {t: zoo.data(t, "test") for t in zoo.tasks}
+    files = {t: zoo.data(t, split) for t in zoo.tasks}
     total = sum(_rows(f) for f in files.values()) * 2
     columns = (TextColumn("evaluate [bold]{task.fields[what]:<18}[/]"), BarColumn(), MofNCompleteColumn(),
                TextColumn("rows"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())

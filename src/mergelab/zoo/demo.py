@@ -80,8 +80,8 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
 #: Merges the demo runs only when named (``mergelab demo --methods iso_cts,wudi,…``): the newer
 #: methods at their documented defaults, except the scale (``lambda``) of WUDI and Iso-CTS, chosen
 #: on the validation split like the demo's (docs/demo.md lists the values tried); the ones that go
-#: through a dense ΔW are re-factored to rank 64 like TIES. None of them scored better than the
-#: demo's Iso-C on validation, so they stay out of the default run (the first run must stay
+#: through a dense ΔW are re-factored to rank 64 like TIES. Each scored below the demo's Iso-C on
+#: validation (docs/demo.md), so they stay out of the default run (the first run must stay
 #: ≤ 10 minutes on a 2-core CPU); ``bench/merge_quality.py --methods`` measures them (docs/demo.md
 #: has the figures). ``nuslerp`` takes exactly two experts and is not here.
 MORE_MERGES: tuple[DemoMerge, ...] = (
