@@ -15,8 +15,9 @@ on a 2-core CPU once the zoo exists (the demo builds it; the adapters ship with 
 
 ``--methods`` measures the named mergelab merges only (the demo's, and the newer methods of
 ``mergelab.zoo.demo.MORE_MERGES``), without the PEFT peers; a name may change the merge's
-parameters (``iso_c:lambda=2.0``, ``regmean_pp:alpha=0.9+lambda=1.2``, or per-expert
-``weights=1/1/1.5/1/1/1`` in the zoo's task order), and ``--split validation`` scores on the
+parameters (``iso_c:lambda=2.0``, ``regmean_pp:alpha=0.9+lambda=1.2``, a per-layer list
+``iso_c:lambda=1.5/3.0`` interpolated from the first layer to the last — LiNeS' layer-increasing
+scale — or per-expert ``weights=1/1/1.5/1/1/1`` in the zoo's task order), and ``--split validation`` scores on the
 validation files instead of the test files — how the demo's scales are chosen. It
 prints per merge: the normalised score, the tasks it leaves below the base model (merging worse
 than not merging), the merge's wall and CPU time and its memory. Each merge runs in a fresh child
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="linear, TIES and DARE-TIES only")
     ap.add_argument("--methods", default=None,
                     help="comma-separated mergelab merges (the demo's and its opt-in ones), each optionally with "
-                         "changed parameters: iso_c:lambda=2.0, regmean_pp:alpha=0.9+lambda=1.2, "
+                         "changed parameters: iso_c:lambda=2.0, regmean_pp:alpha=0.9+lambda=1.2, iso_c:lambda=1.5/3 (per layer, "
+                         "first to last), "
                          "regmean_pp:weights=1/1/1.5/1/1/1 (per expert, in the zoo's task order); no PEFT peers")
     ap.add_argument("--split", default="test", choices=["test", "validation"],
                     help="with --methods: score on these files (validation: to choose a scale, as the demo's were)")
@@ -214,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _recipe(zoo, known: dict, spec: str) -> dict:
     """The demo's recipe for ``spec``: a merge's label, optionally ``:key=value+key=value…`` — method
-    parameters (numbers), or ``weights=w1/w2/…``, one weight per expert in the zoo's task order."""
+    parameters (numbers, or ``first/…/last``: a list interpolated linearly over the layers), or
+    ``weights=w1/w2/…``, one weight per expert in the zoo's task order."""
     from mergelab.zoo.demo import demo_recipe
 
     label, _, changes = spec.partition(":")
@@ -229,8 +232,9 @@ def _recipe(zoo, known: dict, spec: str) -> dict:
                 raise SystemExit(f"{spec}: {len(weights)} weights for {len(recipe['experts'])} experts")
             for expert, w in zip(recipe["experts"], weights):
                 expert["weight"] = w
-        else:
-            recipe["method"][key] = float(value)
+        else:   # ``a/b/…``: a per-layer list, interpolated over the layers (``lambda=1.5/3``: LiNeS)
+            values = [float(v) for v in value.split("/")]
+            recipe["method"][key] = values[0] if len(values) == 1 else values
     return recipe
 
 

@@ -212,6 +212,29 @@ def test_subspace_methods_on_factors_equal_their_dense_form(zoo, tmp_path, metho
                                    atol=2e-5 * float(want.abs().max()), msg=name)
 
 
+def test_a_layer_list_scale_grows_iso_c_with_depth_as_lines(zoo, tmp_path):
+    """LiNeS' layer-increasing scale is a layer list of Iso-C's λ: ``lambda: [1, 3]`` on two layers
+    gives layer 0 the ΔW of λ 1 and layer 1 three times it; both by hand from the SVD of ΣΔWᵢ."""
+    fz = zoo["llama"]
+    loras = fz.loras[:2]                            # q/v at rank 4; q/k/v/o at rank 8 (rsLoRA)
+    recipe = _recipe(fz, {"name": "iso_c", "lambda": [1.0, 3.0]}, [{"path": str(p)} for p in loras],
+                     output={"format": "lora"})
+    merge(recipe, tmp_path / "out", progress=False)
+    got = _adapter_deltas(tmp_path / "out")
+    base, srcs = _expert_deltas(fz, loras)
+    checked = set()
+    for name in sorted(got):
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        w = base.get(name).double()
+        total = sum(s.get(name).double() - w for s in srcs if name in s.modules)
+        u, s, vh = torch.linalg.svd(total, full_matrices=False)
+        keep = s > s[0] * 1e-6
+        want = (1.0 + 2.0 * layer) * s[keep].mean() * u[:, keep] @ vh[keep]
+        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-5 * float(want.abs().max()), msg=name)
+        checked.add((layer, name.split(".")[-2]))
+    assert checked == {(layer, m) for layer in (0, 1) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+
 # ------------------------------------------------------------------------------- loading
 
 

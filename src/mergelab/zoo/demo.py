@@ -51,8 +51,9 @@ class DemoMerge:
     about: str = ""
 
 
-#: The demo's merges. Each method keeps its published form; the one scale per method (``lambda``)
-#: was chosen once on the zoo's *validation* split among a few values (docs/demo.md lists them),
+#: The demo's merges. Each method keeps its published form; the one scale per method (``lambda``;
+#: for Iso-C a first-to-last-layer pair, LiNeS' layer-increasing scale) was chosen once on the
+#: zoo's *validation* split among a few values (docs/demo.md lists them),
 #: never on the test files (tuning to a visible test set is how the competition's leader fell
 #: from 0.83 to 0.41).
 DEMO_MERGES: tuple[DemoMerge, ...] = (
@@ -66,8 +67,9 @@ DEMO_MERGES: tuple[DemoMerge, ...] = (
               {"format": "lora", "rank": 64},
               about="random drop to 50% with rescaling, elect signs, × 0.5; SVD to rank 64"),
     DemoMerge("tsv", {"name": "tsv"}, about="task singular vectors, orthogonalised (TSV-M)"),
-    DemoMerge("iso_c", {"name": "iso_c", "lambda": 2.5},
-              about="flat spectrum of the summed ΔW × 2.5 (Iso-C)"),
+    DemoMerge("iso_c", {"name": "iso_c", "lambda": [1.8, 3.0]},
+              about="flat spectrum of the summed ΔW (Iso-C) × 1.8 at the first layer rising to 3.0 at "
+                    "the last (LiNeS)"),
     DemoMerge("regmean", {"name": "regmean", "alpha": 1.0},
               about="data-aware: per layer, the least-squares fit to every expert's outputs on "
                     "its task's validation inputs (RegMean; exact, rank Σr)"),
