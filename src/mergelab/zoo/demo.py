@@ -96,8 +96,9 @@ MORE_MERGES: tuple[DemoMerge, ...] = (
     DemoMerge("wudi", {"name": "wudi", "lambda": 0.3}, {"format": "lora", "rank": 64},
               about="data-free: per matrix, 300 Adam steps against the ΔW's own interference (WUDI) × 0.3; "
                     "SVD to rank 64"),
-    DemoMerge("iso_cts", {"name": "iso_cts", "lambda": 2.5},
-              about="Iso-C's common subspace plus each task's own directions, flat spectrum × 2.5 (Iso-CTS)"),
+    DemoMerge("iso_cts", {"name": "iso_cts", "lambda": [1.2, 3.0]},
+              about="Iso-C's common subspace plus each task's own directions, flat spectrum (Iso-CTS) × 1.2 at "
+                    "the first layer rising to 3.0 at the last (LiNeS)"),
 )
 
 
