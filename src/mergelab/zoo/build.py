@@ -323,11 +323,13 @@ def evaluate_cached(model, tokenizer, zoo: Zoo, files: dict[str, Path], *, adapt
     Returns ``(scores, cached)``; results come from ``cache`` when every input is unchanged.
     """
 
-    base_sha = base_fingerprint(zoo.base)
-    ad_sha = adapter_digest(adapter) if adapter is not None else None
-    keys = {t: ScoreCache.key(base_sha, ad_sha, sha256_file(f), options) for t, f in files.items()}
-    if cache is not None and all(cache.get(k) is not None for k in keys.values()):
-        return {t: cache.get(k) for t, k in keys.items()}, True
+    keys: dict[str, str] = {}
+    if cache is not None:   # the digests (of the weights, when not recorded) only serve the cache
+        base_sha = base_fingerprint(zoo.base)
+        ad_sha = adapter_digest(adapter) if adapter is not None else None
+        keys = {t: ScoreCache.key(base_sha, ad_sha, sha256_file(f), options) for t, f in files.items()}
+        if all(cache.get(k) is not None for k in keys.values()):
+            return {t: cache.get(k) for t, k in keys.items()}, True
     last = [0]
 
     def progress(done: int, total: int) -> None:
