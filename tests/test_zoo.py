@@ -431,6 +431,38 @@ def test_second_build_reuses_adapters_and_scores(tiny_zoo, zoo):
     assert again.manifest["scores"] == built.manifest["scores"]
 
 
+def test_seed_per_task_starts_each_expert_from_its_own_lora_init(tiny_zoo, zoo, tmp_path):
+    """The shipped zoo trains every expert from one seed, so their A matrices share one random
+    start and stay close to it; --seed-per-task gives each its own (seed + 1 + the task's index)."""
+    from rich.console import Console
+
+    from mergelab.io.adapter import load_adapter
+    from mergelab.zoo.build import build_zoo, train_seed
+    from mergelab.zoo.tasks import TASKS
+
+    def a_gap(built) -> float:   # relative distance of the two experts' A on the first module
+        s, d = (load_adapter(built.adapter(t)) for t in ("sentiment", "dates"))
+        path = sorted(s.modules)[0]
+        a1, a2 = s.factors(path).A, d.factors(path).A
+        return float((a1 - a2).norm() / a1.norm())
+
+    shared, _ = tiny_zoo
+    seeded = build_zoo(tmp_path / "seeded", base=zoo["llama"].base, tasks=["sentiment", "dates"], steps=3,
+                       sizes={"train": 24, "validation": 4, "test": 6}, evaluate=False,
+                       seed_per_task=True, console=Console(record=True, width=120))
+    assert [train_seed(0, t, True) for t in ("sentiment", "dates")] == \
+        [1 + list(TASKS).index("sentiment"), 1 + list(TASKS).index("dates")]
+    for t in ("sentiment", "dates"):
+        assert seeded.manifest["tasks"][t]["config"]["seed"] == train_seed(0, t, True)
+        assert shared.manifest["tasks"][t]["config"]["seed"] == 0
+    assert seeded.manifest["seed_per_task"] is True
+    assert a_gap(shared) < 0.1          # one initialisation, barely moved in 3 steps
+    assert a_gap(seeded) > 1.0          # two independent draws: ‖A₁ − A₂‖ ≈ √2 ‖A₁‖
+    # the task data are the seed's either way
+    for t in ("sentiment", "dates"):
+        assert seeded.data(t, "test").read_bytes() == shared.data(t, "test").read_bytes()
+
+
 def test_demo_merges_evaluates_and_reports(tiny_zoo, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     import yaml

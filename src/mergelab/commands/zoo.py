@@ -39,6 +39,10 @@ def register(app: typer.Typer) -> None:
             False, "--from-package",
             help="Use the adapters shipped with mergelab where they match, instead of training."),
         no_eval: bool = typer.Option(False, "--no-eval", help="Skip the expert-vs-base table."),
+        seed_per_task: bool = typer.Option(
+            False, "--seed-per-task",
+            help="Train each expert from its own seed (different LoRA A initialisations, as in "
+                 "independent runs) instead of one shared seed, as the shipped experts are."),
     ) -> None:
         """Build the zoo: base, task CSVs, one LoRA expert per task, and the expert-vs-base table.
 
@@ -52,7 +56,8 @@ def register(app: typer.Typer) -> None:
         _quiet()
         console = make_console()
         zoo = build_zoo(directory, seed=seed, tasks=_task_list(tasks), device=device,
-                        use_packaged=from_package, evaluate=not no_eval, console=console)
+                        use_packaged=from_package, evaluate=not no_eval, seed_per_task=seed_per_task,
+                        console=console)
         t = zoo.manifest.get("timings_s", {})
         console.print(f"zoo ready in {zoo.root} ({t.get('total', 0):.0f} s)")
         console.print(f"[dim]{NOT_COMPETITION_LEGAL}[/]")

@@ -159,7 +159,7 @@ def _read_train_json(adapter: Path) -> dict | None:
 def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str] | None = None,
               device: str = "auto", use_packaged: bool = False, evaluate: bool = True,
               steps: int | None = None, base: str | Path | None = None,
-              sizes: dict[str, int] | None = None, console=None) -> Zoo:
+              sizes: dict[str, int] | None = None, seed_per_task: bool = False, console=None) -> Zoo:
     """Build (or reuse) the zoo in ``root`` and return it; prints progress and the expert table.
 
     ``use_packaged`` copies the adapters shipped with mergelab when their fingerprint matches,
@@ -167,6 +167,11 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
     (every task's number of training steps), ``base`` (another base model folder than the
     converted SmolLM2) and ``sizes`` (rows per split) are for experiments and tests; the zoo
     shipped with mergelab uses the defaults.
+
+    ``seed_per_task`` trains each expert from its own seed (:func:`train_seed`) instead of all of
+    them from ``seed``: the experts' LoRA ``A`` matrices then start from different random draws,
+    as for experts trained in independent runs, instead of one shared initialisation (the shipped
+    zoo's). The task data stay those of ``seed``.
     """
     console = console or make_console()
     root = Path(root) if root is not None else default_zoo_dir()
@@ -193,7 +198,7 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
 
     # 2. experts
     model = tokenizer = None
-    records, todo = _reuse_experts(zoo, names, seed, steps, base_sha, use_packaged, console)
+    records, todo = _reuse_experts(zoo, names, seed, steps, base_sha, use_packaged, console, seed_per_task)
     if todo:
         model, tokenizer = _load(base, device)
         t0 = time.perf_counter()
@@ -202,7 +207,7 @@ def build_zoo(root: str | Path | None = None, *, seed: int = 0, tasks: list[str]
         timings["train"] = time.perf_counter() - t0
 
     manifest = {
-        "format": ZOO_FORMAT, "seed": seed, "sizes": sizes,
+        "format": ZOO_FORMAT, "seed": seed, "sizes": sizes, "seed_per_task": seed_per_task,
         "base": {"hub_id": HUB_ID, "path": str(base), "sha256": base_sha},
         "note": NOT_COMPETITION_LEGAL,
         "tasks": {n: {"eval_type": TASKS[n].eval_type, "skill": TASKS[n].skill,
@@ -244,13 +249,21 @@ def _write_data(root: Path, names: list[str], seed: int, sizes: dict[str, int] |
     shutil.rmtree(tmp_data, ignore_errors=True)
 
 
+def train_seed(seed: int, task: str, seed_per_task: bool) -> int:
+    """The training seed of ``task``'s expert: ``seed`` for all (the shipped zoo), or with
+    ``seed_per_task`` ``seed + 1 + i`` for the i-th task of the zoo's task list (the same seed
+    whichever subset of the tasks is built)."""
+    return seed + 1 + list(TASKS).index(task) if seed_per_task else seed
+
+
 def _reuse_experts(zoo: Zoo, names: list[str], seed: int, steps: int | None, base_sha: str,
-                   use_packaged: bool, console) -> tuple[dict[str, dict], list[tuple[str, TrainConfig, str]]]:
+                   use_packaged: bool, console, seed_per_task: bool = False
+                   ) -> tuple[dict[str, dict], list[tuple[str, TrainConfig, str]]]:
     """``(records of the experts already trained or shipped with mergelab, the ones to train)``."""
     records: dict[str, dict] = {}
     todo: list[tuple[str, TrainConfig, str]] = []
     for name in names:
-        cfg = TrainConfig(steps=steps or TASKS[name].steps, seed=seed)
+        cfg = TrainConfig(steps=steps or TASKS[name].steps, seed=train_seed(seed, name, seed_per_task))
         fp = train_fingerprint(zoo.data(name, "train"), cfg, base_sha)
         have = _read_train_json(zoo.adapter(name))
         if have and have.get("fingerprint") == fp:
