@@ -9,7 +9,8 @@
 * :func:`timed`: wall time of a block, with an optional ``sync`` (e.g. ``torch.cuda.synchronize``)
   before the start and before the end;
 * :func:`load_average`: the machine's load, printed with every figure (other work on the same
-  cores slows every run).
+  cores slows every run);
+* :func:`open_zoo`: the demo zoo the quality benchmarks measure, or another built one (``--zoo``).
 
 Imports nothing heavy (no torch): a driver that only spawns children stays light.
 """
@@ -188,3 +189,17 @@ def read_once(files) -> int:
             while n := fh.readinto(view):
                 total += n
     return total
+
+
+def open_zoo(zoo_dir, device: str, console):
+    """``zoo_dir`` as built (``mergelab zoo build DIR [--seed-per-task]``) when it holds a
+    ``zoo.json``; else the zoo in that folder or the demo's default one, built from the adapters
+    shipped with mergelab (nothing trained when they match)."""
+    from pathlib import Path
+
+    from mergelab.zoo.build import build_zoo, default_zoo_dir, load_zoo
+
+    root = Path(zoo_dir) if zoo_dir is not None else default_zoo_dir()
+    if zoo_dir is not None and (root / "zoo.json").is_file():
+        return load_zoo(root)
+    return build_zoo(root, use_packaged=True, evaluate=False, device=device, console=console)

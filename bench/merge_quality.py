@@ -130,18 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from _measure import open_zoo
+
     from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.merge.adapter import merge_to_adapter
     from mergelab.recipe import load_recipe
-    from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
-        expert_table, load_zoo
+    from mergelab.zoo.build import eval_options, evaluate_cached, expert_table
     from mergelab.zoo.demo import DEMO_MERGES, demo_recipe
 
     console = Console()
     t_all = time.perf_counter()
-    root = args.zoo or default_zoo_dir()
-    zoo = load_zoo(root) if (root / "zoo.json").is_file() and args.zoo else \
-        build_zoo(root, use_packaged=True, evaluate=False, device=args.device, console=console)
+    zoo = open_zoo(args.zoo, args.device, console)
     model, tok = load_model_and_tokenizer(zoo.base, device=args.device, dtype="float32")
     _, expert = expert_table(model, tok, zoo, device=args.device, console=console)
     options = eval_options(args.device)
@@ -246,12 +245,11 @@ def _measure_methods(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from _measure import load_text
+    from _measure import load_text, open_zoo
 
     from mergelab.evaluate.loading import load_model_and_tokenizer
     from mergelab.run.report import below_base
-    from mergelab.zoo.build import build_zoo, default_zoo_dir, eval_options, evaluate_cached, \
-        expert_table, load_zoo
+    from mergelab.zoo.build import eval_options, evaluate_cached, expert_table
     from mergelab.zoo.demo import DEMO_MERGES, MORE_MERGES
 
     console = Console()
@@ -265,9 +263,7 @@ def _measure_methods(args) -> int:
         raise SystemExit(f"unknown merge(s): {', '.join(unknown)}; choose from {', '.join(known)}")
     t_all = time.perf_counter()
     console.print(f"load average at start {load_text()}")
-    root = args.zoo or default_zoo_dir()
-    zoo = load_zoo(root) if (root / "zoo.json").is_file() and args.zoo else \
-        build_zoo(root, use_packaged=True, evaluate=False, device=args.device, console=console)
+    zoo = open_zoo(args.zoo, args.device, console)
     if args.no_eval:   # merge time and memory only (a merge takes seconds, its evaluation minutes)
         figures = {}
         with tempfile.TemporaryDirectory() as tmp:
