@@ -19,7 +19,7 @@ the base answers "no" to every row (margins −1.20 / −1.17, AUC 0.48, accurac
 expert +2.59 / −2.87, AUC 1.00; Iso-C with the demo's LiNeS scale answers "yes" to every row
 (accuracy 0.38) although its margins still rank the rows (+3.76 / +2.82, AUC 0.83; best threshold
 0.82): the data-free merge kept most of grammar's ranking and lost its calibration. docs/demo.md
-("Why grammar fails every data-free merge") has the figures of the other merges.
+("Ranking or calibration; experts from independent seeds") has the figures of the other merges.
 """
 from __future__ import annotations
 
