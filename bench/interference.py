@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from mergelab.io.adapter import load_adapter
     from mergelab.merge import merge
     from mergelab.recipe import load_recipe
-    from mergelab.zoo.build import (
-        eval_options,
-        evaluate_cached,
-        expert_table,
-    )
+    from mergelab.zoo.build import eval_options, evaluate_cached, expert_table
 
     console = Console()
     t_all = time.perf_counter()

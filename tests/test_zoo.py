@@ -450,10 +450,12 @@ def test_seed_per_task_starts_each_expert_from_its_own_lora_init(tiny_zoo, zoo, 
     seeded = build_zoo(tmp_path / "seeded", base=zoo["llama"].base, tasks=["sentiment", "dates"], steps=3,
                        sizes={"train": 24, "validation": 4, "test": 6}, evaluate=False,
                        seed_per_task=True, console=Console(record=True, width=120))
-    assert [train_seed(0, t, True) for t in ("sentiment", "dates")] == \
-        [1 + list(TASKS).index("sentiment"), 1 + list(TASKS).index("dates")]
-    for t in ("sentiment", "dates"):
-        assert seeded.manifest["tasks"][t]["config"]["seed"] == train_seed(0, t, True)
+    # sentiment is the zoo's first task, dates its sixth: seeds 1 and 6, whatever subset is built
+    assert list(TASKS).index("sentiment") == 0 and list(TASKS).index("dates") == 5
+    assert [train_seed(0, t, True) for t in ("sentiment", "dates")] == [1, 6]
+    assert [train_seed(7, t, False) for t in ("sentiment", "dates")] == [7, 7]
+    for t, want in (("sentiment", 1), ("dates", 6)):
+        assert seeded.manifest["tasks"][t]["config"]["seed"] == want
         assert shared.manifest["tasks"][t]["config"]["seed"] == 0
     assert seeded.manifest["seed_per_task"] is True
     assert a_gap(shared) < 0.1          # one initialisation, barely moved in 3 steps

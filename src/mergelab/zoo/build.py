@@ -257,7 +257,7 @@ def train_seed(seed: int, task: str, seed_per_task: bool) -> int:
 
 
 def _reuse_experts(zoo: Zoo, names: list[str], seed: int, steps: int | None, base_sha: str,
-                   use_packaged: bool, console, seed_per_task: bool = False
+                   use_packaged: bool, console, seed_per_task: bool
                    ) -> tuple[dict[str, dict], list[tuple[str, TrainConfig, str]]]:
     """``(records of the experts already trained or shipped with mergelab, the ones to train)``."""
     records: dict[str, dict] = {}
